@@ -1,0 +1,539 @@
+"""LightLayers and the plain layers of the study, as Flax linen modules.
+
+Every layer takes NHWC (convolutions) or (..., features) (dense) inputs and is
+jittable and differentiable. Parameter names and shapes follow the LightLayers
+reference code (Jha et al. 2021), so parameter counts match Keras to the unit:
+
+  LightConv2D     w1 (kh, kw, c, k), b1 (k,), w2 (kh, kw, k, f), b2 (f,)
+  LowRankConv2D   u (kh, kw, c, r), v (r, f), bias (f,)
+  LightDense      w1 (in, k), w2 (k, units), bias (units,)
+  SeparableConv2D depthwise_kernel (kh, kw, c, 1), pointwise_kernel (1, 1, c, f), bias (f,)
+  Conv2D          kernel (kh, kw, c, f), bias (f,)
+
+Padding follows TensorFlow: 'SAME' puts the extra pixel at the bottom/right.
+
+Two implementations of the convolutions are selectable with ``impl``:
+
+  'conv'    one ``lax.conv_general_dilated`` per factor (XLA's convolution).
+  'einsum'  the factored einsum kernel: explicit patch extraction (strided
+            slices, no gather) and one einsum (a GEMM) per factor.
+
+``impl=None`` takes :func:`default_impl` for the current backend, chosen from
+the measurements in BUILD_NOTES.md (benchmarks/bench_layers.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+IntPair = Union[int, Sequence[int]]
+
+IMPLS = ("conv", "einsum")
+
+# Chosen from benchmarks/bench_layers.py (see BUILD_NOTES.md, "Layer benchmark").
+_DEFAULT_IMPL = {"cpu": "conv", "gpu": "conv", "tpu": "conv"}
+
+
+def default_impl(backend: Optional[str] = None) -> str:
+    """The implementation used when ``impl=None``, per JAX backend."""
+    backend = backend or jax.default_backend()
+    return _DEFAULT_IMPL.get(backend, "conv")
+
+
+# ----------------------------------------------------------------------------
+# Initialisers (Keras semantics)
+# ----------------------------------------------------------------------------
+
+
+def _keras_fans(shape: Sequence[int]) -> Tuple[float, float]:
+    """Keras' ``_compute_fans``: handles 1-D (bias) shapes, unlike Flax."""
+    shape = tuple(shape)
+    if len(shape) == 0:
+        return 1.0, 1.0
+    if len(shape) == 1:
+        return float(shape[0]), float(shape[0])
+    if len(shape) == 2:
+        return float(shape[0]), float(shape[1])
+    receptive = math.prod(shape[:-2])
+    return float(shape[-2] * receptive), float(shape[-1] * receptive)
+
+
+def glorot_uniform(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+    """Keras ``glorot_uniform``, defined for any rank (1-D included)."""
+    fan_in, fan_out = _keras_fans(shape)
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, tuple(shape), dtype, -limit, limit)
+
+
+def _bias_initializer(name: str) -> Callable:
+    if name == "reference":
+        # The reference LightConv2D creates its biases with initializer=None,
+        # which Keras turns into glorot_uniform: biases start random.
+        return glorot_uniform
+    if name == "zeros":
+        return nn.initializers.zeros
+    raise ValueError(f"bias_init must be 'reference' or 'zeros', got {name!r}")
+
+
+# ----------------------------------------------------------------------------
+# Argument checks: one line naming the argument and the allowed range
+# ----------------------------------------------------------------------------
+
+
+def _pair(value: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_positive(value: int, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_padding(padding: str) -> str:
+    padding = padding.upper() if isinstance(padding, str) else padding
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+    return padding
+
+
+def _check_impl(impl: Optional[str]) -> str:
+    impl = impl or default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    return impl
+
+
+def _check_input(x: Array, layer: str, channels: Optional[int]) -> None:
+    if x.ndim != 4:
+        raise ValueError(
+            f"{layer} expects NHWC input of rank 4, got rank {x.ndim} with shape {tuple(x.shape)}"
+        )
+    if channels is not None and x.shape[-1] != channels:
+        raise ValueError(
+            f"{layer} was initialised for {channels} input channels but got {x.shape[-1]} "
+            f"(input shape {tuple(x.shape)})"
+        )
+
+
+def _initialised_channels(module: nn.Module, name: str, axis: int) -> Optional[int]:
+    if module.has_variable("params", name):
+        return module.get_variable("params", name).shape[axis]
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Convolution primitives
+# ----------------------------------------------------------------------------
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+    """Spatial output size of a TensorFlow-style convolution or pooling."""
+    if padding == "SAME":
+        return -(-size // stride)
+    return (size - kernel) // stride + 1 if size >= kernel else 0
+
+
+def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+    """TensorFlow 'SAME' padding (extra pixel after)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _explicit_padding(
+    shape: Sequence[int], kernel: Tuple[int, int], strides: Tuple[int, int], padding: str
+) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    if padding == "VALID":
+        return (0, 0), (0, 0)
+    return (
+        same_padding(shape[1], kernel[0], strides[0]),
+        same_padding(shape[2], kernel[1], strides[1]),
+    )
+
+
+def _check_fits(
+    shape: Sequence[int], kernel: Tuple[int, int], padding: str, layer: str
+) -> None:
+    if padding == "VALID" and (shape[1] < kernel[0] or shape[2] < kernel[1]):
+        raise ValueError(
+            f"{layer}: kernel_size {kernel[0]}x{kernel[1]} is larger than the input "
+            f"{shape[1]}x{shape[2]} under padding='VALID'; use a larger input or padding='SAME'"
+        )
+
+
+def conv2d(
+    x: Array,
+    w: Array,
+    strides: Tuple[int, int],
+    padding: str,
+    *,
+    feature_group_count: int = 1,
+    precision: Any = None,
+) -> Array:
+    """Plain NHWC/HWIO convolution through ``lax.conv_general_dilated``."""
+    return lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=strides,
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=feature_group_count,
+        precision=precision,
+    )
+
+
+def extract_patches(
+    x: Array, kernel: Tuple[int, int], strides: Tuple[int, int], padding: str
+) -> Array:
+    """(B, H, W, C) -> (B, Ho, Wo, kh*kw, C) by strided slices of the padded input."""
+    kh, kw = kernel
+    (pt, pb), (pl, pr) = _explicit_padding(x.shape, kernel, strides, padding)
+    if pt or pb or pl or pr:
+        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho = (x.shape[1] - kh) // strides[0] + 1
+    wo = (x.shape[2] - kw) // strides[1] + 1
+    if kh == kw == 1:
+        return x[:, : (ho - 1) * strides[0] + 1 : strides[0], : (wo - 1) * strides[1] + 1 : strides[1], None, :]
+    taps = [
+        x[
+            :,
+            i : i + (ho - 1) * strides[0] + 1 : strides[0],
+            j : j + (wo - 1) * strides[1] + 1 : strides[1],
+            :,
+        ]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(taps, axis=3)
+
+
+def einsum_conv2d(
+    x: Array, w: Array, strides: Tuple[int, int], padding: str, *, precision: Any = None
+) -> Array:
+    """The factored einsum kernel: patch extraction + one GEMM-shaped einsum."""
+    kh, kw, c, f = w.shape
+    patches = extract_patches(x, (kh, kw), strides, padding)
+    return jnp.einsum(
+        "bhwpc,pcf->bhwf", patches, w.reshape(kh * kw, c, f), precision=precision
+    )
+
+
+def _conv(impl: str, x: Array, w: Array, strides, padding, precision) -> Array:
+    if impl == "einsum":
+        return einsum_conv2d(x, w, strides, padding, precision=precision)
+    return conv2d(x, w, strides, padding, precision=precision)
+
+
+# ----------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------
+
+
+class LightConv2D(nn.Module):
+    """Two stacked convolutions through a rank-k bottleneck (LightLayers).
+
+        y = relu(conv(x, w1[kh,kw,c,k], stride s) + b1)
+        y = activation(conv(y, w2[kh,kw,k,f], stride s) + b2)
+
+    As in the reference code the stride is applied in both convolutions and
+    biases start glorot-uniform (``bias_init='reference'``).
+
+    Attributes:
+      features: output channels f (>= 1).
+      kernel_size: (kh, kw) or an int.
+      k: bottleneck rank (>= 1).
+      strides: applied in BOTH convolutions, as in the reference.
+      padding: 'SAME' (default) or 'VALID'.
+      use_bias: add b1 and b2.
+      activation: optional callable applied to the output.
+      impl: 'conv', 'einsum' or None (:func:`default_impl`).
+      bias_init: 'reference' (glorot_uniform, as the reference) or 'zeros'.
+      dtype: computation dtype (parameters stay float32).
+    """
+
+    features: int
+    kernel_size: IntPair
+    k: int
+    strides: IntPair = 1
+    padding: str = "SAME"
+    use_bias: bool = True
+    activation: Optional[Callable[[Array], Array]] = None
+    impl: Optional[str] = None
+    bias_init: str = "reference"
+    dtype: Optional[Dtype] = None
+    precision: Any = None
+
+    def __post_init__(self):
+        _check_positive(self.features, "features")
+        _check_positive(self.k, "k")
+        _pair(self.kernel_size, "kernel_size")
+        _pair(self.strides, "strides")
+        _check_padding(self.padding)
+        if self.impl is not None:
+            _check_impl(self.impl)
+        _bias_initializer(self.bias_init)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        name = type(self).__name__
+        _check_input(x, name, _initialised_channels(self, "w1", 2))
+        kernel = _pair(self.kernel_size, "kernel_size")
+        strides = _pair(self.strides, "strides")
+        padding = _check_padding(self.padding)
+        impl = _check_impl(self.impl)
+        _check_fits(x.shape, kernel, padding, name)
+        c = x.shape[-1]
+        bias_init = _bias_initializer(self.bias_init)
+        w1 = self.param("w1", glorot_uniform, (*kernel, c, self.k))
+        w2 = self.param("w2", glorot_uniform, (*kernel, self.k, self.features))
+        b1 = self.param("b1", bias_init, (self.k,)) if self.use_bias else None
+        b2 = self.param("b2", bias_init, (self.features,)) if self.use_bias else None
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        y = _conv(impl, x, w1.astype(dtype), strides, padding, self.precision)
+        if b1 is not None:
+            y = y + b1.astype(dtype)
+        y = nn.relu(y)
+        if padding == "VALID":
+            _check_fits(y.shape, kernel, padding, name + " (second factor)")
+        y = _conv(impl, y, w2.astype(dtype), strides, padding, self.precision)
+        if b2 is not None:
+            y = y + b2.astype(dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+class LowRankConv2D(nn.Module):
+    """A linearly factorised kernel (Sainath et al. 2013): W = u . v.
+
+        W[h, w, c, f] = sum_r u[h, w, c, r] * v[r, f]
+
+    ``impl='materialize'`` (default) forms W with one einsum and runs a single
+    convolution; ``impl='factored'`` runs conv(x, u) then a 1x1 einsum with v.
+    Both are the same linear map. Parameters: kh*kw*c*r + r*f (+ f).
+    """
+
+    features: int
+    kernel_size: IntPair
+    rank: int
+    strides: IntPair = 1
+    padding: str = "SAME"
+    use_bias: bool = True
+    activation: Optional[Callable[[Array], Array]] = None
+    impl: str = "materialize"
+    dtype: Optional[Dtype] = None
+    precision: Any = None
+
+    def __post_init__(self):
+        _check_positive(self.features, "features")
+        _check_positive(self.rank, "rank")
+        _pair(self.kernel_size, "kernel_size")
+        _pair(self.strides, "strides")
+        _check_padding(self.padding)
+        if self.impl not in ("materialize", "factored"):
+            raise ValueError(f"impl must be 'materialize' or 'factored', got {self.impl!r}")
+        super().__post_init__()
+
+    def materialize(self, u: Array, v: Array) -> Array:
+        return jnp.einsum("hwcr,rf->hwcf", u, v, precision=self.precision)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        name = type(self).__name__
+        _check_input(x, name, _initialised_channels(self, "u", 2))
+        kernel = _pair(self.kernel_size, "kernel_size")
+        strides = _pair(self.strides, "strides")
+        padding = _check_padding(self.padding)
+        _check_fits(x.shape, kernel, padding, name)
+        c = x.shape[-1]
+        u = self.param("u", glorot_uniform, (*kernel, c, self.rank))
+        v = self.param("v", glorot_uniform, (self.rank, self.features))
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        u, v = u.astype(dtype), v.astype(dtype)
+        if self.impl == "materialize":
+            y = conv2d(x, self.materialize(u, v), strides, padding, precision=self.precision)
+        else:
+            y = conv2d(x, u, strides, padding, precision=self.precision)
+            y = jnp.einsum("bhwr,rf->bhwf", y, v, precision=self.precision)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+class LightDense(nn.Module):
+    """Rank-k dense layer of the reference, with its sqrt(2/units) scaling.
+
+        y = (x @ (w1 * s)) @ (w2 * s) + bias,   s = sqrt(2 / units)
+    """
+
+    features: int
+    k: int = 8
+    use_bias: bool = True
+    dtype: Optional[Dtype] = None
+    precision: Any = None
+
+    def __post_init__(self):
+        _check_positive(self.features, "features")
+        _check_positive(self.k, "k")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if x.ndim < 1:
+            raise ValueError("LightDense expects an input of rank >= 1, got a scalar")
+        initialised = _initialised_channels(self, "w1", 0)
+        if initialised is not None and x.shape[-1] != initialised:
+            raise ValueError(
+                f"LightDense was initialised for {initialised} input features but got {x.shape[-1]}"
+            )
+        scale = math.sqrt(2.0 / self.features)
+        w1 = self.param("w1", glorot_uniform, (x.shape[-1], self.k))
+        w2 = self.param("w2", glorot_uniform, (self.k, self.features))
+        dtype = self.dtype or x.dtype
+        y = jnp.dot(x.astype(dtype), (w1 * scale).astype(dtype), precision=self.precision)
+        y = jnp.dot(y, (w2 * scale).astype(dtype), precision=self.precision)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+        return y
+
+
+class Conv2D(nn.Module):
+    """Keras-style Conv2D (glorot_uniform kernel, zero bias, TF padding)."""
+
+    features: int
+    kernel_size: IntPair
+    strides: IntPair = 1
+    padding: str = "SAME"
+    use_bias: bool = True
+    activation: Optional[Callable[[Array], Array]] = None
+    impl: Optional[str] = None
+    dtype: Optional[Dtype] = None
+    precision: Any = None
+
+    def __post_init__(self):
+        _check_positive(self.features, "features")
+        _pair(self.kernel_size, "kernel_size")
+        _pair(self.strides, "strides")
+        _check_padding(self.padding)
+        if self.impl is not None:
+            _check_impl(self.impl)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        name = type(self).__name__
+        _check_input(x, name, _initialised_channels(self, "kernel", 2))
+        kernel = _pair(self.kernel_size, "kernel_size")
+        strides = _pair(self.strides, "strides")
+        padding = _check_padding(self.padding)
+        _check_fits(x.shape, kernel, padding, name)
+        w = self.param("kernel", glorot_uniform, (*kernel, x.shape[-1], self.features))
+        dtype = self.dtype or x.dtype
+        y = _conv(_check_impl(self.impl), x.astype(dtype), w.astype(dtype), strides, padding, self.precision)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+class SeparableConv2D(nn.Module):
+    """Keras SeparableConv2D (depth_multiplier 1): depthwise, pointwise, bias.
+
+    Parameters kh*kw*c + c*f + f, as Keras counts them.
+    """
+
+    features: int
+    kernel_size: IntPair
+    strides: IntPair = 1
+    padding: str = "SAME"
+    use_bias: bool = True
+    activation: Optional[Callable[[Array], Array]] = None
+    dtype: Optional[Dtype] = None
+    precision: Any = None
+
+    def __post_init__(self):
+        _check_positive(self.features, "features")
+        _pair(self.kernel_size, "kernel_size")
+        _pair(self.strides, "strides")
+        _check_padding(self.padding)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        name = type(self).__name__
+        _check_input(x, name, _initialised_channels(self, "depthwise_kernel", 2))
+        kernel = _pair(self.kernel_size, "kernel_size")
+        strides = _pair(self.strides, "strides")
+        padding = _check_padding(self.padding)
+        _check_fits(x.shape, kernel, padding, name)
+        c = x.shape[-1]
+        dw = self.param("depthwise_kernel", glorot_uniform, (*kernel, c, 1))
+        pw = self.param("pointwise_kernel", glorot_uniform, (1, 1, c, self.features))
+        dtype = self.dtype or x.dtype
+        # HWIO with feature_group_count=c wants (kh, kw, 1, c).
+        y = conv2d(
+            x.astype(dtype),
+            dw.reshape(*kernel, 1, c).astype(dtype),
+            strides,
+            padding,
+            feature_group_count=c,
+            precision=self.precision,
+        )
+        y = jnp.einsum("bhwc,cf->bhwf", y, pw[0, 0].astype(dtype), precision=self.precision)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+def BatchNorm(train: bool, axis_name: Optional[str] = None, dtype: Optional[Dtype] = None, name=None):
+    """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3)."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.99,
+        epsilon=1e-3,
+        axis_name=axis_name,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def max_pool_2x2(x: Array) -> Array:
+    """Keras MaxPooling2D() defaults: 2x2 window, stride 2, 'valid' (floor)."""
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def reference_l2_penalty(params, coeff: float = 1e-4) -> Array:
+    """The reference's L2(coeff) kernel regulariser on LightConv2D kernels.
+
+    Sums coeff * sum(w**2) over every 4-D ``w1``/``w2`` leaf (LightConv2D
+    kernels; LightDense's 2-D w1/w2 carry no regulariser in the reference).
+    """
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        key = getattr(path[-1], "key", None)
+        if key in ("w1", "w2") and leaf.ndim == 4:
+            total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    return coeff * total

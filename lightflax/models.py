@@ -1,0 +1,285 @@
+"""The study's model zoo and a name registry.
+
+    >>> model = lightflax.models.create("xray_light", k=5)
+    >>> variables = model.init(rng, jnp.zeros((1, 299, 299, 3)), train=False)
+    >>> logits = model.apply(variables, images, train=False)
+
+Every model takes float NHWC images and returns LOGITS (the study's models
+ended in softmax and then used a from_logits loss; see BUILD_NOTES.md).
+Variables are ``{'params', 'batch_stats'}``; parameter counts match Keras
+(BatchNorm moving statistics are the non-trainable ones).
+
+Registered (see :func:`names`):
+
+  xray_light      LightLayers residual net, filters (8, 16, 32), Dense head (seed study)
+  xray_conv2d     3 x [Conv2D VALID relu -> BN] per block, filters (8, 16, 32) (seed study)
+  xray_lowrank    xray_light with LowRankConv2D (linear factorisation) instead of LightConv2D
+  mnist_conv2d / mnist_separable / mnist_light      paper Tables 1-2 (28x28x1)
+  cifar_conv2d / cifar_separable / cifar_light      paper Table 4 (32x32x3, residual)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from lightflax import layers
+
+Array = jax.Array
+
+CONV_KINDS = ("conv2d", "separable", "light", "lowrank")
+
+
+def _make_conv(kind: str, features: int, kernel: int, *, k: Optional[int], padding: str,
+               activation=None, impl=None, dtype=None, name=None) -> nn.Module:
+    if kind == "conv2d":
+        return layers.Conv2D(features, kernel, padding=padding, activation=activation,
+                             impl=impl, dtype=dtype, name=name)
+    if kind == "separable":
+        return layers.SeparableConv2D(features, kernel, padding=padding, activation=activation,
+                                      dtype=dtype, name=name)
+    if kind == "light":
+        return layers.LightConv2D(features, kernel, k, padding=padding, activation=activation,
+                                  impl=impl, dtype=dtype, name=name)
+    if kind == "lowrank":
+        return layers.LowRankConv2D(features, kernel, k, padding=padding, activation=activation,
+                                    dtype=dtype, name=name)
+    raise ValueError(f"conv kind must be one of {CONV_KINDS}, got {kind!r}")
+
+
+def _check_image(x: Array, model: str, in_channels: Optional[int]) -> None:
+    if x.ndim != 4:
+        raise ValueError(
+            f"{model} expects NHWC images of rank 4, got rank {x.ndim} with shape {tuple(x.shape)}"
+        )
+    if in_channels is not None and x.shape[-1] != in_channels:
+        raise ValueError(
+            f"{model} expects {in_channels} input channel(s), got {x.shape[-1]} (shape {tuple(x.shape)})"
+        )
+
+
+def _check_size(model: "Any", h: int, w: int) -> None:
+    if model.spatial_sizes(h)[-1] < 1 or model.spatial_sizes(w)[-1] < 1:
+        m = model.min_input_size()
+        raise ValueError(
+            f"{model.model_name} needs inputs of at least {m}x{m} pixels, got {h}x{w} "
+            f"(smaller inputs collapse to an empty feature map)"
+        )
+
+
+class _Zoo(nn.Module):
+    """Shared fields and helpers of the zoo's models."""
+
+    num_classes: int = 2
+    filters: Sequence[int] = (8, 16, 32)
+    conv: str = "conv2d"
+    k: Optional[int] = None
+    head: str = "dense"
+    head_k: int = 8
+    in_channels: Optional[int] = None
+    impl: Optional[str] = None
+    dtype: Optional[Any] = None
+    bn_axis_name: Optional[str] = None
+    dropout: float = 0.0
+    model_name: str = "model"
+
+    def __post_init__(self):
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        if self.conv in ("light", "lowrank") and (
+            not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1
+        ):
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        if self.conv not in CONV_KINDS:
+            raise ValueError(f"conv must be one of {CONV_KINDS}, got {self.conv!r}")
+        if self.head not in ("dense", "light_dense"):
+            raise ValueError(f"head must be 'dense' or 'light_dense', got {self.head!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        super().__post_init__()
+
+    def conv_layer(self, features, kernel, padding, activation=None, name=None):
+        return _make_conv(self.conv, features, kernel, k=self.k, padding=padding,
+                          activation=activation, impl=self.impl, dtype=self.dtype, name=name)
+
+    def bn(self, train: bool, name=None):
+        return layers.BatchNorm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+
+    def min_input_size(self) -> int:
+        for size in range(1, 4097):
+            if self.spatial_sizes(size)[-1] >= 1:
+                return size
+        raise ValueError(f"{self.model_name}: no input size up to 4096 works")
+
+    def classify(self, x: Array, train: bool) -> Array:
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # GlobalAveragePooling2D
+        if self.dropout:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        if self.head == "light_dense":
+            return layers.LightDense(self.num_classes, k=self.head_k, name="head")(x)
+        return nn.Dense(self.num_classes, kernel_init=layers.glorot_uniform, name="head")(x)
+
+
+class PlainNet(_Zoo):
+    """Blocks of ``convs_per_block`` convolutions, then MaxPool 2x2.
+
+    order='conv_bn_relu': Conv -> BatchNorm -> ReLU (the paper's MNIST models).
+    order='conv_relu_bn': Conv(relu) -> BatchNorm (the study's X-ray Conv2D).
+    """
+
+    convs_per_block: int = 2
+    padding: str = "SAME"
+    order: str = "conv_bn_relu"
+
+    def spatial_sizes(self, size: int) -> Tuple[int, ...]:
+        sizes = [size]
+        for _ in self.filters:
+            for _ in range(self.convs_per_block):
+                size = layers.conv_output_size(size, 3, 1, self.padding) if size > 0 else 0
+                sizes.append(size)
+            size = size // 2
+            sizes.append(size)
+        return tuple(sizes)
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        _check_image(x, self.model_name, self.in_channels)
+        _check_size(self, x.shape[1], x.shape[2])
+        for b, f in enumerate(self.filters):
+            for i in range(self.convs_per_block):
+                name = f"block{b + 1}_conv{i + 1}"
+                if self.order == "conv_relu_bn":
+                    x = self.conv_layer(f, 3, self.padding, activation=nn.relu, name=name)(x)
+                    x = self.bn(train, name=f"block{b + 1}_bn{i + 1}")(x)
+                else:
+                    x = self.conv_layer(f, 3, self.padding, name=name)(x)
+                    x = nn.relu(self.bn(train, name=f"block{b + 1}_bn{i + 1}")(x))
+            x = layers.max_pool_2x2(x)
+        return self.classify(x, train)
+
+
+class ResidualNet(_Zoo):
+    """The study's residual LightLayers block (and the paper's CIFAR models).
+
+        a = conv3x3(x) -> BN -> ReLU -> conv3x3 -> BN
+        s = conv1x1(x) -> BN
+        x = MaxPool2x2(ReLU(a + s))
+    """
+
+    def spatial_sizes(self, size: int) -> Tuple[int, ...]:
+        sizes = [size]
+        for _ in self.filters:
+            size = size // 2
+            sizes.append(size)
+        return tuple(sizes)
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        _check_image(x, self.model_name, self.in_channels)
+        _check_size(self, x.shape[1], x.shape[2])
+        for b, f in enumerate(self.filters):
+            p = f"block{b + 1}"
+            a = self.conv_layer(f, 3, "SAME", name=f"{p}_conv1")(x)
+            a = nn.relu(self.bn(train, name=f"{p}_bn1")(a))
+            a = self.conv_layer(f, 3, "SAME", name=f"{p}_conv2")(a)
+            a = self.bn(train, name=f"{p}_bn2")(a)
+            s = self.conv_layer(f, 1, "SAME", name=f"{p}_shortcut")(x)
+            s = self.bn(train, name=f"{p}_bn_shortcut")(s)
+            x = layers.max_pool_2x2(nn.relu(a + s))
+        return self.classify(x, train)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about a model besides its constructor."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    input_shape: Tuple[int, int, int]  # default (H, W, C) of the published setting
+    num_classes: int
+    needs_k: bool
+    description: str
+
+
+_REGISTRY: Dict[str, ModelInfo] = {}
+
+
+def register(name: str, factory: Callable[..., nn.Module], *, input_shape, num_classes: int,
+             needs_k: bool, description: str) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = ModelInfo(name, factory, tuple(input_shape), num_classes, needs_k, description)
+
+
+def names() -> list:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def info(name: str) -> ModelInfo:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def create(name: str, **kwargs) -> nn.Module:
+    """Builds a registered model.
+
+    Args:
+      name: one of :func:`names`.
+      **kwargs: ``num_classes`` (default: the published setting), ``k`` (LightLayers
+        and low-rank models only, required there), and optionally ``impl``,
+        ``dtype``, ``bn_axis_name``, ``dropout``, ``in_channels``.
+    """
+    meta = info(name)
+    allowed = {"num_classes", "impl", "dtype", "bn_axis_name", "dropout", "in_channels"}
+    if meta.needs_k:
+        allowed.add("k")
+        if "k" not in kwargs:
+            raise ValueError(f"model {name!r} needs k (an integer >= 1)")
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"model {name!r} does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}"
+        )
+    kwargs.setdefault("num_classes", meta.num_classes)
+    return meta.factory(model_name=name, **kwargs)
+
+
+_xray = dict(filters=(8, 16, 32))
+_mnist = dict(filters=(8, 16, 32), convs_per_block=2, padding="SAME", order="conv_bn_relu")
+_cifar = dict(filters=(16, 32, 64))
+
+register("xray_light", functools.partial(ResidualNet, conv="light", head="dense", **_xray),
+         input_shape=(299, 299, 3), num_classes=2, needs_k=True,
+         description="LightLayers residual net of the chest X-ray study")
+register("xray_lowrank", functools.partial(ResidualNet, conv="lowrank", head="dense", **_xray),
+         input_shape=(299, 299, 3), num_classes=2, needs_k=True,
+         description="xray_light with linear low-rank (LowRankConv2D) kernels")
+register("xray_conv2d", functools.partial(PlainNet, conv="conv2d", convs_per_block=3,
+                                          padding="VALID", order="conv_relu_bn", **_xray),
+         input_shape=(299, 299, 3), num_classes=2, needs_k=False,
+         description="Conv2D net of the chest X-ray study (VALID, no shortcut)")
+register("mnist_conv2d", functools.partial(PlainNet, conv="conv2d", head="dense", **_mnist),
+         input_shape=(28, 28, 1), num_classes=10, needs_k=False,
+         description="paper Tables 1-2, Conv2D")
+register("mnist_separable", functools.partial(PlainNet, conv="separable", head="dense", **_mnist),
+         input_shape=(28, 28, 1), num_classes=10, needs_k=False,
+         description="paper Tables 1-2, SeparableConv2D")
+register("mnist_light", functools.partial(PlainNet, conv="light", head="light_dense", **_mnist),
+         input_shape=(28, 28, 1), num_classes=10, needs_k=True,
+         description="paper Tables 1-2, LightLayers")
+register("cifar_conv2d", functools.partial(ResidualNet, conv="conv2d", head="dense", **_cifar),
+         input_shape=(32, 32, 3), num_classes=100, needs_k=False,
+         description="paper Table 4, Conv2D residual")
+register("cifar_separable", functools.partial(ResidualNet, conv="separable", head="dense", **_cifar),
+         input_shape=(32, 32, 3), num_classes=100, needs_k=False,
+         description="paper Table 4, SeparableConv2D residual")
+register("cifar_light", functools.partial(ResidualNet, conv="light", head="light_dense", **_cifar),
+         input_shape=(32, 32, 3), num_classes=100, needs_k=True,
+         description="paper Table 4, LightLayers residual")
