@@ -194,6 +194,24 @@ class ResidualNet(_Zoo):
         return self.classify(x, train)
 
 
+class LinearHead(nn.Module):
+    """Dense(num_classes) on feature vectors (B, D): the transfer-learning head."""
+
+    num_classes: int = 2
+    dropout: float = 0.0
+    dtype: Optional[Any] = None
+    bn_axis_name: Optional[str] = None  # accepted for a uniform interface; no BatchNorm here
+    model_name: str = "linear_head"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if x.ndim != 2:
+            raise ValueError(f"{self.model_name} expects feature vectors (B, D), got shape {tuple(x.shape)}")
+        if self.dropout:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, kernel_init=layers.glorot_uniform, name="head")(x.astype(jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What the registry knows about a model besides its constructor."""
@@ -204,16 +222,18 @@ class ModelInfo:
     num_classes: int
     needs_k: bool
     description: str
+    kwargs: Tuple[str, ...] = ("num_classes", "impl", "dtype", "bn_axis_name", "dropout", "in_channels")
 
 
 _REGISTRY: Dict[str, ModelInfo] = {}
 
 
 def register(name: str, factory: Callable[..., nn.Module], *, input_shape, num_classes: int,
-             needs_k: bool, description: str) -> None:
+             needs_k: bool, description: str, kwargs: Optional[Sequence[str]] = None) -> None:
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = ModelInfo(name, factory, tuple(input_shape), num_classes, needs_k, description)
+    extra = {} if kwargs is None else {"kwargs": tuple(kwargs)}
+    _REGISTRY[name] = ModelInfo(name, factory, tuple(input_shape), num_classes, needs_k, description, **extra)
 
 
 def names() -> list:
@@ -237,7 +257,7 @@ def create(name: str, **kwargs) -> nn.Module:
         ``dtype``, ``bn_axis_name``, ``dropout``, ``in_channels``.
     """
     meta = info(name)
-    allowed = {"num_classes", "impl", "dtype", "bn_axis_name", "dropout", "in_channels"}
+    allowed = set(meta.kwargs)
     if meta.needs_k:
         allowed.add("k")
         if "k" not in kwargs:
@@ -283,3 +303,6 @@ register("cifar_separable", functools.partial(ResidualNet, conv="separable", hea
 register("cifar_light", functools.partial(ResidualNet, conv="light", head="light_dense", **_cifar),
          input_shape=(32, 32, 3), num_classes=100, needs_k=True,
          description="paper Table 4, LightLayers residual")
+register("linear_head", LinearHead, input_shape=(2048,), num_classes=2, needs_k=False,
+         description="Dense head on cached backbone features (transfer learning)",
+         kwargs=("num_classes", "dtype", "bn_axis_name", "dropout"))

@@ -1,0 +1,50 @@
+"""lightflax worker: the trainer's own compiled train step (same model, batch, Adam).
+
+    python lightflax_worker.py --model=xray_light --k=5 --size=128 --batch=64 [--impl=einsum]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from worker_protocol import serve  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--impl", default=None)
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+
+    def build():
+        import jax
+
+        from lightflax import speed, summary, timing
+
+        kwargs = {"k": a.k} if a.model == "xray_light" else {}
+        if a.impl:
+            kwargs["impl"] = a.impl
+        v = speed.model_variant(a.model, kwargs, batch=a.batch, size=a.size, dtype=a.dtype)
+        args = [v.args]
+
+        def step():
+            out = timing.sync(v.compiled.compiled(*args[0]))
+            args[0] = v.next_args(out, args[0])
+
+        state = v.args[0]
+        counts = summary.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
+        return step, {"framework": f"lightflax (jax {jax.__version__})" + (f" impl={a.impl}" if a.impl else ""),
+                      "total_params": counts["total"], "trainable_params": counts["trainable"],
+                      "compile_s": v.compiled.compile_s}
+
+    serve(build)
+
+
+if __name__ == "__main__":
+    main()

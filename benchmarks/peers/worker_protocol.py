@@ -1,0 +1,32 @@
+"""Line protocol between run_peers.py and a framework worker (one process each).
+
+The worker builds its model and a train step, prints 'READY <json>' (parameter
+counts, build/compile seconds), then for each line 'RUN <n>' runs n synchronised
+training steps and prints 'TIMES <json list of seconds>'; 'QUIT' ends it.
+"""
+
+import json
+import sys
+import time
+
+
+def serve(build):
+    """build() -> (step_fn, info); step_fn() runs ONE training step and blocks until done."""
+    t0 = time.perf_counter()
+    step, info = build()
+    info["build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step()  # first step: tracing / compilation, reported apart
+    info["first_step_s"] = time.perf_counter() - t0
+    print("READY " + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "QUIT":
+            break
+        if cmd[0] == "RUN":
+            times = []
+            for _ in range(int(cmd[1])):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            print("TIMES " + json.dumps(times), flush=True)

@@ -1,0 +1,1 @@
+"""Experiment files: flags and composition only (run through launch.py)."""

@@ -1,0 +1,18 @@
+"""The LightLayers paper's Table 2 (Fashion-MNIST): --method=conv2d|separable|light --k.
+
+    python launch.py --experiment=fashion_mnist --method=light --k=5 --num_seeds=3
+
+Paper protocol: Adam 1e-3, 10 epochs, batch 64, ReduceLROnPlateau(0.1, patience 3),
+EarlyStopping(10); checkpoint selection on a 5,000-image hold-out of train here
+(the paper used the test split: --select_split=test).
+"""
+
+from lightflax import experiment
+
+experiment.define_paper_flags(dataset="fashion_mnist", epochs=10, learning_rate=1e-3, image_size=28,
+                              reduce_lr_patience=3, early_stopping_patience=10)
+
+
+def main(argv):
+    del argv
+    experiment.run_paper("fashion_mnist", family="mnist", channels=1, num_classes=10)

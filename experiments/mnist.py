@@ -1,0 +1,19 @@
+"""The LightLayers paper's Table 1 (MNIST): --method=conv2d|separable|light --k.
+
+    python launch.py --experiment=mnist --method=light --k=3
+
+Paper protocol: Adam 1e-3, 10 epochs, batch 64, ReduceLROnPlateau(0.1, patience 4),
+EarlyStopping(10). The paper chose its checkpoint on the test split and did not
+shuffle; here the best checkpoint is chosen on a 5,000-image hold-out of train
+(--select_split=test reproduces the paper's choice).
+"""
+
+from lightflax import experiment
+
+experiment.define_paper_flags(dataset="mnist", epochs=10, learning_rate=1e-3, image_size=28,
+                              reduce_lr_patience=4, early_stopping_patience=10)
+
+
+def main(argv):
+    del argv
+    experiment.run_paper("mnist", family="mnist", channels=1, num_classes=10)

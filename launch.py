@@ -1,0 +1,95 @@
+"""Runs one experiment of experiments/:  python launch.py --experiment=NAME [flags]
+
+    python launch.py --experiment=xray_light --k=5
+    python launch.py --experiment=xray_compare --dataset=pneumonia_mnist --image_size=64
+    python launch.py --experiment=mnist --method=light --k=3 --helpfull
+
+Only the named experiment's module is imported (absl flags are global). Bad
+input (an unknown experiment, a wrong flag value, missing data, a damaged
+checkpoint) prints one line and exits with status 2.
+"""
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def available() -> list:
+    folder = os.path.join(HERE, "experiments")
+    return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+def _experiment_name(argv) -> str:
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--experiment="):
+            return arg.split("=", 1)[1]
+        if arg == "--experiment" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def _strip_experiment(argv) -> list:
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--experiment="):
+            continue
+        if arg == "--experiment":
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def _die(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def main(argv) -> None:
+    names = available()
+    name = _experiment_name(argv)
+    if not name:
+        if any(a in ("--help", "--helpfull", "--helpshort", "-h") for a in argv[1:]):
+            print(__doc__)
+            print("experiments: " + ", ".join(names))
+            sys.exit(0)
+        _die(f"--experiment is required; available: {', '.join(names)}")
+    if name not in names:
+        _die(f"unknown experiment {name!r}; available: {', '.join(names)}")
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import importlib
+
+    from absl import app, flags
+
+    from lightflax.errors import UserError
+
+    module = importlib.import_module(f"experiments.{name}")
+
+    def parse(args):
+        try:
+            return flags.FLAGS(args)
+        except flags.Error as e:
+            _die(str(e).splitlines()[0])
+
+    def run(args):
+        try:
+            module.main(args)
+        except UserError as e:
+            _die(str(e).splitlines()[0])
+        except Exception as e:  # noqa: BLE001 - one named class of run failure
+            from lightflax.train import NonFiniteLossError
+
+            if isinstance(e, NonFiniteLossError):
+                _die(str(e).splitlines()[0], code=1)
+            raise
+
+    app.run(run, argv=_strip_experiment(argv), flags_parser=parse)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,105 @@
+"""Scoring a saved model on external images (the `predict` experiment)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightflax import checkpoints, models
+from lightflax.errors import DataError, UserError
+
+
+def load_run(workdir: str, seed_index: int = 0):
+    """(module, variables, results) of a finished run's best model."""
+    if not workdir:
+        raise UserError("--workdir is required: the directory of a finished training run")
+    path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: --workdir must name a finished training run (it has results.json)")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        cfg = results["config"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise UserError(f"{path} is damaged ({e}); re-run the training or restore the file") from None
+    n = results.get("num_seeds", 1)
+    if seed_index >= n:
+        raise UserError(f"--seed_index {seed_index} is out of range: the run trained {n} replica(s)")
+    suffix = f"_seed{seed_index}" if n > 1 else ""
+    model_kwargs = dict(cfg.get("model_kwargs") or {})
+    module = models.create(cfg["model"], num_classes=results["dataset"]["num_classes"], **model_kwargs)
+    hw = cfg.get("image_size") or results["dataset"]["stored_shape"][0]
+    target = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, hw, hw, cfg["channels"])),
+                                                train=False))
+    variables = checkpoints.load_exported(os.path.join(workdir, f"model{suffix}.msgpack"), target)
+    return module, variables, results
+
+
+def load_images(path: str) -> np.ndarray:
+    if not path:
+        raise UserError("--input_npz is required: an npz file with an 'images' array")
+    if not os.path.isfile(path):
+        raise DataError(f"--input_npz {path} does not exist")
+    try:
+        with np.load(path) as z:
+            if "images" not in z.files:
+                raise DataError(f"{path} has no 'images' array (it has: {', '.join(z.files) or 'nothing'})")
+            images = z["images"]
+    except DataError:
+        raise
+    except Exception as e:  # zipfile/pickle errors of a damaged file
+        raise DataError(f"{path} is not a readable npz file ({type(e).__name__}: {e})") from None
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: 'images' must be uint8 (0-255), got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
+        raise DataError(f"{path}: 'images' must be (N,H,W) or (N,H,W,C) with C in (1, 3) and N >= 1, "
+                        f"got shape {images.shape}")
+    return images
+
+
+def predict_probabilities(module, variables, results, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    from lightflax.data import pipeline
+
+    cfg = results["config"]
+    stored_c = results["dataset"]["stored_shape"][-1]
+    if images.shape[-1] == 3 and stored_c == 1:
+        # The run trained on grayscale: convert like Pillow's "L" (ITU-R 601-2).
+        gray = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        images = np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
+    size = cfg.get("eval_image_size") or cfg.get("image_size")
+    mean = tuple(cfg["mean"]) if cfg.get("mean") else None
+
+    @jax.jit
+    def probs(x):
+        x = pipeline.preprocess(x, out_size=size, channels=cfg["channels"], mean=mean)
+        return jax.nn.softmax(module.apply(variables, x, train=False).astype(jnp.float32), axis=-1)
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        out.append(np.asarray(probs(chunk))[: batch_size - pad])
+    return np.concatenate(out)
+
+
+def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int = 64,
+                seed_index: int = 0) -> np.ndarray:
+    if not output_npz:
+        raise UserError("--output_npz is required: where to write the probabilities")
+    images = load_images(input_npz)
+    module, variables, results = load_run(workdir, seed_index)
+    p = predict_probabilities(module, variables, results, images, batch_size)
+    tmp = output_npz + ".tmp.npz"
+    np.savez(tmp, probabilities=p.astype(np.float32))
+    os.replace(tmp, output_npz)
+    print(f"wrote {output_npz}: probabilities {p.shape}", flush=True)
+    return p

@@ -1,0 +1,213 @@
+"""Speed-study harness: layers and whole models, measured side by side.
+
+A *group* is a set of variants measured on the same shapes. Every variant is
+compiled ahead of time (compile time reported apart, XLA cost analysis read),
+warmed up, then the group runs in interleaved rounds (A B C ... A B C ...) with
+device synchronisation before every clock read. Each row reports the median,
+p10 and p90 of its times and its ratio to the group's baseline computed per
+round (median of the per-round ratios), so machine noise hits every variant of
+a round alike. The model rows time the trainer's own compiled train step.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightflax import layers, timing
+
+LAYER_KINDS = ("conv2d", "separable", "light_conv", "light_einsum", "lowrank")
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    compiled: Any  # timing.CompiledStep
+    args: Tuple[Any, ...]
+    next_args: Optional[Callable] = None
+    info: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def make_layer(kind: str, features: int, k: int, kernel: int = 3, dtype=None):
+    if kind == "conv2d":
+        return layers.Conv2D(features, kernel, impl="conv", dtype=dtype)
+    if kind == "conv2d_einsum":
+        return layers.Conv2D(features, kernel, impl="einsum", dtype=dtype)
+    if kind == "separable":
+        return layers.SeparableConv2D(features, kernel, dtype=dtype)
+    if kind == "light_conv":
+        return layers.LightConv2D(features, kernel, k, impl="conv", dtype=dtype)
+    if kind == "light_einsum":
+        return layers.LightConv2D(features, kernel, k, impl="einsum", dtype=dtype)
+    if kind == "lowrank":
+        return layers.LowRankConv2D(features, kernel, k, dtype=dtype)
+    raise ValueError(f"layer kind must be one of {LAYER_KINDS + ('conv2d_einsum',)}, got {kind!r}")
+
+
+def layer_variant(kind: str, mode: str, *, batch: int, size: int, c_in: int, c_out: int, k: int,
+                  dtype=None) -> Variant:
+    layer = make_layer(kind, c_out, k, dtype=dtype)
+    x = jax.random.uniform(jax.random.key(1), (batch, size, size, c_in))
+    params = layer.init(jax.random.key(0), x)
+    if mode == "fwd":
+        fn = jax.jit(lambda p, x: layer.apply(p, x))
+    elif mode == "fwd+bwd":
+        fn = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.square(layer.apply(p, x).astype(jnp.float32))),
+                              argnums=(0, 1)))
+    else:
+        raise ValueError(f"mode must be fwd or fwd+bwd, got {mode!r}")
+    name = kind if kind in ("conv2d", "separable", "conv2d_einsum") else f"{kind} k={k}"
+    return Variant(name, timing.aot_compile(fn, params, x), (params, x),
+                   info={"kind": kind, "k": k, "mode": mode, "batch": batch, "size": size, "c_in": c_in,
+                         "c_out": c_out})
+
+
+def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size: int, channels: int = 3,
+                  parallel: str = "shard_map", dtype: str = "float32", num_classes: int = 2) -> Variant:
+    """The trainer's own compiled train step on device-resident synthetic data."""
+    from lightflax import data as data_lib, train
+
+    n = max(2 * batch, 8)
+    data = data_lib.load("synthetic", synthetic_shape=(size, size, 1),
+                         synthetic_sizes={"train": n, "val": batch, "test": batch}, num_classes=num_classes)
+    cfg = train.RunConfig(workdir="", model=model, model_kwargs=dict(model_kwargs), batch_size=batch,
+                          image_size=size, channels=channels, parallel=parallel, dtype=dtype)
+    tr = train.Trainer(cfg, data)
+    state = tr.init_state()
+    images, labels = tr.device_split("train")
+    keys = tr.data_keys()
+    perm = tr.permutations(keys, jnp.int32(0))
+    compiled = timing.aot_compile(tr, state, images, labels, perm, keys)
+    label = model + "".join(f" {k}={v}" for k, v in model_kwargs.items())
+    return Variant(label, compiled, (state, images, labels, perm, keys, tr.dev_ids),
+                   next_args=lambda out, a: (out[0],) + tuple(a[1:]),
+                   info={"kind": "model", "model": model, **model_kwargs, "mode": "train_step", "batch": batch,
+                         "size": size, "parallel": parallel, "dtype": dtype,
+                         "devices": tr.n_devices})
+
+
+def measure_group(variants: Sequence[Variant], *, rounds: int = 7, warmup: int = 1,
+                  baseline: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Interleaved rounds over ``variants``; returns one row per variant."""
+    variants = list(variants)
+    args = [v.args for v in variants]
+    for i, v in enumerate(variants):
+        for _ in range(warmup):
+            out = timing.sync(v.compiled.compiled(*args[i]))
+            if v.next_args:
+                args[i] = tuple(v.next_args(out, args[i]))
+    times = [[] for _ in variants]
+    for _ in range(rounds):
+        for i, v in enumerate(variants):
+            t0 = time.perf_counter()
+            out = timing.sync(v.compiled.compiled(*args[i]))
+            times[i].append(time.perf_counter() - t0)
+            if v.next_args:
+                args[i] = tuple(v.next_args(out, args[i]))
+    base_i = next((i for i, v in enumerate(variants) if v.name == baseline), 0)
+    base = np.array(times[base_i])
+    rows = []
+    for v, t in zip(variants, times):
+        t = np.array(t)
+        c = v.compiled
+        median = float(np.median(t))
+        batch = v.info.get("batch")
+        rows.append({
+            **v.info,
+            "variant": v.name,
+            "median_ms": 1e3 * median,
+            "p10_ms": 1e3 * float(np.percentile(t, 10)),
+            "p90_ms": 1e3 * float(np.percentile(t, 90)),
+            "ratio_to_baseline": float(np.median(t / base)),
+            "baseline": variants[base_i].name,
+            "images_per_s": batch / median if batch else None,
+            "compile_s": c.compile_s,
+            "gflops": c.flops / 1e9 if c.flops is not None else None,
+            "gbytes": c.bytes_accessed / 1e9 if c.bytes_accessed is not None else None,
+            "achieved_gflops_per_s": c.flops / median / 1e9 if c.flops else None,
+            "arithmetic_intensity": (c.flops / c.bytes_accessed) if (c.flops and c.bytes_accessed) else None,
+            "peak_mb": (c.memory or {}).get("peak_bytes", 0) / 1e6 if c.memory else None,
+        })
+    return rows
+
+
+ROW_COLUMNS = ["variant", "mode", "batch", "size", "c_in", "c_out", "median_ms", "p10_ms", "p90_ms",
+               "ratio_to_baseline", "images_per_s", "compile_s", "gflops", "gbytes", "achieved_gflops_per_s",
+               "arithmetic_intensity", "peak_mb"]
+
+
+def markdown(rows: List[Dict[str, Any]], columns: Sequence[str] = ROW_COLUMNS) -> str:
+    cols = [c for c in columns if any(c in r for r in rows)]
+
+    def fmt(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def roofline_plot(path: str, rows: List[Dict[str, Any]], title: str = "") -> None:
+    """Achieved GFLOP/s against arithmetic intensity (FLOPs per byte) per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    kinds = sorted({r["variant"].split(" ")[0] for r in rows})
+    for i, kind in enumerate(kinds):
+        pts = [r for r in rows if r["variant"].split(" ")[0] == kind and r.get("arithmetic_intensity")]
+        if pts:
+            ax.scatter([p["arithmetic_intensity"] for p in pts], [p["achieved_gflops_per_s"] for p in pts],
+                       label=kind, color=f"C{i}", s=18)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (XLA FLOPs / bytes accessed)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def time_plot(path: str, rows: List[Dict[str, Any]], x: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, name in enumerate(sorted({(r["variant"], r.get("mode")) for r in rows})):
+        pts = sorted((r[x], r["median_ms"]) for r in rows if (r["variant"], r.get("mode")) == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name[0]} ({name[1]})", color=f"C{i % 10}")
+    ax.set_xlabel(x)
+    ax.set_ylabel("median ms")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,162 @@
+"""The shared training and evaluation steps (per device, per replica).
+
+Every experiment uses these two functions. A step reads its batch straight
+from the device-resident dataset (uint8), so nothing is copied from the host
+per step: each device gathers its own slice of the epoch's permutation,
+preprocesses it (resize, gray->RGB, /255, mean subtraction) and optionally
+augments it on device, then computes gradients. Gradients, metrics and
+BatchNorm batch statistics are averaged over ``parallel.AXIS``.
+
+``num_seeds > 1`` vmaps the same per-device function over a leading replica
+axis (independent initialisations and data orders trained in one step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax import lax
+
+from lightflax import layers, parallel
+
+Array = jax.Array
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus BatchNorm statistics."""
+
+    batch_stats: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static configuration of the steps (hashable; part of the compiled program)."""
+
+    global_batch: int
+    local_batch: int
+    image_size: Optional[int]  # model input resolution (None: keep stored size)
+    channels: int  # model input channels
+    mean: Optional[Tuple[float, ...]] = None
+    l2: float = 0.0  # reference L2 penalty on LightConv2D kernels
+    augment: Any = None  # lightflax.data.augment.AugmentConfig or None
+    eval_image_size: Optional[int] = None  # FixRes: evaluate at another resolution
+
+
+def preprocess(images: Array, size: Optional[int], cfg: StepConfig) -> Array:
+    """uint8 NHWC images -> model input; feature vectors (B, D) pass through."""
+    if images.ndim == 2:
+        return images.astype(jnp.float32)
+    from lightflax.data import pipeline
+
+    return pipeline.preprocess(images, out_size=size, channels=cfg.channels, mean=cfg.mean)
+
+
+def make_optimizer(learning_rate: float, name: str = "adam") -> optax.GradientTransformation:
+    """Adam (the study's and the paper's optimiser) with a mutable learning rate
+    (``opt_state.hyperparams['learning_rate']``) for reduce-LR-on-plateau."""
+    if name == "adam":
+        return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+    if name == "sgd":
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=0.9)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+def create_state(model, tx, rng: Array, input_shape: Tuple[int, ...]) -> TrainState:
+    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=tx,
+    )
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Per-example softmax cross-entropy on logits (the model has no softmax)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def make_train_step(model, cfg: StepConfig) -> Callable:
+    """Per-device, per-replica train step.
+
+    Args (of the returned function):
+      state: TrainState (replicated).
+      images, labels: the whole split on device, uint8 (N, H, W, C) and int32 (N,).
+      perm: int32 (N,) this epoch's order; step: int32 index of the batch in the epoch.
+      key: PRNG key of the replica (folded with the global step and device).
+      dev_id: int32 (1,) this device's index (parallel.device_ids, sharded).
+    Returns (state, metrics) with metrics {'loss', 'accuracy'} averaged over devices.
+    """
+
+    def step_fn(state: TrainState, images, labels, perm, step, key, dev_id):
+        dev = dev_id[0]
+        start = step * cfg.global_batch + dev * cfg.local_batch
+        idx = lax.dynamic_slice(perm, (start,), (cfg.local_batch,))
+        x = preprocess(images[idx], cfg.image_size, cfg)
+        y = labels[idx]
+        key = jax.random.fold_in(jax.random.fold_in(key, state.step), dev)
+        aug_key, drop_key = jax.random.split(key)
+        if cfg.augment is not None:
+            from lightflax.data import augment
+
+            x = augment.augment(aug_key, x, cfg.augment)
+
+        def loss_fn(params):
+            logits, new_vars = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": drop_key},
+            )
+            loss = jnp.mean(cross_entropy(logits, y))
+            total = loss + (layers.reference_l2_penalty(params, cfg.l2) if cfg.l2 else 0.0)
+            return total, (loss, logits, new_vars["batch_stats"])
+
+        grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = lax.pmean(grads, parallel.AXIS)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32)),
+        }
+        metrics = lax.pmean(metrics, parallel.AXIS)
+        state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        return state, metrics
+
+    return step_fn
+
+
+def make_eval_step(model, cfg: StepConfig) -> Callable:
+    """Per-device eval step over a fixed-size window of a split.
+
+    Args: state, images, labels (the split on device), start (int32 offset of the
+    global window), dev_id (int32 (1,), sharded). Returns per-example log-probabilities (local_batch, classes),
+    labels and a validity mask, sharded along the batch axis.
+    """
+    size = cfg.eval_image_size or cfg.image_size
+
+    def eval_fn(state: TrainState, images, labels, start, dev_id):
+        n = images.shape[0]
+        dev = dev_id[0]
+        idx = start + dev * cfg.local_batch + jnp.arange(cfg.local_batch)
+        mask = idx < n
+        idx = jnp.minimum(idx, n - 1)
+        x = preprocess(images[idx], size, cfg)
+        logits = state.apply_fn(
+            {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
+        )
+        return jax.nn.log_softmax(logits.astype(jnp.float32)), labels[idx], mask
+
+    return eval_fn
+
+
+def replicate_over_seeds(fn: Callable, num_seeds: int, in_axes, out_axes=0) -> Callable:
+    """vmap over a leading replica axis when num_seeds > 1 (identity otherwise)."""
+    if num_seeds == 1:
+        return fn
+    return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)

@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("LIGHTFLAX_SHARED_DIR", REPO.parent / "shared"))
+
+
+def run_launch(args, *, devices: int = 1, env=None, timeout=600, check=None):
+    """Runs launch.py in a fresh process (flags are process-global)."""
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["PYTHONUNBUFFERED"] = "1"
+    e.setdefault("JAX_PLATFORMS", "cpu")
+    e["PYTHONWARNINGS"] = "error::DeprecationWarning:jax,error::DeprecationWarning:flax"
+    if env:
+        e.update(env)
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+    if check is not None and proc.returncode != check:
+        raise AssertionError(f"exit {proc.returncode} (expected {check})\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_python(code: str, *, devices: int = 1, timeout=600):
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e.setdefault("JAX_PLATFORMS", "cpu")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

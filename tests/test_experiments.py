@@ -1,0 +1,187 @@
+"""Every experiment end to end through launch.py on tiny synthetic data; flags and errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_launch
+
+TINY = ["--dataset=synthetic", "--synthetic_size=32", "--batch_size=8", "--epochs=1", "--steps_per_epoch=2"]
+
+
+def _results(workdir):
+    return json.loads((workdir / "results.json").read_text())
+
+
+STUDY_KEYS = ("total_params", "trainable_params", "size_bytes", "test_accuracy", "total_time_s", "time_per_epoch_s",
+              "test_loss", "compile_time_s", "images_per_s", "flops_per_step")
+
+
+@pytest.mark.parametrize(
+    "args,params",
+    [
+        (["--experiment=xray_light", "--k=2", "--image_size=16"], 4_600),
+        (["--experiment=xray_conv2d", "--image_size=50"], 31_074),
+        (["--experiment=mnist", "--method=conv2d", "--image_size=28"], 18_818),
+        (["--experiment=fashion_mnist", "--method=light", "--k=6", "--image_size=28"], 11_364),
+        (["--experiment=cifar10", "--method=separable", "--image_size=32"], None),
+        (["--experiment=cifar100", "--method=light", "--k=1", "--image_size=32"], 6_747),
+    ],
+)
+def test_experiment_runs_and_reports(tmp_path, args, params):
+    wd = tmp_path / "run"
+    proc = run_launch(args + TINY + [f"--workdir={wd}"], check=0)
+    assert "epoch 1/1" in proc.stdout and "steps/s" in proc.stdout
+    r = _results(wd)
+    for key in STUDY_KEYS:
+        assert key in r, key
+    assert r["synthetic"] is True and r["dataset"]["synthetic"] is True and r["dataset"]["name"] == "synthetic"
+    assert r["dataset"]["splits"]["train"] == 32
+    if params is not None:
+        assert r["total_params"] == params
+    assert r["size_bytes"] == os.path.getsize(wd / "model.msgpack")
+    assert r["flops_per_step"] > 0 and r["images_per_s"] > 0 and r["compile_time_s"] > 0
+    assert (wd / "history.csv").read_text().count("\n") == 2
+    assert (wd / "curves.png").stat().st_size > 1000
+    if r["dataset"]["num_classes"] == 2:
+        for key in ("sensitivity", "specificity", "roc_auc"):
+            assert key in r
+
+
+def test_main_job_falls_back_to_labelled_synthetic_data(tmp_path):
+    """The README command on a machine without the X-ray data: synthetic, said loudly."""
+    wd = tmp_path / "main"
+    env = {"LIGHTFLAX_DATA_DIR": str(tmp_path / "nothing-here"), "HOME": str(tmp_path)}
+    proc = run_launch(["--experiment=xray_light", "--k=5", "--image_size=16", "--synthetic_size=16",
+                       "--batch_size=8", "--epochs=1", f"--workdir={wd}"], env=env, check=0)
+    assert "SYNTHETIC" in proc.stderr + proc.stdout
+    r = _results(wd)
+    assert r["synthetic"] is True and any("synthetic" in n.lower() for n in r["notes"])
+    assert r["total_params"] == 10_141
+
+
+def test_xray_compare_writes_the_study_table(tmp_path):
+    wd = tmp_path / "cmp"
+    run_launch(["--experiment=xray_compare", "--ks=1,2", "--transfer_backbone=none", "--image_size=50", *TINY,
+                f"--workdir={wd}"], check=0)
+    md = (wd / "comparison.md").read_text()
+    assert "LightLayers K=1" in md and "LightLayers K=2" in md and "Conv2D" in md and "SYNTHETIC" in md
+    assert "2,753" in md and "31,074" in md
+    assert (wd / "comparison_total_params.png").exists()
+    assert json.loads((wd / "comparison.json").read_text())["rows"][0]["total_params"] == 2_753
+
+
+def test_predict_scores_external_npz(tmp_path):
+    wd = tmp_path / "run"
+    run_launch(["--experiment=xray_light", "--k=1", "--image_size=16", *TINY, f"--workdir={wd}"], check=0)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "in.npz", images=rng.integers(0, 256, size=(11, 28, 28), dtype=np.uint8))
+    out = tmp_path / "out.npz"
+    run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'in.npz'}",
+                f"--output_npz={out}"], check=0)
+    p = np.load(out)["probabilities"]
+    assert p.shape == (11, 2)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
+    # RGB input of another size works too, and agrees with its grayscale version
+    np.savez(tmp_path / "rgb.npz", images=rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
+    run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'rgb.npz'}",
+                f"--output_npz={out}"], check=0)
+    assert np.load(out)["probabilities"].shape == (3, 2)
+    # bad input: one line, exit 2
+    np.savez(tmp_path / "bad.npz", pictures=np.zeros((2, 8, 8), np.uint8))
+    proc = run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'bad.npz'}",
+                       f"--output_npz={out}"], check=2)
+    assert "has no 'images' array" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_launch(["--experiment=predict", f"--workdir={tmp_path / 'nope'}", f"--input_npz={tmp_path / 'in.npz'}",
+                       f"--output_npz={out}"], check=2)
+    assert "results.json not found" in proc.stderr
+
+
+def test_profile_dir_writes_a_trace(tmp_path):
+    wd, prof = tmp_path / "run", tmp_path / "prof"
+    run_launch(["--experiment=xray_light", "--k=1", "--image_size=16", "--dataset=synthetic", "--synthetic_size=48",
+                "--batch_size=8", "--epochs=1", f"--workdir={wd}", f"--profile_dir={prof}",
+                "--profile_start_step=1", "--profile_steps=2"], check=0)
+    traces = [p for p in prof.rglob("*") if p.name.endswith((".xplane.pb", ".trace.json.gz"))]
+    assert traces and all(p.stat().st_size > 0 for p in traces)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--experiment=nope"], "unknown experiment 'nope'; available: "),
+        (["--experiment=xray_light", "--k=0"], "--k"),
+        (["--experiment=xray_light", "--dataset=imagenet"], "--dataset"),
+        (["--experiment=xray_light", "--epochs=0"], "--epochs"),
+        (["--experiment=xray_conv2d", "--dataset=synthetic", "--image_size=16"], "too small for xray_conv2d"),
+        (["--experiment=mnist", "--method=conv2d", "--k=3", "--dataset=synthetic"], "--k applies to --method=light"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(args, message, tmp_path):
+    proc = run_launch(args + [f"--workdir={tmp_path / 'w'}"], check=2)
+    err = proc.stderr.strip().splitlines()
+    assert err and message in err[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+    proc = run_launch(["--experiment=xray_light", "--k=1", *TINY, "--batch_size=9", "--image_size=16",
+                       f"--workdir={tmp_path / 'w'}"], devices=2, check=2)
+    assert "not divisible by the 2 devices" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_explicit_dataset_is_a_clear_error(tmp_path):
+    proc = run_launch(["--experiment=xray_light", "--dataset=chest_xray", f"--manual_dir={tmp_path / 'none'}",
+                       f"--workdir={tmp_path / 'w'}"], env={"LIGHTFLAX_DATA_DIR": str(tmp_path / "d")}, check=2)
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    wd = tmp_path / "nan"
+    proc = run_launch(["--experiment=xray_conv2d", "--image_size=50", *TINY, "--epochs=2", "--learning_rate=1e38",
+                       f"--workdir={wd}"])
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "non-finite training loss" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (wd / "results.json").exists()
+
+
+def test_helpfull_lists_common_and_experiment_flags():
+    proc = run_launch(["--experiment=xray_light", "--helpfull"])
+    out = proc.stdout + proc.stderr
+    for flag in ("--workdir", "--dataset", "--data_dir", "--manual_dir", "--image_size", "--batch_size", "--epochs",
+                 "--learning_rate", "--seed", "--resume", "--profile_dir", "--k", "--num_seeds"):
+        assert flag in out, flag
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_jax_distributed(tmp_path):
+    """Two CPU processes on localhost train one model (1 device each) like one process with 2 devices."""
+    port = _free_port()
+    args = ["--experiment=xray_light", "--k=1", "--image_size=16", *TINY]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1")
+    procs = [
+        subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args, f"--workdir={tmp_path / 'multi'}",
+                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "2 device(s)" in out
+    single = tmp_path / "single"
+    run_launch(args + [f"--workdir={single}"], devices=2, check=0)
+    a, b = _results(tmp_path / "multi"), _results(single)
+    assert a["devices"]["process_count"] == 2 and a["devices"]["num_devices"] == 2
+    np.testing.assert_allclose(a["select_metrics"]["loss"], b["select_metrics"]["loss"], rtol=1e-4)
