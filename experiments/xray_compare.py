@@ -14,6 +14,7 @@ import os
 
 from absl import flags
 
+from experiments import xray_transfer  # defines --pretrained_path, --feature_cache_dir
 from lightflax import experiment
 from lightflax import flags as _common  # noqa: F401  (defines the common flags)
 from lightflax import report
@@ -45,12 +46,11 @@ def main(argv):
     labels.append("Conv2D")
     notes = []
     if TRANSFER.value != "none":
-        result, note = experiment.run_transfer_row(TRANSFER.value, data, os.path.join(workdir, "transfer"))
-        if result is not None:
-            rows.append(result)
+        try:
+            rows.append(xray_transfer.run(TRANSFER.value, data, os.path.join(workdir, "transfer")))
             labels.append(f"transfer ({TRANSFER.value})")
-        if note:
-            notes.append(note)
+        except experiment.UserError as e:
+            notes.append(f"transfer row skipped: {str(e).splitlines()[0]}")
     table = report.comparison_rows(rows, labels)
     header = (f"dataset: {data.name}{' (SYNTHETIC)' if data.synthetic else ''}; "
               f"image size {FLAGS.image_size}; batch {FLAGS.batch_size}; epochs {FLAGS.epochs}; "

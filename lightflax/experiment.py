@@ -48,7 +48,7 @@ def load_data(*, num_classes: Optional[int] = None, synthetic_shape=None, allow_
     name = FLAGS.dataset
     explicit = FLAGS["dataset"].present
     kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, seed=FLAGS.seed,
-                  on_corrupt=FLAGS.on_corrupt)
+                  on_corrupt=FLAGS.on_corrupt, image_size=FLAGS.image_size if name == "chest_xray" else None)
     if name == "synthetic":
         return _synthetic(num_classes, synthetic_shape)
     try:
@@ -170,14 +170,3 @@ def run_paper(experiment: str, *, family: str, channels: int, num_classes: int) 
     return run_training(experiment, model, kwargs, channels=channels, stored_channels=channels,
                         num_classes=num_classes)
 
-
-def run_transfer_row(backbone: str, data, workdir: str):
-    """The transfer-learning row of xray_compare: (results or None, note or None)."""
-    try:
-        from experiments import xray_transfer  # noqa: F401
-    except ImportError:
-        return None, f"transfer row skipped: the xray_transfer experiment is not available in this checkout"
-    try:
-        return xray_transfer.run(backbone, data, workdir), None
-    except UserError as e:
-        return None, f"transfer row skipped: {str(e).splitlines()[0]}"

@@ -509,11 +509,18 @@ class SeparableConv2D(nn.Module):
 
 
 def BatchNorm(train: bool, axis_name: Optional[str] = None, dtype: Optional[Dtype] = None, name=None):
-    """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3)."""
+    """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3).
+
+    The variance is computed in two passes, mean((x - mean)^2), as Keras'
+    moments do: Flax's default one-pass E[x^2] - E[x]^2 cancels catastrophically
+    when a channel's mean is large against its spread, and then 1 and 8 devices
+    (different summation orders) disagree by ~0.5 % in the gradients.
+    """
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=0.99,
         epsilon=1e-3,
+        use_fast_variance=False,
         axis_name=axis_name,
         dtype=dtype,
         name=name,

@@ -34,16 +34,29 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
+def _put(a, sharding):
+    if jax.process_count() == 1:
+        return jax.device_put(a, sharding)
+    # Multi-process: every process holds the same host value and fills its own devices.
+    if isinstance(a, jax.Array) and a.sharding == sharding:
+        return a
+    host = np.asarray(jax.device_get(a)) if isinstance(a, jax.Array) and a.is_fully_addressable else a
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return jax.jit(lambda x: x, out_shardings=sharding)(a)
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def replicate(tree, mesh: Mesh):
     """Puts a host pytree on every device of ``mesh`` (no leading device axis)."""
     sharding = NamedSharding(mesh, REPLICATED)
-    return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
+    return jax.tree_util.tree_map(lambda a: _put(a, sharding), tree)
 
 
 def shard(tree, mesh: Mesh):
     """Shards a host pytree's leading axis across ``mesh``."""
     sharding = NamedSharding(mesh, SHARDED)
-    return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
+    return jax.tree_util.tree_map(lambda a: _put(a, sharding), tree)
 
 
 def _is_sharded(spec) -> bool:
@@ -75,7 +88,11 @@ def distribute(
         raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}")
     in_specs = tuple(in_specs)
     if mode == "shard_map":
-        mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        # check_vma=False keeps pmap semantics: with varying-manual-axes typing on,
+        # the gradient of a replicated input is psum-ed by autodiff itself, and the
+        # explicit lax.pmean of the step would then average an already summed
+        # gradient (n_devices times too large; caught by tests/test_train.py).
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
         return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
 
     n = mesh.devices.size

@@ -83,7 +83,12 @@ def build_results(*, cfg, data, counts, size_bytes, compiled, eval_compile_s, st
             f"on '{cfg.select_split}' and its figures are reported under select_metrics, never as test figures"
         )
     median = step_stats.get("median") if step_stats else None
+    # XLA's cost analysis of a partitioned program is per device; every device runs
+    # the same data-parallel program, so the global step costs n_devices times that.
     flops = getattr(compiled, "flops", None)
+    flops = flops * n_devices if flops is not None else None
+    bytes_accessed = getattr(compiled, "bytes_accessed", None)
+    bytes_accessed = bytes_accessed * n_devices if bytes_accessed is not None else None
     time_per_epoch = float(np.median(epoch_times)) if epoch_times else None
     test_summary = summarize(test_metrics) if test_metrics else {}
     sel_summary = summarize(select_metrics)
@@ -131,7 +136,7 @@ def build_results(*, cfg, data, counts, size_bytes, compiled, eval_compile_s, st
         "step_time_s": step_stats,
         "images_per_s": (cfg.batch_size * n / median) if median else None,
         "flops_per_step": flops,
-        "bytes_accessed_per_step": getattr(compiled, "bytes_accessed", None),
+        "bytes_accessed_per_step": bytes_accessed,
         "achieved_flops_per_s": (flops / median) if (flops and median) else None,
         "memory": getattr(compiled, "memory", None),
         "steps_per_epoch": steps_per_epoch,

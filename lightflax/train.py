@@ -352,7 +352,7 @@ def train_and_evaluate(cfg: RunConfig, data) -> Dict[str, Any]:
     compiled = timing.aot_compile(trainer, state, images, labels, perm, keys)
     print(
         f"compiled train step in {compiled.compile_s:.2f} s (lowering {compiled.lower_s:.2f} s); "
-        f"{(compiled.flops or 0) / 1e9:.3f} GFLOP/step; {trainer.n_devices} device(s), "
+        f"{(compiled.flops or 0) * trainer.n_devices / 1e9:.3f} GFLOP/step; {trainer.n_devices} device(s), "
         f"{trainer.steps_per_epoch} steps/epoch of {cfg.batch_size}",
         flush=True,
     )

@@ -154,7 +154,7 @@ def test_helpfull_lists_common_and_experiment_flags():
     proc = run_launch(["--experiment=xray_light", "--helpfull"])
     out = proc.stdout + proc.stderr
     for flag in ("--workdir", "--dataset", "--data_dir", "--manual_dir", "--image_size", "--batch_size", "--epochs",
-                 "--learning_rate", "--seed", "--resume", "--profile_dir", "--k", "--num_seeds"):
+                 "--learning_rate", "--seed", "--[no]resume", "--profile_dir", "--k:", "--num_seeds"):
         assert flag in out, flag
 
 
