@@ -77,6 +77,11 @@ def main(argv) -> None:
             _die(str(e).splitlines()[0])
 
     def run(args):
+        # Library INFO logs (Orbax, TFDS writers) are noise here; --verbosity=0 brings them back.
+        if not flags.FLAGS["verbosity"].present:
+            from absl import logging
+
+            logging.set_verbosity(logging.WARNING)
         try:
             module.main(args)
         except UserError as e:

@@ -1,0 +1,215 @@
+"""What every pretrained backbone shares: the Backbone object, preprocessing,
+and an all-or-nothing assembly of the variable tree from a weight file."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from lightflax.errors import CheckpointError, DataError
+
+Path = Tuple[str, ...]
+
+# Layout of a weight in its file, relative to Flax: (to_flax(array), file_shape(flax_shape)).
+LAYOUTS: Dict[str, Tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple], tuple]]] = {
+    "same": (lambda a: a, lambda s: tuple(s)),
+    # PyTorch conv OIHW -> Flax HWIO (also depthwise (C,1,k,k) -> (k,k,1,C)).
+    "oihw": (lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])),
+    # PyTorch Linear (out, in) -> Flax Dense (in, out).
+    "linear": (lambda a: a.T, lambda s: (s[1], s[0])),
+}
+
+
+def flatten(tree: Mapping) -> Dict[Path, Any]:
+    """{('params', 'block', 'conv', 'kernel'): leaf} in insertion order."""
+    out: Dict[Path, Any] = {}
+
+    def rec(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                rec(v, prefix + (str(k),))
+        else:
+            out[prefix] = node
+
+    rec(tree, ())
+    return out
+
+
+def unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
+    tree: Dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def abstract_variables(module: nn.Module, resolution: int) -> Dict[str, Any]:
+    """Shapes of ``module.init`` on a (1, r, r, 3) input, without allocating anything."""
+    return abstract_variables_and_order(module, resolution)[0]
+
+
+def abstract_variables_and_order(module: nn.Module, resolution: int) -> Tuple[Dict[str, Any], list]:
+    """(abstract variables, their paths in model order).
+
+    Model order: module by module as created, params before batch_stats
+    (jax.eval_shape returns dicts with sorted keys, so the order is captured
+    inside the trace).
+    """
+    variables, order = _abstract_and_order(module, resolution)
+    first_seen: Dict[Path, int] = {}
+    for p in order:
+        first_seen.setdefault(p[1:-1], len(first_seen))
+    index = {p: i for i, p in enumerate(order)}
+    return variables, sorted(order, key=lambda p: (first_seen[p[1:-1]], p[0] != "params", index[p]))
+
+
+def _abstract_and_order(module: nn.Module, resolution: int):
+    order: list = []
+
+    def init(k, x):
+        v = module.init(k, x, train=False)
+        order.extend(flatten(v).keys())
+        return v
+
+    x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+    return jax.eval_shape(init, jax.random.key(0), x), order
+
+
+def assemble(expected: Mapping, weights: Mapping[str, np.ndarray],
+             file_key: Callable[[Path], Tuple[str, str]], *, filename: str, arch: str,
+             ignorable: Callable[[str], bool] = lambda k: False,
+             display: Optional[Mapping[str, str]] = None,
+             order: Optional[Sequence[Path]] = None) -> Dict[str, Any]:
+    """Builds the whole variable tree from ``weights`` or raises CheckpointError.
+
+    expected: the abstract variable tree (ShapeDtypeStructs). file_key(path)
+    gives (key in ``weights``, layout name in LAYOUTS). Every expected leaf must
+    be present with the right shape, and every file entry must be used (or be
+    ``ignorable``); the first problem, in model order, is reported in one line
+    naming the file, the weight, the expected and the found shape. Nothing is
+    returned until everything has been checked. ``order``: the model order of
+    the paths (see creation_order), so that "first" means first in the model.
+    """
+    display = display or {}
+    out: Dict[Path, np.ndarray] = {}
+    used = set()
+    leaves = flatten(expected)
+    rank = {p: i for i, p in enumerate(order or ())}
+    for path, leaf in sorted(leaves.items(), key=lambda kv: rank.get(kv[0], len(rank))):
+        key, layout = file_key(path)
+        to_flax, file_shape = LAYOUTS[layout]
+        want = file_shape(tuple(leaf.shape))
+        if key not in weights:
+            raise CheckpointError(
+                f"{filename}: weight {display.get(key, key)} (expected shape {want}) is missing — "
+                f"not {arch} weights (or truncated); pass the right file")
+        arr = weights[key]
+        if tuple(arr.shape) != want:
+            raise CheckpointError(
+                f"{filename}: weight {display.get(key, key)}: expected shape {want}, found "
+                f"{tuple(arr.shape)} — not {arch} weights; pass the right file")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise CheckpointError(f"{filename}: weight {display.get(key, key)} has dtype {arr.dtype}, "
+                                  "expected floating point — damaged or foreign file")
+        out[path] = np.ascontiguousarray(to_flax(np.asarray(arr)), dtype=np.float32)
+        used.add(key)
+    extra = [k for k in weights if k not in used and not ignorable(k)]
+    if extra:
+        k = extra[0]
+        raise CheckpointError(
+            f"{filename}: unexpected weight {display.get(k, k)} with shape {tuple(weights[k].shape)} "
+            f"({len(extra)} unused in all) — not {arch} weights; pass the right file")
+    return unflatten(out)
+
+
+def weights_sha256(variables: Mapping) -> str:
+    """sha256 over every (path, dtype, shape, bytes) of a variable tree, in path order."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(flatten(variables).items()):
+        a = np.asarray(leaf)
+        h.update("/".join(path).encode())
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+@functools.partial(jax.jit, static_argnames=("resolution", "offset", "scale"))
+def preprocess_images(images: jax.Array, *, resolution: int, offset: float, scale: float) -> jax.Array:
+    """(N, H, W, C in {1, 3}) pixels 0..255 -> (N, r, r, 3) float32 ``(x - offset) / scale``.
+
+    Bilinear resize (anti-aliased when shrinking); grey images are replicated
+    to RGB.
+    """
+    x = images.astype(jnp.float32)
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    if x.shape[1:3] != (resolution, resolution):
+        x = jax.image.resize(x, (x.shape[0], resolution, resolution, 3), "bilinear", antialias=True)
+    return (x - offset) / scale
+
+
+def check_images(images) -> None:
+    shape = getattr(images, "shape", None)
+    if shape is None or len(shape) != 4 or shape[-1] not in (1, 3):
+        raise DataError(f"images must be uint8 NHWC with 1 or 3 channels, got shape {shape}; "
+                        "pass an (N, H, W, C) array")
+
+
+@dataclasses.dataclass(eq=False)
+class Backbone:
+    """A loaded backbone: module, variables, its preprocessing and a jitted forward.
+
+    preprocess(images uint8 (N,H,W,C)) -> float32 (N, r, r, 3) normalised as the
+    weights expect; apply(x (N, r, r, 3)) -> (N, feature_dim) pooled features,
+    or (N, 1000) ImageNet logits when include_top.
+    """
+
+    name: str
+    module: nn.Module
+    variables: Dict[str, Any]
+    resolution: int
+    feature_dim: int
+    include_top: bool
+    offset: float
+    scale: float
+    weights_path: Optional[str] = None
+
+    def preprocess(self, images) -> jax.Array:
+        check_images(images)
+        return preprocess_images(jnp.asarray(images), resolution=self.resolution,
+                                 offset=self.offset, scale=self.scale)
+
+    @functools.cached_property
+    def _apply_jit(self):
+        module = self.module
+        return jax.jit(lambda v, x: module.apply(v, x, train=False))
+
+    @functools.cached_property
+    def features_from_pixels(self) -> Callable:
+        """jitted (variables, uint8 (N,H,W,C)) -> apply(preprocess(images)), in one program."""
+        module, r, off, sc = self.module, self.resolution, self.offset, self.scale
+
+        def fn(variables, images):
+            x = preprocess_images(images, resolution=r, offset=off, scale=sc)
+            return module.apply(variables, x, train=False)
+
+        return jax.jit(fn)
+
+    def apply(self, x) -> jax.Array:
+        return self._apply_jit(self.variables, jnp.asarray(x, jnp.float32))
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        return weights_sha256(self.variables)
+
+    def block_names(self) -> Sequence[str]:
+        return list(getattr(self.module, "BLOCKS"))
