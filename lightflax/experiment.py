@@ -48,7 +48,7 @@ def load_data(*, num_classes: Optional[int] = None, synthetic_shape=None, allow_
     name = FLAGS.dataset
     explicit = FLAGS["dataset"].present
     kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, seed=FLAGS.seed,
-                  on_corrupt=FLAGS.on_corrupt, image_size=FLAGS.image_size if name == "chest_xray" else None)
+                  on_corrupt=FLAGS.on_corrupt, image_size=_stored_resolution(name, FLAGS.image_size))
     if name == "synthetic":
         return _synthetic(num_classes, synthetic_shape)
     try:
@@ -63,6 +63,16 @@ def load_data(*, num_classes: Optional[int] = None, synthetic_shape=None, allow_
         data = _synthetic(num_classes, synthetic_shape)
         data.notes.append(msg)
         return data
+
+
+def _stored_resolution(name: str, image_size: int) -> Optional[int]:
+    """chest_xray is stored at 64/128/224/299: the smallest one >= the model's input size."""
+    if name != "chest_xray":
+        return None
+    for r in (64, 128, 224, 299):
+        if image_size <= r:
+            return r
+    return 299
 
 
 def _synthetic(num_classes, shape):

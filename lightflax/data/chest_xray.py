@@ -1,0 +1,211 @@
+"""The study's data: Chest X-Ray Images (Pneumonia), Kermany et al. 2018, as a TFDS builder.
+
+Manual download (Kaggle paultimothymooney/chest-xray-pneumonia or Mendeley
+rscbjbr9sj v3, CC BY 4.0); layout::
+
+    chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg
+
+``manual_dir`` may name the folder holding ``chest_xray/`` or ``chest_xray/``
+itself. The Kaggle copy's nested duplicate ``chest_xray/chest_xray`` (used only
+when the outer folder lacks the splits), ``__MACOSX`` and hidden files such as
+``.DS_Store`` are ignored. The class folders of every split must be exactly
+NORMAL and PNEUMONIA (NORMAL=0, PNEUMONIA=1). Images are decoded with Pillow,
+converted to grayscale ('L') and resized (bilinear, as Keras' ``load_img``) to the
+builder config's resolution, then written once as uint8 tensors into array_record
+files under ``<data_dir>/tfds/chest_xray-<source key>/``; later runs read them back
+with ``tfds.data_source`` (no TensorFlow involved).
+
+Corrupt or unreadable images are never silent: they are counted and their first
+paths recorded in the prepared dataset's metadata, printed, and put in the
+dataset notes (``on_corrupt='skip'``), or they stop the run (``'fail'``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lightflax.data import locations, tfds_util
+from lightflax.data.types import DatasetSplits, Split
+from lightflax.errors import DataError
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+SPLITS = ("train", "val", "test")
+RESOLUTIONS = (299, 224, 128, 64)
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+ON_CORRUPT = ("skip", "fail")
+MAX_REPORTED = 20
+HOW_TO_GET = ("download 'Chest X-Ray Images (Pneumonia)' (kaggle.com/datasets/paultimothymooney/"
+              "chest-xray-pneumonia or data.mendeley.com/datasets/rscbjbr9sj/3) and pass --manual_dir=FOLDER "
+              "holding chest_xray/, or use --dataset=pneumonia_mnist (28x28 version, shared folder or download), "
+              "or --dataset=synthetic for a smoke run")
+
+Listing = Dict[str, List[Tuple[str, int]]]  # split -> [(path relative to root, label)]
+
+
+def default_manual_dirs() -> List[Path]:
+    return [locations.cache_root() / "manual", locations.cache_root()]
+
+
+def find_root(manual_dir: Optional[str]) -> Tuple[Optional[Path], List[str]]:
+    """The ``chest_xray`` folder holding the splits, and every folder it looked in."""
+    bases = [Path(manual_dir).expanduser()] if manual_dir else default_manual_dirs()
+    looked: List[str] = []
+    for base in bases:
+        for cand in (base, base / "chest_xray", base / "chest_xray" / "chest_xray"):
+            looked.append(str(cand))
+            if all((cand / s).is_dir() for s in ("train", "test")):
+                return cand, looked
+    return None, looked
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith((".", "__MACOSX"))
+
+
+def scan(root: Path) -> Tuple[Listing, List[str]]:
+    """Lists the images of each split; returns (listing, notes).
+
+    Raises DataError when a split's class folders are not exactly NORMAL and
+    PNEUMONIA or when train or test holds no image.
+    """
+    listing: Listing = {}
+    notes: List[str] = []
+    if (root / "chest_xray").is_dir():
+        notes.append(f"ignored the nested duplicate folder {root / 'chest_xray'} (Kaggle copy)")
+    for split in SPLITS:
+        d = root / split
+        if not d.is_dir():
+            if split == "val":
+                notes.append(f"{d} does not exist: no val split")
+                continue
+            raise DataError(f"{d} does not exist; {root} must hold train/, val/ and test/ folders")
+        classes = sorted(p.name for p in d.iterdir() if p.is_dir() and _visible(p))
+        if tuple(classes) != CLASSES:
+            raise DataError(f"{d} must hold exactly the class folders NORMAL and PNEUMONIA, found "
+                            f"{', '.join(classes) or 'none'}; fix the folder layout")
+        files: List[Tuple[str, int]] = []
+        for label, cls in enumerate(CLASSES):
+            found = sorted(f for f in (d / cls).iterdir()
+                           if _visible(f) and f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                notes.append(f"{d / cls} holds no images")
+            files += [(str(f.relative_to(root)), label) for f in found]
+        if not files and split != "val":
+            raise DataError(f"{d} holds no images; re-download or re-extract the data set")
+        listing[split] = files
+    return listing, notes
+
+
+def source_key(root: Path, listing: Listing) -> str:
+    """Identity of the source folder: path plus every file's name, size and mtime."""
+    parts: list = [str(root.resolve())]
+    for split in sorted(listing):
+        for rel, label in listing[split]:
+            st = (root / rel).stat()
+            parts.append((rel, label, st.st_size, st.st_mtime_ns))
+    return locations.fingerprint(parts)
+
+
+def decode(path: Path, resolution: int) -> np.ndarray:
+    """Pillow decode -> grayscale ('L') -> bilinear resize; uint8 (R, R)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("L")
+        if im.size != (resolution, resolution):
+            im = im.resize((resolution, resolution), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _try_decode(path: Path, resolution: int):
+    try:
+        return decode(path, resolution), None
+    except Exception as e:  # Pillow raises many types for damaged files
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+class ChestXray(tfds.core.GeneratorBasedBuilder):
+    """Chest X-Ray Images (Pneumonia), grayscale uint8, one config per stored resolution."""
+
+    name = "lightflax_chest_xray"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Grayscale uint8 tensors, Pillow bilinear resize."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=str(r), description=f"{r}x{r} grayscale")
+                       for r in RESOLUTIONS]
+    DEFAULT_CONFIG_NAME = "299"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Place chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg in manual_dir."
+
+    @property
+    def resolution(self) -> int:
+        return int(self.builder_config.name)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self.resolution
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Chest X-Ray Images (Pneumonia), Kermany et al. 2018, grayscale, resized with Pillow.",
+            features=tfds_util.features((r, r, 1), CLASSES, with_filename=True),
+            supervised_keys=("image", "label"),
+            homepage="https://data.mendeley.com/datasets/rscbjbr9sj/3",
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        root, looked = find_root(str(dl_manager.manual_dir))
+        if root is None:
+            raise DataError(f"chest X-ray folders not found (looked in {', '.join(looked)}); {HOW_TO_GET}")
+        listing, _ = scan(root)
+        self.info.metadata["corrupt"] = []
+        self.info.metadata["num_corrupt"] = 0
+        return {split: self._generate_examples(root, files) for split, files in listing.items() if files}
+
+    def _generate_examples(self, root: Path, files: List[Tuple[str, int]]) -> Iterator:
+        workers = max(1, min(8, os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            decoded = pool.map(lambda f: _try_decode(root / f[0], self.resolution), files)
+            for index, ((rel, label), (image, error)) in enumerate(zip(files, decoded)):
+                if error is not None:
+                    self.info.metadata["num_corrupt"] += 1
+                    if len(self.info.metadata["corrupt"]) < MAX_REPORTED:
+                        self.info.metadata["corrupt"].append(f"{root / rel} ({error})")
+                    continue
+                yield rel, {"image": image[..., None], "label": label, "index": index, "filename": rel}
+
+
+def load(manual_dir: Optional[str] = None, data_dir: Optional[str] = None, resolution: int = 299,
+         on_corrupt: str = "skip") -> DatasetSplits:
+    """Prepares (once) and loads the chest X-ray splits at ``resolution``."""
+    if resolution not in RESOLUTIONS:
+        raise DataError(f"chest_xray is stored at {', '.join(map(str, RESOLUTIONS))} pixels, not {resolution}; "
+                        f"pass one of those (the model's input size is set on device by --image_size)")
+    if on_corrupt not in ON_CORRUPT:
+        raise DataError(f"--on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+    root, looked = find_root(manual_dir)
+    if root is None:
+        raise DataError(f"chest X-ray folders not found (looked in {', '.join(looked)}); {HOW_TO_GET}")
+    listing, notes = scan(root)
+    target = locations.prepared_dir(data_dir, "chest_xray", source_key(root, listing))
+    builder = tfds_util.prepare(ChestXray, data_dir=target, config=str(resolution), manual_dir=root)
+    corrupt = list(builder.info.metadata.get("corrupt", []))
+    num_corrupt = int(builder.info.metadata.get("num_corrupt", 0))
+    if num_corrupt:
+        msg = (f"{num_corrupt} corrupt or unreadable image(s) in {root}, first: {'; '.join(corrupt[:3])}")
+        if on_corrupt == "fail":
+            raise DataError(f"{msg}; delete or replace them, or pass --on_corrupt=skip")
+        notes.append(f"skipped {msg}")
+        print(f"WARNING: skipped {msg}", flush=True)
+    arrays = tfds_util.read_all(builder, SPLITS)
+    splits: Dict[str, Optional[Split]] = {s: None for s in SPLITS}
+    for s, (images, labels, _) in arrays.items():
+        splits[s] = Split(images, labels)
+    if splits["val"] is not None and len(splits["val"].labels) < 100:
+        notes.append(f"the val split has only {len(splits['val'].labels)} images (the Kaggle layout's 16): "
+                     f"checkpoint selection on it is noisy")
+    return DatasetSplits("chest_xray", False, len(CLASSES), list(CLASSES), splits, notes=notes,
+                         source=f"{root} (prepared: {builder.data_dir})")

@@ -1,0 +1,87 @@
+"""TFDS plumbing shared by the builders: features, preparation, reading back.
+
+Builders write array_record files of fixed-shape uint8 tensors and are read back
+with ``tfds.data_source`` (random access, no TensorFlow). Every example carries its
+position in the source (``index``) so the loaded arrays keep the source's order
+(TFDS shuffles records by key hash when it writes them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from lightflax.errors import DataError
+
+FILE_FORMAT = "array_record"
+READ_CHUNK = 1024
+
+
+def features(shape: Tuple[int, int, int], class_names: Sequence[str], *, with_filename: bool = False):
+    """FeaturesDict: image uint8 ``shape``, label ClassLabel, index int64 (+ filename)."""
+    import tensorflow_datasets as tfds
+
+    spec = {
+        "image": tfds.features.Tensor(shape=tuple(shape), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(names=list(class_names)),
+        "index": tfds.features.Scalar(dtype=np.int64),
+    }
+    if with_filename:
+        spec["filename"] = tfds.features.Text()
+    return tfds.features.FeaturesDict(spec)
+
+
+def prepare(builder_cls, *, data_dir: Path, config: Optional[str] = None, manual_dir: Optional[Path] = None,
+            **builder_kwargs: Any):
+    """Instantiates ``builder_cls`` under ``data_dir`` and prepares it once (reused afterwards)."""
+    import tensorflow_datasets as tfds
+
+    builder = builder_cls(data_dir=str(data_dir), config=config, file_format=FILE_FORMAT, **builder_kwargs)
+    download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+def data_source(builder, split: str):
+    """``tfds.data_source`` of one prepared split (random access over array_record)."""
+    import tensorflow_datasets as tfds
+
+    name = builder.name
+    if builder.builder_config is not None:
+        name += f"/{builder.builder_config.name}"
+    name += f":{builder.version}"
+    return tfds.data_source(name, split=split, data_dir=str(builder.data_dir_root), download=False)
+
+
+def read_split(source) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """All records of a data source as arrays in source order.
+
+    Returns images uint8 (N, H, W, C), labels int32 (N,), filenames (N,) object or None.
+    """
+    n = len(source)
+    if n == 0:
+        raise DataError("a prepared split is empty")
+    first = source[0]
+    images = np.empty((n, *first["image"].shape), np.uint8)
+    labels = np.empty((n,), np.int32)
+    index = np.empty((n,), np.int64)
+    names = np.empty((n,), object) if "filename" in first else None
+    for start in range(0, n, READ_CHUNK):
+        stop = min(n, start + READ_CHUNK)
+        for i, rec in enumerate(source.__getitems__(list(range(start, stop))), start):
+            images[i] = rec["image"]
+            labels[i] = rec["label"]
+            index[i] = rec["index"]
+            if names is not None:
+                name = rec["filename"]
+                names[i] = name.decode() if isinstance(name, bytes) else str(name)
+    order = np.argsort(index, kind="stable")
+    return images[order], labels[order], None if names is None else names[order]
+
+
+def read_all(builder, splits: Sequence[str]) -> Dict[str, Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    """``read_split`` of each prepared split of ``builder`` that exists."""
+    have = set(builder.info.splits.keys())
+    return {s: read_split(data_source(builder, s)) for s in splits if s in have}
