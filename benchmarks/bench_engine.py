@@ -29,6 +29,39 @@ def main():
         print(speed.markdown(rows, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline", "compile_s"]))
         print(f"3 replicas in one vmapped step: {t3:.1f} ms vs 3 sequential steps {3 * t1:.1f} ms -> "
               f"throughput x{3 * t1 / t3:.2f} (ratio of per-round medians: 3 / {rows[1]['ratio_to_baseline']:.3f})")
+    elif what == "input":
+        # The device-resident input path (gather from N stored uint8 grayscale images +
+        # gray->RGB + /255 inside the step) vs the same step fed one batch that is
+        # already preprocessed on the device.
+        import dataclasses
+
+        import numpy as np
+
+        from lightflax import data as data_lib, timing, train
+
+        rows_all = []
+        for model, kw in (("xray_light", {"k": 5}), ("xray_conv2d", {})):
+            variants = []
+            for fed in ("device_resident", "preprocessed_batch"):
+                d = data_lib.load("synthetic", synthetic_shape=(size, size, 1),
+                                  synthetic_sizes={"train": 1024, "val": batch, "test": batch}, num_classes=2)
+                if fed == "preprocessed_batch":
+                    tr0 = d.splits["train"]
+                    x = np.repeat(tr0.images[:batch].astype(np.float32) / 255.0, 3, axis=-1)
+                    d = dataclasses.replace(d, splits=dict(d.splits, train=dataclasses.replace(
+                        tr0, images=x, labels=tr0.labels[:batch])))
+                cfg = train.RunConfig(workdir="", model=model, model_kwargs=kw, batch_size=batch, image_size=size,
+                                      channels=3)
+                trn = train.Trainer(cfg, d)
+                state, keys = trn.init_state(), trn.data_keys()
+                images, labels = trn.device_split("train")
+                perm = trn.permutations(keys, 0)
+                c = timing.aot_compile(trn, state, images, labels, perm, keys)
+                variants.append(speed.Variant(f"{model} {fed}", c, (state, images, labels, perm, keys, trn.dev_ids),
+                                              next_args=lambda out, a: (out[0],) + tuple(a[1:]),
+                                              info={"batch": batch, "size": size}))
+            rows_all += speed.measure_group(variants, rounds=rounds, baseline=variants[1].name)
+        print(speed.markdown(rows_all, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline"]))
     else:
         group = [speed.model_variant("xray_light", {"k": 5}, batch=batch, size=size, parallel=p)
                  for p in ("shard_map", "pmap")]

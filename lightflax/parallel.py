@@ -37,6 +37,9 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 def _put(a, sharding):
     if jax.process_count() == 1:
         return jax.device_put(a, sharding)
+    if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(a)
+        return jax.random.wrap_key_data(_put(jax.random.key_data(a), sharding), impl=impl)
     # Multi-process: every process holds the same host value and fills its own devices.
     if isinstance(a, jax.Array) and a.sharding == sharding:
         return a

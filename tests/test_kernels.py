@@ -1,0 +1,116 @@
+"""lightflax.kernels against float64 NumPy and lax references; lightflax.xla_defaults flag merging."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from lightflax import kernels, xla_defaults
+
+
+def np_max_pool_2x2(x):
+    """float64 reference: (y, argmax mask) with the FIRST maximum of each window (row-major)."""
+    x = np.asarray(x, np.float64)
+    b, h, w, c = x.shape
+    ho, wo = h // 2, w // 2
+    y = np.zeros((b, ho, wo, c))
+    mask = np.zeros(x.shape, bool)
+    for n, i, j, ch in itertools.product(range(b), range(ho), range(wo), range(c)):
+        window = [(2 * i + di, 2 * j + dj) for di in (0, 1) for dj in (0, 1)]
+        vals = [x[n, r, s, ch] for r, s in window]
+        k = int(np.argmax(vals))  # first maximum
+        y[n, i, j, ch] = vals[k]
+        mask[(n, *window[k], ch)] = True
+    return y, mask
+
+
+def np_max_pool_grad(x, g):
+    _, mask = np_max_pool_2x2(x)
+    b, h, w, c = np.shape(x)
+    dx = np.zeros((b, h, w, c))
+    for n, r, s, ch in zip(*np.nonzero(mask)):
+        dx[n, r, s, ch] = np.asarray(g, np.float64)[n, r // 2, s // 2, ch]
+    return dx
+
+
+SHAPES = [(1, 4, 6, 3), (7, 5, 7, 2), (1, 9, 8, 5), (7, 2, 3, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_matches_numpy(shape, ties):
+    x = jax.random.normal(jax.random.key(sum(shape)), shape)
+    if ties:  # integer values: many windows with several equal maxima
+        x = jnp.round(x)
+    g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+    y, vjp = jax.vjp(kernels.max_pool_2x2, x)
+    y_ref, _ = np_max_pool_2x2(x)
+    np.testing.assert_array_equal(np.asarray(y, np.float64), y_ref)
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float64), np_max_pool_grad(x, g))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_max_pool_matches_flax_under_jit(shape):
+    """Bit-identical to flax's reduce_window max pool (Keras MaxPooling2D defaults), value and gradient."""
+    x = jnp.round(2 * jax.random.normal(jax.random.key(3), shape))
+
+    def loss(pool, x):
+        return jnp.sum(jnp.sin(pool(x)))
+
+    ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # noqa: E731
+    v_ref, g_ref = jax.jit(jax.value_and_grad(lambda x: loss(ref, x)))(x)
+    v_new, g_new = jax.jit(jax.value_and_grad(lambda x: loss(kernels.max_pool_2x2, x)))(x)
+    np.testing.assert_array_equal(np.asarray(v_new), np.asarray(v_ref))
+    np.testing.assert_array_equal(np.asarray(g_new), np.asarray(g_ref))
+
+
+def test_max_pool_bfloat16_keeps_dtype():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3)).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(kernels.max_pool_2x2, x)
+    assert y.dtype == jnp.bfloat16 and vjp(jnp.ones_like(y))[0].dtype == jnp.bfloat16
+
+
+def test_max_pool_rejects_wrong_rank():
+    with pytest.raises(ValueError, match="NHWC input of rank 4"):
+        kernels.max_pool_2x2(jnp.zeros((4, 4, 3)))
+
+
+# ---------------------------------------------------------------------------
+# xla_defaults: pure flag merging (the process's own XLA_FLAGS are not touched)
+# ---------------------------------------------------------------------------
+
+FLAG = "xla_cpu_experimental_ynn_fusion_type"
+TESTED = xla_defaults.TESTED_JAXLIB[0]
+
+
+def test_defaults_appended_when_absent():
+    out = xla_defaults.merged_flags("--xla_force_host_platform_device_count=2", TESTED)
+    assert out.split() == ["--xla_force_host_platform_device_count=2", f"--{FLAG}={xla_defaults.CPU_FLAGS[FLAG]}"]
+    assert xla_defaults.merged_flags("", TESTED) == f"--{FLAG}={xla_defaults.CPU_FLAGS[FLAG]}"
+
+
+def test_user_flag_wins():
+    user = f"--{FLAG}=dot --xla_cpu_use_onednn=true"
+    assert xla_defaults.merged_flags(user, TESTED) == user
+
+
+@pytest.mark.parametrize("version", [None, (0, 4, 35), (0, 10, 1), xla_defaults.TESTED_JAXLIB[1], (1, 0, 0)])
+def test_untested_jaxlib_left_alone(version):
+    assert xla_defaults.merged_flags("--a=1", version) == "--a=1"
+
+
+def test_apply_switch_and_environ():
+    env = {"XLA_FLAGS": "--a=1"}
+    merged = xla_defaults.apply(env)
+    assert env["XLA_FLAGS"] == merged
+    off = {"XLA_FLAGS": "--a=1", xla_defaults.ENV_SWITCH: "0"}
+    assert xla_defaults.apply(off) == "--a=1" and off["XLA_FLAGS"] == "--a=1"
+
+
+def test_version_parsing():
+    assert xla_defaults._version_tuple("0.10.2") == (0, 10, 2)
+    assert xla_defaults._version_tuple("0.10.2.dev20260101") == (0, 10, 2)
+    assert xla_defaults._version_tuple("garbage") is None
