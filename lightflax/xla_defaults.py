@@ -12,9 +12,10 @@ Set ``LIGHTFLAX_XLA_DEFAULTS=0`` to leave ``XLA_FLAGS`` alone.
 Measured (BUILD_NOTES.d/speed.md, 2-core CPU dev box): jaxlib 0.10's default
 sends every convolution to YNNPACK (``individual_convolution``), which runs the
 kernel-gradient convolutions (batch as the contracting dimension, windows as
-large as the image) ~3x slower than XLA's Eigen path; keeping YNNPACK for
-dots, elementwise ops and reductions but not for convolutions made the X-ray
-train steps 1.45x (Conv2D) and 1.12x (LightLayers K=5) faster.
+large as the image) ~3x slower than XLA's Eigen path; YNNPACK's elementwise
+fusions (``eltwise``) also cut XLA's own loop fusions apart (25 % more bytes
+moved). Keeping YNNPACK for dots and reductions only made the X-ray train steps
+~1.5-1.9x (Conv2D) and ~1.15x (LightLayers K=5) faster at 128x128.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ENV_SWITCH = "LIGHTFLAX_XLA_DEFAULTS"
 # Flag -> value; every flag here was measured on jaxlib in TESTED_JAXLIB.
 CPU_FLAGS: Dict[str, str] = {
     # jaxlib 0.10.2 default: dot,eltwise,reduce,individual_dot,individual_convolution
-    "xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce,individual_dot",
+    "xla_cpu_experimental_ynn_fusion_type": "dot,reduce,individual_dot",
 }
 TESTED_JAXLIB: Tuple[Tuple[int, int, int], Tuple[int, int, int]] = ((0, 10, 2), (0, 11, 0))  # [lo, hi)
 
