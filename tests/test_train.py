@@ -170,3 +170,27 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     fb = (killed / "history.csv").read_text().splitlines()
     strip = lambda rows: [",".join(r.split(",")[:6]) for r in rows]  # drop the timing column
     assert strip(fa) == strip(fb)
+
+
+def test_eval_image_size_evaluates_at_another_resolution():
+    """FixRes: --eval_image_size feeds evaluation at its own resolution (models with global pooling)."""
+    code = textwrap.dedent(
+        """
+        import jax, numpy as np
+        from lightflax import data, train
+        d = data.load("synthetic", synthetic_shape=(20, 20, 1), synthetic_sizes={"train": 16, "val": 8, "test": 8},
+                      num_classes=2, seed=0)
+        def trainer(eval_size):
+            cfg = train.RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8,
+                                  image_size=16, eval_image_size=eval_size, channels=3)
+            return train.Trainer(cfg, d)
+        base, fixres, same = trainer(None), trainer(32), trainer(16)
+        state = base.init_state()
+        val = base.device_split("val")
+        a, b, c = base.evaluate(state, val)[0], fixres.evaluate(state, val)[0], same.evaluate(state, val)[0]
+        assert a == c, (a, c)
+        assert abs(a["loss"] - b["loss"]) > 1e-6, (a, b)
+        print("ok")
+        """
+    )
+    assert run_python(code).stdout.strip().endswith("ok")
