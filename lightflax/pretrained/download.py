@@ -9,11 +9,11 @@ extra source (an installed PyPI package) -> download (when a URL is known).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from lightflax.errors import CheckpointError
@@ -49,11 +49,9 @@ def cache_dir() -> str:
 
 def file_hash(path: str, algorithm: str) -> str:
     """Hex digest of a file ('md5' or 'sha256'), read in 1 MiB chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from lightflax.data.locations import file_digest
+
+    return file_digest(Path(path), algorithm)
 
 
 def hash_algorithm(expected: str) -> str:
