@@ -3,7 +3,6 @@
     python keras_worker.py --model=xray_light --k=5 --size=128 --batch=64
 """
 
-import argparse
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -13,7 +12,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from worker_protocol import serve  # noqa: E402
+from worker_protocol import parse_args, serve  # noqa: E402
 
 
 class LightConv2D(keras.layers.Layer):
@@ -62,12 +61,7 @@ def xray_conv2d(size):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64)
-    a = ap.parse_args()
+    a = parse_args()
 
     def build():
         model = xray_light(a.size, a.k) if a.model == "xray_light" else xray_conv2d(a.size)

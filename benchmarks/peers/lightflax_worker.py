@@ -3,24 +3,16 @@
     python lightflax_worker.py --model=xray_light --k=5 --size=128 --batch=64 [--impl=einsum]
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from worker_protocol import serve  # noqa: E402
+from worker_protocol import parse_args, serve  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--impl", default=None)
-    ap.add_argument("--dtype", default="float32")
-    a = ap.parse_args()
+    a = parse_args(("--impl", {"default": None}), ("--dtype", {"default": "float32"}))
 
     def build():
         import jax

@@ -3,14 +3,13 @@
     python torch_worker.py --model=xray_light --k=5 --size=128 --batch=64 [--compile]
 """
 
-import argparse
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from worker_protocol import serve
+from worker_protocol import parse_args, serve
 
 
 def same_pad(k):
@@ -63,13 +62,7 @@ class XrayConv2d(nn.Module):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--compile", action="store_true")
-    a = ap.parse_args()
+    a = parse_args(("--compile", {"action": "store_true"}))
 
     def build():
         model = XrayLight(a.k) if a.model == "xray_light" else XrayConv2d()

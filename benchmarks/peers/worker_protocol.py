@@ -5,9 +5,23 @@ counts, build/compile seconds), then for each line 'RUN <n>' runs n synchronised
 training steps and prints 'TIMES <json list of seconds>'; 'QUIT' ends it.
 """
 
+import argparse
 import json
 import sys
 import time
+
+
+def parse_args(*extra):
+    """The arguments every worker takes (--model --k --size --batch), plus ``extra``
+    (name, kwargs) pairs of its own."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=64)
+    for name, kwargs in extra:
+        ap.add_argument(name, **kwargs)
+    return ap.parse_args()
 
 
 def serve(build):
