@@ -2,11 +2,15 @@
 
     python launch.py --experiment=xray_transfer --backbone=efficientnet_lite0 --dataset=pneumonia_mnist
     python launch.py --experiment=xray_transfer --backbone=inception_v3 --pretrained_path=W.h5
+    python launch.py --experiment=xray_transfer --backbone=efficientnet_lite0 --finetune_blocks=2
 
 The features of each split are computed once (batched, jitted) and cached on
 disk, keyed by backbone, weights hash, dataset, split and resolution; the head
 then trains with the shared trainer for the protocol's epochs at a cost of
-milliseconds per epoch. The report carries the study's columns: total params
+milliseconds per epoch. --finetune_blocks=N adds the second stage of the
+two-stage recipe: the last N blocks are unfrozen and trained with the head at
+a lower learning rate, fed with the cached activations of the frozen trunk
+(the backbone's BatchNorm stays in inference mode). The report carries the study's columns: total params
 (backbone + head), trainable params (the head), size on disk (backbone weights
 + head), accuracy, times (feature extraction reported apart).
 """
@@ -21,6 +25,13 @@ from lightflax import flags as _common  # noqa: F401  (defines the common flags)
 BACKBONE = flags.DEFINE_enum("backbone", "inception_v3", ["inception_v3", "efficientnet_lite0"],
                              "ImageNet backbone (frozen).")
 PRETRAINED_PATH = flags.DEFINE_string("pretrained_path", None, "Local weight file of the backbone.")
+FINETUNE_BLOCKS = flags.DEFINE_integer(
+    "finetune_blocks", 0, "Stage 2: unfreeze the backbone's last N blocks (0 = head only) and train them with the "
+    "head at --finetune_learning_rate on cached trunk activations.", lower_bound=0)
+FINETUNE_EPOCHS = flags.DEFINE_integer("finetune_epochs", 10, "Epochs of stage 2 (--finetune_blocks > 0).",
+                                       lower_bound=1)
+FINETUNE_LR = flags.DEFINE_float("finetune_learning_rate", 1e-5, "Learning rate of stage 2 (lower than stage 1's).",
+                                 lower_bound=0.0)
 FEATURE_CACHE = flags.DEFINE_string("feature_cache_dir", None, "Feature cache (default: "
                                     "$LIGHTFLAX_CACHE_DIR/features or ~/.cache/lightflax/features).")
 
@@ -30,7 +41,9 @@ def run(backbone, data, workdir):
     from lightflax import transfer
 
     return transfer.run_transfer(backbone, data, workdir, pretrained_path=PRETRAINED_PATH.value,
-                                 cache_dir=FEATURE_CACHE.value)
+                                 cache_dir=FEATURE_CACHE.value, finetune_blocks=FINETUNE_BLOCKS.value,
+                                 finetune_epochs=FINETUNE_EPOCHS.value,
+                                 finetune_learning_rate=FINETUNE_LR.value)
 
 
 def main(argv):

@@ -123,8 +123,12 @@ def run_config(experiment: str, model: str, model_kwargs: Dict[str, Any], *, cha
 
 def run_training(experiment: str, model: str, model_kwargs: Dict[str, Any], *, channels: int,
                  stored_channels: int = 1, num_classes: Optional[int] = None, workdir: Optional[str] = None,
-                 data=None) -> Dict[str, Any]:
-    """The whole run of a training experiment; returns results.json's content."""
+                 data=None, init_variables=None, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The whole run of a training experiment; returns results.json's content.
+
+    ``init_variables`` replaces the random initialisation (fine-tuning);
+    ``overrides`` sets RunConfig fields after the flags (e.g. a second stage's
+    epochs and learning rate)."""
     maybe_initialize_distributed()
     meta = models.info(model)
     if data is None:
@@ -143,6 +147,8 @@ def run_training(experiment: str, model: str, model_kwargs: Dict[str, Any], *, c
     cfg = run_config(experiment, model, kwargs, channels=channels, uses_light=uses_light)
     if workdir:
         cfg.workdir = workdir
+    for name, value in (overrides or {}).items():
+        setattr(cfg, name, value)
     if mean is not None:
         mean = tuple(float(m) for m in mean)
         cfg.mean = mean * channels if len(mean) == 1 and channels > 1 else mean
@@ -150,7 +156,7 @@ def run_training(experiment: str, model: str, model_kwargs: Dict[str, Any], *, c
         print("NOTE: training on SYNTHETIC data (random images); accuracy figures are meaningless.", flush=True)
     print(f"{experiment}: model {model} {model_kwargs}, dataset {data.name} "
           f"({'synthetic' if data.synthetic else data.source}), workdir {cfg.workdir}", flush=True)
-    results = train.train_and_evaluate(cfg, data)
+    results = train.train_and_evaluate(cfg, data, init_variables=init_variables)
     print(f"wrote {os.path.join(cfg.workdir, 'results.json')}: test_accuracy={results.get('test_accuracy')} "
           f"{cfg.select_split}_accuracy={results['select_metrics'].get('accuracy')} "
           f"time_per_epoch_s={results.get('time_per_epoch_s')}", flush=True)

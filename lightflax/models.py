@@ -212,6 +212,41 @@ class LinearHead(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=layers.glorot_uniform, name="head")(x.astype(jnp.float32))
 
 
+class BackboneTail(nn.Module):
+    """The last blocks of an ImageNet backbone + a Dense head, fed with cached trunk
+    activations (transfer learning, stage 2: fine-tune the last N blocks).
+
+    The backbone's BatchNorm layers stay in inference mode (moving statistics
+    frozen, scale/offset trainable), as Keras' fine-tuning recipe prescribes;
+    params: ``{"backbone": {block: ...}, "head": Dense}`` — the head has the same
+    layout as ``linear_head``, so stage 1's head initialises it.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    first_block: int = 1
+    num_classes: int = 2
+    dropout: float = 0.0
+    dtype: Optional[Any] = None
+    bn_axis_name: Optional[str] = None  # the backbone's BatchNorm is frozen: no cross-device statistics
+    model_name: str = "backbone_tail"
+
+    def min_input_size(self) -> int:
+        return 1  # takes the cached activation as it is (no resizing)
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        from lightflax import pretrained
+
+        if x.ndim != 4:
+            raise ValueError(f"{self.model_name} expects trunk activations (B, H, W, C), got shape {tuple(x.shape)}")
+        kwargs = {"dtype": self.dtype} if self.dtype is not None else {}
+        x = pretrained.build(self.backbone, include_top=False, start_block=self.first_block, name="backbone",
+                             **kwargs)(x, train=False)
+        if self.dropout:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, kernel_init=layers.glorot_uniform, name="head")(x.astype(jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What the registry knows about a model besides its constructor."""
@@ -306,3 +341,7 @@ register("cifar_light", functools.partial(ResidualNet, conv="light", head="light
 register("linear_head", LinearHead, input_shape=(2048,), num_classes=2, needs_k=False,
          description="Dense head on cached backbone features (transfer learning)",
          kwargs=("num_classes", "dtype", "bn_axis_name", "dropout"))
+register("backbone_tail", BackboneTail, input_shape=(7, 7, 192), num_classes=2, needs_k=False,
+         description="last N blocks of an ImageNet backbone + Dense head on cached trunk activations "
+                     "(transfer learning, fine-tuning stage)",
+         kwargs=("backbone", "first_block", "num_classes", "dtype", "bn_axis_name", "dropout"))

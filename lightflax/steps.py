@@ -67,8 +67,20 @@ def make_optimizer(learning_rate: float, name: str = "adam") -> optax.GradientTr
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
-def create_state(model, tx, rng: Array, input_shape: Tuple[int, ...]) -> TrainState:
+def create_state(model, tx, rng: Array, input_shape: Tuple[int, ...], init_variables=None) -> TrainState:
+    """A fresh TrainState; ``init_variables`` (e.g. pretrained weights) replaces the random
+    initialisation and must have exactly the model's variable structure and shapes."""
     variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+    if init_variables is not None:
+        from lightflax import checkpoints
+        from lightflax.errors import CheckpointError
+
+        expected = {c: variables.get(c, {}) for c in ("params", "batch_stats")}
+        given = {c: init_variables.get(c, {}) for c in ("params", "batch_stats")}
+        problem = checkpoints.first_mismatch(checkpoints.leaf_specs(expected), checkpoints.leaf_specs(given))
+        if problem:
+            raise CheckpointError(f"initial variables do not fit model {getattr(model, 'model_name', model)}: {problem}")
+        variables = jax.tree_util.tree_map(jnp.asarray, given)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],

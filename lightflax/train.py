@@ -160,10 +160,11 @@ def _from_tree(state: steps.TrainState, tree: Dict[str, Any]) -> steps.TrainStat
 class Trainer:
     """Builds the compiled steps for one run and drives epochs."""
 
-    def __init__(self, cfg: RunConfig, data):
+    def __init__(self, cfg: RunConfig, data, init_variables=None):
         cfg.validate()
         self.cfg = cfg
         self.data = data
+        self.init_variables = init_variables  # replaces random init in every replica (fine-tuning)
         self.mesh = parallel.make_mesh()
         self.n_devices = self.mesh.devices.size
         try:
@@ -204,7 +205,8 @@ class Trainer:
     def init_state(self):
         shape = (1, *self.input_shape)
         states = [
-            steps.create_state(self.model, self.tx, jax.random.key(self.cfg.seed + r), shape)
+            steps.create_state(self.model, self.tx, jax.random.key(self.cfg.seed + r), shape,
+                               init_variables=self.init_variables)
             for r in range(self.num_seeds)
         ]
         state = states[0] if self.num_seeds == 1 else _stack(states)
@@ -299,13 +301,15 @@ def _metric_summary(per_replica: List[Optional[Dict[str, Any]]]) -> Dict[str, An
     return out
 
 
-def train_and_evaluate(cfg: RunConfig, data) -> Dict[str, Any]:
+def train_and_evaluate(cfg: RunConfig, data, init_variables=None) -> Dict[str, Any]:
     """Trains, selects the best checkpoint by validation loss, tests it, reports.
 
-    Returns the results dict written to ``workdir/results.json``.
+    ``init_variables``: start from these variables instead of a random
+    initialisation (fine-tuning). Returns the results dict written to
+    ``workdir/results.json``.
     """
     os.makedirs(cfg.workdir, exist_ok=True)
-    trainer = Trainer(cfg, data)
+    trainer = Trainer(cfg, data, init_variables=init_variables)
     n = trainer.num_seeds
     ckpt = checkpoints.Checkpointer(cfg.workdir)
     state = trainer.init_state()

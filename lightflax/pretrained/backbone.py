@@ -157,6 +157,16 @@ def preprocess_images(images: jax.Array, *, resolution: int, offset: float, scal
     return (x - offset) / scale
 
 
+def check_block_range(blocks: Sequence[str], start: int, stop: Optional[int]) -> int:
+    """Validates a partial-application range over ``blocks``; returns the stop index."""
+    n = len(blocks)
+    stop = n if stop is None else stop
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"block range must satisfy 0 <= start_block < stop_block <= {n}, "
+                         f"got start_block={start}, stop_block={stop}")
+    return stop
+
+
 def check_images(images) -> None:
     shape = getattr(images, "shape", None)
     if shape is None or len(shape) != 4 or shape[-1] not in (1, 3):
@@ -213,3 +223,20 @@ class Backbone:
 
     def block_names(self) -> Sequence[str]:
         return list(getattr(self.module, "BLOCKS"))
+
+    @property
+    def output_shape(self) -> Tuple[int, ...]:
+        """Shape of one example's output: (feature_dim,), or (h, w, c) for a trunk."""
+        if getattr(self.module, "stop_block", None) is None:
+            return (self.feature_dim,)
+        x = jax.ShapeDtypeStruct((1, self.resolution, self.resolution, 3), jnp.float32)
+        return tuple(jax.eval_shape(lambda v, x: self.module.apply(v, x, train=False), self.variables, x).shape[1:])
+
+    def trunk(self, stop_block: int) -> "Backbone":
+        """The frozen part before block ``stop_block``: pixels -> that block's input activation
+        (for fine-tuning the last blocks on cached trunk activations)."""
+        blocks = self.block_names()
+        if not 0 < stop_block < len(blocks):
+            raise ValueError(f"stop_block must be in 1..{len(blocks) - 1} for {self.name}, got {stop_block}")
+        return dataclasses.replace(self, module=self.module.clone(stop_block=stop_block, include_top=False),
+                                   include_top=False)

@@ -16,12 +16,12 @@ Training mode (train=True) uses dropout and drop-connect and then needs
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lightflax.pretrained.backbone import Path
+from lightflax.pretrained.backbone import Path, check_block_range
 
 RESOLUTION = 224
 FEATURE_DIM = 1280
@@ -102,16 +102,29 @@ class EfficientNetLite0(nn.Module):
     drop_connect_rate: float = 0.2
     dtype: Any = jnp.float32
 
+    # Partial application (fine-tuning with a cached trunk): run BLOCKS[start_block:stop_block]
+    # only; with stop_block < len(BLOCKS) the block's raw activation is returned (no pooling).
+    start_block: int = 0
+    stop_block: Optional[int] = None
+
     BLOCKS = ("stem",) + tuple(f"blocks_{i}" for i in range(len(BLOCK_SPECS))) + ("head",)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = ConvBNAct(32, 3, 2, self.dtype, name="stem")(x, train)
+        stop = check_block_range(self.BLOCKS, self.start_block, self.stop_block)
         n = len(BLOCK_SPECS)
-        for i, (e, k, s, _, cout) in enumerate(BLOCK_SPECS):
-            x = MBConv(e, k, s, cout, self.drop_connect_rate * i / n, self.dtype,
-                       name=f"blocks_{i}")(x, train)
-        x = ConvBNAct(FEATURE_DIM, 1, 1, self.dtype, name="head")(x, train)
+        for j in range(self.start_block, stop):
+            if j == 0:
+                x = ConvBNAct(32, 3, 2, self.dtype, name="stem")(x, train)
+            elif j == len(self.BLOCKS) - 1:
+                x = ConvBNAct(FEATURE_DIM, 1, 1, self.dtype, name="head")(x, train)
+            else:
+                i = j - 1
+                e, k, s, _, cout = BLOCK_SPECS[i]
+                x = MBConv(e, k, s, cout, self.drop_connect_rate * i / n, self.dtype,
+                           name=f"blocks_{i}")(x, train)
+        if stop < len(self.BLOCKS):
+            return x
         x = jnp.mean(x, axis=(1, 2))
         if not self.include_top:
             return x

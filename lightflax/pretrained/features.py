@@ -40,6 +40,9 @@ def cache_key(backbone: Backbone, images: np.ndarray, key_parts: Mapping[str, An
         "normalisation": [backbone.offset, backbone.scale],
         "images_sha256": _images_sha256(images),
         "images_shape": list(images.shape),
+        # A trunk (fine-tuning) caches the activation before this block; absent for pooled features.
+        **({"stop_block": backbone.module.stop_block}
+           if getattr(backbone.module, "stop_block", None) is not None else {}),
     }
 
 
@@ -63,7 +66,7 @@ def compute(backbone: Backbone, images: np.ndarray, batch_size: int = 32) -> np.
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
         out.append(np.asarray(fn(backbone.variables, jnp.asarray(batch)))[:real])
     if not out:
-        return np.zeros((0, backbone.feature_dim), np.float32)
+        return np.zeros((0, *backbone.output_shape), np.float32)
     return np.concatenate(out).astype(np.float32)
 
 
@@ -81,7 +84,8 @@ def _atomic_write(path: str, write) -> None:
 
 def extract_cached(backbone: Backbone, images: np.ndarray, *, cache_dir: str,
                    key_parts: Optional[Mapping[str, Any]] = None, batch_size: int = 32) -> np.ndarray:
-    """(N, H, W, C in {1, 3}) uint8 -> (N, D) float32 pooled features, cached on disk.
+    """(N, H, W, C in {1, 3}) uint8 -> (N, D) float32 pooled features (or (N, h, w, c)
+    activations of a ``Backbone.trunk``), cached on disk.
 
     A cache hit needs an identical key (see ``cache_key``) and an array of
     shape (N, D); anything else is recomputed and overwritten atomically.
@@ -97,7 +101,7 @@ def extract_cached(backbone: Backbone, images: np.ndarray, *, cache_dir: str,
                 stored = json.load(f)
             feats = np.load(npy)
             if stored == json.loads(json.dumps(key, default=str)) and feats.shape == (
-                    images.shape[0], backbone.feature_dim):
+                    images.shape[0], *backbone.output_shape):
                 return feats
         except (OSError, ValueError):
             pass  # damaged entry: recompute below

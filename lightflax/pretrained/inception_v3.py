@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lightflax.pretrained.backbone import Path
+from lightflax.pretrained.backbone import Path, check_block_range
 
 RESOLUTION = 299
 FEATURE_DIM = 2048
@@ -198,12 +198,20 @@ class InceptionV3(nn.Module):
     num_classes: int = 1000
     dtype: Any = jnp.float32
 
+    # Partial application (fine-tuning with a cached trunk): run BLOCKS[start_block:stop_block]
+    # only; with stop_block < len(BLOCKS) the block's raw activation is returned (no pooling).
+    start_block: int = 0
+    stop_block: Optional[int] = None
+
     BLOCKS = tuple(name for name, *_ in BLOCK_SPECS)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        for name, cls, first, attrs in BLOCK_SPECS:
+        stop = check_block_range(self.BLOCKS, self.start_block, self.stop_block)
+        for name, cls, first, attrs in BLOCK_SPECS[self.start_block:stop]:
             x = cls(first=first, dtype=self.dtype, name=name, **attrs)(x, train)
+        if stop < len(self.BLOCKS):
+            return x
         if self.include_top:
             x = jnp.mean(x, axis=(1, 2))
             return nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
