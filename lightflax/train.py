@@ -160,12 +160,12 @@ def _from_tree(state: steps.TrainState, tree: Dict[str, Any]) -> steps.TrainStat
 class Trainer:
     """Builds the compiled steps for one run and drives epochs."""
 
-    def __init__(self, cfg: RunConfig, data, init_variables=None):
+    def __init__(self, cfg: RunConfig, data, init_variables=None, devices=None):
         cfg.validate()
         self.cfg = cfg
         self.data = data
         self.init_variables = init_variables  # replaces random init in every replica (fine-tuning)
-        self.mesh = parallel.make_mesh()
+        self.mesh = parallel.make_mesh(devices)  # default: every device (a subset: scaling benchmarks)
         self.n_devices = self.mesh.devices.size
         try:
             self.local_batch = parallel.local_batch_size(cfg.batch_size, self.mesh)
