@@ -71,7 +71,8 @@ def layer_variant(kind: str, mode: str, *, batch: int, size: int, c_in: int, c_o
 
 def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size: int, channels: int = 3,
                   parallel: str = "shard_map", dtype: str = "float32", num_classes: int = 2,
-                  num_seeds: int = 1, devices: Optional[Sequence[Any]] = None, seed: int = 0) -> Variant:
+                  num_seeds: int = 1, devices: Optional[Sequence[Any]] = None, seed: int = 0,
+                  compiler_options: Optional[Dict[str, Any]] = None, label: Optional[str] = None) -> Variant:
     """The trainer's own compiled train step on device-resident synthetic data
     (``devices``: the data-parallel mesh, default every device)."""
     from lightflax import data as data_lib, train
@@ -87,8 +88,8 @@ def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size:
     images, labels = tr.device_split("train")
     keys = tr.data_keys()
     perm = tr.permutations(keys, jnp.int32(0))
-    compiled = timing.aot_compile(tr, state, images, labels, perm, keys)
-    label = model + "".join(f" {k}={v}" for k, v in model_kwargs.items()) + (
+    compiled = timing.aot_compile(tr, state, images, labels, perm, keys, compiler_options=compiler_options)
+    label = label or model + "".join(f" {k}={v}" for k, v in model_kwargs.items()) + (
         f" x{num_seeds} seeds" if num_seeds > 1 else "") + (f" {parallel}" if parallel != "shard_map" else "") + (
         f" {tr.n_devices} dev" if devices is not None else "") + (f" {dtype}" if dtype != "float32" else "")
     return Variant(label, compiled, (state, images, labels, perm, keys, tr.dev_ids),

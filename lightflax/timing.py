@@ -143,7 +143,8 @@ def _nonneg(cost: Mapping[str, float], key: str) -> Optional[float]:
     return value if value is not None and value >= 0 else None
 
 
-def aot_compile(jitted_fn: Any, *args: Any, **kwargs: Any) -> CompiledStep:
+def aot_compile(jitted_fn: Any, *args: Any, compiler_options: Optional[Dict[str, Any]] = None,
+                **kwargs: Any) -> CompiledStep:
     """Lowers and compiles ``jitted_fn`` for ``args`` ahead of time, timing each phase.
 
     Args:
@@ -151,6 +152,9 @@ def aot_compile(jitted_fn: Any, *args: Any, **kwargs: Any) -> CompiledStep:
       *args, **kwargs: example arguments (arrays or ``jax.ShapeDtypeStruct``
         with the shardings the real call will use). Nothing is executed and
         donated buffers are not consumed.
+      compiler_options: XLA options for this compilation only (e.g.
+        ``{"xla_cpu_experimental_ynn_fusion_type": "dot"}``), so that variants
+        of one function under different options can be measured in one process.
 
     Returns:
       A :class:`CompiledStep`. Calling its ``compiled`` with arguments of other
@@ -166,7 +170,7 @@ def aot_compile(jitted_fn: Any, *args: Any, **kwargs: Any) -> CompiledStep:
     t0 = time.perf_counter()
     lowered = jitted_fn.lower(*args, **kwargs)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options) if compiler_options else lowered.compile()
     t2 = time.perf_counter()
     cost = cost_analysis(compiled)
     return CompiledStep(
