@@ -72,7 +72,8 @@ def layer_variant(kind: str, mode: str, *, batch: int, size: int, c_in: int, c_o
 def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size: int, channels: int = 3,
                   parallel: str = "shard_map", dtype: str = "float32", num_classes: int = 2,
                   num_seeds: int = 1, devices: Optional[Sequence[Any]] = None, seed: int = 0,
-                  compiler_options: Optional[Dict[str, Any]] = None, label: Optional[str] = None) -> Variant:
+                  compiler_options: Optional[Dict[str, Any]] = None, label: Optional[str] = None,
+                  optimizer: str = "adam") -> Variant:
     """The trainer's own compiled train step on device-resident synthetic data
     (``devices``: the data-parallel mesh, default every device)."""
     from lightflax import data as data_lib, train
@@ -82,7 +83,7 @@ def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size:
                          synthetic_sizes={"train": n, "val": batch, "test": batch}, num_classes=num_classes)
     cfg = train.RunConfig(workdir="", model=model, model_kwargs=dict(model_kwargs), batch_size=batch,
                           image_size=size, channels=channels, parallel=parallel, dtype=dtype, num_seeds=num_seeds,
-                          seed=seed)
+                          seed=seed, optimizer=optimizer)
     tr = train.Trainer(cfg, data, devices=devices)
     state = tr.init_state()
     images, labels = tr.device_split("train")
