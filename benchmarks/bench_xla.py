@@ -3,6 +3,7 @@
     python benchmarks/bench_xla.py flags     # the trainer's step under XLA option variants, interleaved
     python benchmarks/bench_xla.py paradox   # static cost of the compiled step: FLOPs, bytes, kernels, convs
     python benchmarks/bench_xla.py dtype     # float32 vs bfloat16 compute, interleaved
+    python benchmarks/bench_xla.py separable # SeparableConv2D models: grouped conv vs fused depthwise taps
 
 Environment: SIZES (128), BATCH (64), ROUNDS (4), MODELS (xray_conv2d,xray_light:5,xray_lowrank:5).
 
@@ -118,9 +119,20 @@ def dtype_mode():
                                         "compile_s"]), flush=True)
 
 
+def separable_mode():
+    _header("separable")
+    for model, channels, size in (("mnist_separable", 1, 28), ("cifar_separable", 3, 32)):
+        group = [speed.model_variant(model, kw, batch=BATCH, size=size, channels=channels, num_classes=10,
+                                     label=f"{model} {label}")
+                 for label, kw in (("grouped conv (impl=conv)", {"impl": "conv"}), ("depthwise taps (default)", {}))]
+        rows = speed.measure_group(group, rounds=ROUNDS)
+        print(speed.markdown(rows, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline", "compile_s"]),
+              flush=True)
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "flags"
-    modes = {"flags": flags_mode, "paradox": paradox_mode, "dtype": dtype_mode}
+    modes = {"flags": flags_mode, "paradox": paradox_mode, "dtype": dtype_mode, "separable": separable_mode}
     if what not in modes:
         raise SystemExit(f"unknown mode {what!r}: use one of {', '.join(modes)}")
     modes[what]()

@@ -222,6 +222,34 @@ def extract_patches(
     return jnp.stack(taps, axis=3)
 
 
+def depthwise_conv2d(x: Array, w: Array, strides: Tuple[int, int], padding: str, *, precision: Any = None,
+                     impl: str = "taps") -> Array:
+    """Depthwise convolution, depth multiplier 1: x (B, H, W, C), w (kh, kw, C) -> (B, Ho, Wo, C).
+
+    impl='taps' sums kh*kw shifted slices of the padded input times one weight
+    vector each: elementwise work that XLA fuses, forward and backward (the
+    gradients are pads and reductions), instead of a grouped convolution that
+    XLA:CPU runs as one tiny convolution per channel. impl='conv': the grouped
+    ``lax.conv`` (feature_group_count = C), the reference.
+    """
+    kh, kw, c = w.shape
+    if impl == "conv":
+        return conv2d(x, w.reshape(kh, kw, 1, c), strides, padding, feature_group_count=c, precision=precision)
+    if impl != "taps":
+        raise ValueError(f"impl must be 'taps' or 'conv', got {impl!r}")
+    (pt, pb), (pl, pr) = _explicit_padding(x.shape, (kh, kw), strides, padding)
+    if pt or pb or pl or pr:
+        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho = (x.shape[1] - kh) // strides[0] + 1
+    wo = (x.shape[2] - kw) // strides[1] + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = x[:, i: i + (ho - 1) * strides[0] + 1: strides[0], j: j + (wo - 1) * strides[1] + 1: strides[1], :]
+            y = tap * w[i, j] if y is None else y + tap * w[i, j]
+    return y
+
+
 def einsum_conv2d(
     x: Array, w: Array, strides: Tuple[int, int], padding: str, *, precision: Any = None
 ) -> Array:
@@ -471,12 +499,15 @@ class SeparableConv2D(nn.Module):
     activation: Optional[Callable[[Array], Array]] = None
     dtype: Optional[Dtype] = None
     precision: Any = None
+    impl: str = "taps"  # depthwise part: 'taps' (fused shifted slices, default) or 'conv' (grouped lax.conv)
 
     def __post_init__(self):
         _check_positive(self.features, "features")
         _pair(self.kernel_size, "kernel_size")
         _pair(self.strides, "strides")
         _check_padding(self.padding)
+        if self.impl not in ("taps", "conv"):
+            raise ValueError(f"{type(self).__name__}: impl must be 'taps' or 'conv', got {self.impl!r}")
         super().__post_init__()
 
     @nn.compact
@@ -491,15 +522,8 @@ class SeparableConv2D(nn.Module):
         dw = self.param("depthwise_kernel", glorot_uniform, (*kernel, c, 1))
         pw = self.param("pointwise_kernel", glorot_uniform, (1, 1, c, self.features))
         dtype = self.dtype or x.dtype
-        # HWIO with feature_group_count=c wants (kh, kw, 1, c).
-        y = conv2d(
-            x.astype(dtype),
-            dw.reshape(*kernel, 1, c).astype(dtype),
-            strides,
-            padding,
-            feature_group_count=c,
-            precision=self.precision,
-        )
+        y = depthwise_conv2d(x.astype(dtype), dw.reshape(*kernel, c).astype(dtype), strides, padding,
+                             precision=self.precision, impl=self.impl)
         y = jnp.einsum("bhwc,cf->bhwf", y, pw[0, 0].astype(dtype), precision=self.precision)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)

@@ -41,8 +41,9 @@ def _make_conv(kind: str, features: int, kernel: int, *, k: Optional[int], paddi
         return layers.Conv2D(features, kernel, padding=padding, activation=activation,
                              impl=impl, dtype=dtype, name=name)
     if kind == "separable":
+        # impl='conv': the grouped lax.conv reference; otherwise the fused depthwise taps.
         return layers.SeparableConv2D(features, kernel, padding=padding, activation=activation,
-                                      dtype=dtype, name=name)
+                                      impl="conv" if impl == "conv" else "taps", dtype=dtype, name=name)
     if kind == "light":
         return layers.LightConv2D(features, kernel, k, padding=padding, activation=activation,
                                   impl=impl, dtype=dtype, name=name)

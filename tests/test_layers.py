@@ -124,12 +124,13 @@ def test_low_rank_materialized_kernel_is_one_convolution():
     chex.assert_shape(variables["params"]["v"], (2, 8))
 
 
-@pytest.mark.parametrize("padding,stride,kernel", list(itertools.product(("SAME", "VALID"), (1, 2), (1, 3))))
-def test_separable_conv2d_matches_numpy(padding, stride, kernel):
+@pytest.mark.parametrize("padding,stride,kernel,impl",
+                         list(itertools.product(("SAME", "VALID"), (1, 2), (1, 3), ("taps", "conv"))))
+def test_separable_conv2d_matches_numpy(padding, stride, kernel, impl):
     rng = np.random.default_rng(4)
     for shape in SHAPES:
         x = rng.normal(size=shape).astype(np.float32)
-        layer = layers.SeparableConv2D(5, kernel, strides=stride, padding=padding)
+        layer = layers.SeparableConv2D(5, kernel, strides=stride, padding=padding, impl=impl)
         variables = layer.init(jax.random.key(4), x)
         p = variables["params"]
         c = shape[-1]
@@ -260,3 +261,29 @@ def test_bad_inputs_raise_clear_errors():
     dv = dense.init(jax.random.key(0), jnp.zeros((1, 6)))
     with pytest.raises(ValueError, match="initialised for 6 input features but got 5"):
         dense.apply(dv, jnp.zeros((1, 5)))
+
+
+@pytest.mark.parametrize("padding,stride,kernel", list(itertools.product(("SAME", "VALID"), (1, 2), (2, 3, 5))))
+def test_depthwise_taps_equals_grouped_conv_with_gradients(padding, stride, kernel):
+    """The fused shifted-slice depthwise convolution (SeparableConv2D's default) against
+    the grouped lax.conv, values and both gradients, on odd and even sizes."""
+    rng = np.random.default_rng(11)
+    for shape in ((3, 9, 9, 4), (2, 8, 11, 6)):
+        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+        w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1])).astype(np.float32))
+        g = jnp.asarray(rng.normal(size=layers.depthwise_conv2d(x, w, (stride, stride), padding).shape),
+                        jnp.float32)
+
+        def loss(w, x, impl):
+            return jnp.sum(g * layers.depthwise_conv2d(x, w, (stride, stride), padding, impl=impl))
+
+        y_t = layers.depthwise_conv2d(x, w, (stride, stride), padding, impl="taps")
+        y_c = layers.depthwise_conv2d(x, w, (stride, stride), padding, impl="conv")
+        assert rel_err(y_t, y_c) < 1e-5
+        for a, b in zip(jax.grad(loss, argnums=(0, 1))(w, x, "taps"), jax.grad(loss, argnums=(0, 1))(w, x, "conv")):
+            assert rel_err(a, b) < 1e-5
+
+
+def test_depthwise_bad_impl():
+    with pytest.raises(ValueError, match="impl must be"):
+        layers.SeparableConv2D(4, 3, impl="fft").init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
