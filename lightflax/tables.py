@@ -1,0 +1,167 @@
+"""Tables with error bars from finished runs: rows over seeds, mean ± std.
+
+    python -m lightflax.tables RUNS_DIR [--metrics=test_accuracy,test_loss] [--chart=PREFIX]
+
+Every sub-directory of RUNS_DIR holding a results.json is one run; runs named
+``<row>_s<seed>`` are grouped into the row ``<row>`` (any other name is a row
+of its own). A run trained with ``--num_seeds=N`` contributes its N replicas.
+Metrics are results.json keys (``test_accuracy``, ``time_per_epoch_s``...) or
+``select.<name>`` for the checkpoint-selection split's metrics
+(``select.accuracy``, ``select.roc_auc``...). Standard deviations are the
+sample standard deviation (ddof=1) over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from lightflax.errors import UserError
+
+DEFAULT_METRICS = ("test_accuracy", "test_loss")
+_SEED = re.compile(r"^(?P<row>.+)_s(?P<seed>\d+)$")
+
+
+def _replicas(r: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One dict per replica with flat metric keys (``select.<m>`` and top-level keys)."""
+    per = r.get("replicas")
+    base = {k: v for k, v in r.items() if not isinstance(v, (dict, list)) and not k.endswith("_std")}
+    if isinstance(per, list) and per and isinstance(per[0], dict):
+        select = (r.get("config") or {}).get("select_split", "val")
+        out = []
+        for rep in per:
+            d = dict(base)
+            d.update({k: v for k, v in rep.items() if not isinstance(v, (dict, list))})
+            for k, v in (rep.get("test") or {}).items():
+                d[f"test_{k}"] = v
+            for k, v in (rep.get(select) or {}).items():
+                d[f"select.{k}"] = v
+            out.append(d)
+        return out
+    d = dict(base)
+    for k, v in (r.get("select_metrics") or {}).items():
+        if not k.endswith("_std"):
+            d[f"select.{k}"] = v
+    return [d]
+
+
+def collect(runs_dir: str) -> Dict[str, List[Dict[str, Any]]]:
+    """Row name -> list of replica metric dicts, rows in name order."""
+    if not os.path.isdir(runs_dir):
+        raise UserError(f"{runs_dir} is not a directory: pass the folder that holds the run directories")
+    rows: Dict[str, List[Dict[str, Any]]] = {}
+    for name in sorted(os.listdir(runs_dir)):
+        path = os.path.join(runs_dir, name, "results.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                r = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is damaged ({e}); re-run that training or remove its directory") from None
+        m = _SEED.match(name)
+        row = m.group("row") if m else name
+        for rep in _replicas(r):
+            rep["_run"] = name
+            rows.setdefault(row, []).append(rep)
+    if not rows:
+        raise UserError(f"no finished runs (sub-directories with results.json) in {runs_dir}")
+    return rows
+
+
+def summarize(values: Sequence[Optional[float]]) -> Dict[str, Any]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"n": 0, "mean": None, "std": None, "values": []}
+    return {"n": len(vals), "mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": vals}
+
+
+def table(rows: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str],
+          extra: Sequence[str] = ("total_params",)) -> List[Dict[str, Any]]:
+    out = []
+    for row, reps in rows.items():
+        entry: Dict[str, Any] = {"row": row, "seeds": len(reps), "runs": sorted({r["_run"] for r in reps})}
+        for key in extra:
+            entry[key] = reps[0].get(key)
+        for key in metrics:
+            entry[key] = summarize([r.get(key) for r in reps])
+        out.append(entry)
+    return out
+
+
+def _pm(s: Dict[str, Any], digits: int) -> str:
+    if not s["n"]:
+        return "—"
+    if s["std"] is None:
+        return f"{s['mean']:.{digits}f} (n=1)"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def markdown(entries: List[Dict[str, Any]], metrics: Sequence[str], extra: Sequence[str] = ("total_params",),
+             digits: int = 4) -> str:
+    head = ["row", "seeds", *extra, *metrics, "per seed (" + metrics[0] + ")"] if metrics else ["row", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        cells = [e["row"], str(e["seeds"])]
+        cells += [f"{e[k]:,}" if isinstance(e[k], int) else str(e[k]) for k in extra]
+        cells += [_pm(e[k], digits) for k in metrics]
+        if metrics:
+            cells.append(", ".join(f"{v:.{digits}f}" for v in e[metrics[0]]["values"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(path: str, entries: List[Dict[str, Any]], metric: str) -> str:
+    """Bar chart of ``metric`` per row with ±1 std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.0 * len(entries)), 3.5))
+    means = [e[metric]["mean"] or 0 for e in entries]
+    stds = [e[metric]["std"] or 0 for e in entries]
+    ax.bar([e["row"] for e in entries], means, yerr=stds, capsize=3, color="C0")
+    ax.set_title(f"{metric} (mean ± std over seeds)")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lightflax.tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
+    parser.add_argument("--extra", default="total_params")
+    parser.add_argument("--digits", type=int, default=4)
+    parser.add_argument("--chart", default=None, help="write PREFIX_<metric>.png bar charts with error bars")
+    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+    metrics = [m for m in args.metrics.split(",") if m]
+    extra = [m for m in args.extra.split(",") if m]
+    try:
+        entries = table(collect(args.runs_dir), metrics, extra)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(entries, metrics, extra, args.digits), end="")
+    if args.chart:
+        for m in metrics:
+            print(f"wrote {bar_chart(f'{args.chart}_{m.replace(chr(46), chr(95))}.png', entries, m)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(entries, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
