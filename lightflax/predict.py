@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightflax import checkpoints, models
-from lightflax.errors import DataError, UserError
+from lightflax.errors import CheckpointError, DataError, UserError
 
 
 def load_run(workdir: str, seed_index: int = 0):
@@ -33,11 +33,31 @@ def load_run(workdir: str, seed_index: int = 0):
     suffix = f"_seed{seed_index}" if n > 1 else ""
     model_kwargs = dict(cfg.get("model_kwargs") or {})
     module = models.create(cfg["model"], num_classes=results["dataset"]["num_classes"], **model_kwargs)
-    hw = cfg.get("image_size") or results["dataset"]["stored_shape"][0]
-    target = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, hw, hw, cfg["channels"])),
-                                                train=False))
-    variables = checkpoints.load_exported(os.path.join(workdir, f"model{suffix}.msgpack"), target)
+    if results.get("backbone"):  # transfer run: the head (or tail) sees backbone outputs
+        input_shape = tuple(results["dataset"]["stored_shape"])
+    else:
+        hw = cfg.get("image_size") or results["dataset"]["stored_shape"][0]
+        input_shape = (hw, hw, cfg["channels"])
+    target = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
+    path = os.path.join(workdir, results.get("model_path") or f"model{suffix}.msgpack")
+    variables = checkpoints.load_exported(path, target)
     return module, variables, results
+
+
+def _backbone_inputs(results, images: np.ndarray) -> np.ndarray:
+    """Transfer runs: pooled features (head) or trunk activations (fine-tuned tail) of
+    ``images``, computed by the run's own backbone and weights."""
+    from lightflax import pretrained
+    from lightflax.pretrained import features
+
+    bb = pretrained.load(results["backbone"], path=results.get("backbone_weights_path"))
+    want = results.get("backbone_weights_sha256")
+    if want and bb.weights_sha256 != want:
+        raise CheckpointError(f"the {results['backbone']} weights found ({bb.weights_path}) are not the ones this "
+                              f"run used (sha256 {want[:12]}...); provide those weights with --pretrained_path")
+    if results["config"]["model"] == "backbone_tail":
+        bb = bb.trunk(int(results["first_block"]))
+    return features.compute(bb, images)
 
 
 def load_images(path: str) -> np.ndarray:
@@ -75,10 +95,14 @@ def predict_probabilities(module, variables, results, images: np.ndarray, batch_
         images = np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
     size = cfg.get("eval_image_size") or cfg.get("image_size")
     mean = tuple(cfg["mean"]) if cfg.get("mean") else None
+    transfer = bool(results.get("backbone"))
+    if transfer:
+        images = _backbone_inputs(results, images)
 
     @jax.jit
     def probs(x):
-        x = pipeline.preprocess(x, out_size=size, channels=cfg["channels"], mean=mean)
+        if not transfer:  # backbone outputs are already the head's inputs
+            x = pipeline.preprocess(x, out_size=size, channels=cfg["channels"], mean=mean)
         return jax.nn.softmax(module.apply(variables, x, train=False).astype(jnp.float32), axis=-1)
 
     out = []

@@ -79,6 +79,8 @@ def run_transfer(backbone: str, data, workdir: str, *, pretrained_path: Optional
         "size_bytes": results["size_bytes"] + backbone_bytes,
         "feature_extraction_s": feature_s,
         "feature_splits": info,
+        "backbone_weights_path": bb.weights_path,
+        "backbone_weights_sha256": bb.weights_sha256,
         "head_total_time_s": results["total_time_s"],
         "total_time_s": results["total_time_s"] + feature_s,
     })
@@ -95,6 +97,7 @@ def run_transfer(backbone: str, data, workdir: str, *, pretrained_path: Optional
         "select_metrics", "test_metrics", "test_accuracy", "trainable_params", "total_time_s",
         "feature_extraction_s", "time_per_epoch_s", "best_epoch")}
     final["total_time_s"] = final["total_time_s"] + results["total_time_s"]
+    final["model_path"] = os.path.join("finetune", "model.msgpack")  # relative to workdir (predict)
     final["notes"] = list(final.get("notes", [])) + [
         f"two-stage transfer: stage 1 (head on frozen features, {stage1_dir}) then stage 2 "
         f"(last {finetune_blocks} block(s) + head, lr {finetune_learning_rate:g}, {finetune_epochs} epochs); "
@@ -139,6 +142,9 @@ def finetune(bb, data, stage1_dir: str, workdir: str, *, blocks: int, epochs: in
     results.update({
         "backbone": bb.name,
         "finetune_blocks": blocks,
+        "first_block": cut,
+        "backbone_weights_path": bb.weights_path,
+        "backbone_weights_sha256": bb.weights_sha256,
         "finetuned_block_names": list(names[cut:]),
         "frozen_trunk_params": fcounts["total"],
         "total_params": fcounts["total"] + results["total_params"],

@@ -79,7 +79,7 @@ def test_block_range_is_checked():
 def test_xray_transfer_finetunes_last_blocks(tmp_path):
     """Two stages: head on frozen features, then the last 2 blocks + head from stage 1's head."""
     args = ["--experiment=xray_transfer", "--backbone=efficientnet_lite0", "--dataset=synthetic",
-            "--synthetic_size=16", "--batch_size=8", "--epochs=1", "--finetune_blocks=2", "--finetune_epochs=2",
+            "--synthetic_size=16", "--batch_size=8", "--epochs=1", "--finetune_blocks=2", "--finetune_epochs=2", "--finetune_learning_rate=1e-3",
             f"--feature_cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'ft'}"]
     run_launch(args, check=0)
     r = json.loads((tmp_path / "ft" / "results.json").read_text())
@@ -97,6 +97,17 @@ def test_xray_transfer_finetunes_last_blocks(tmp_path):
     ft = serialization.msgpack_restore((tmp_path / "ft" / "finetune" / "model.msgpack").read_bytes())
     assert set(ft["params"]["backbone"]) == {"blocks_15", "head"}
     assert (tmp_path / "ft" / "finetune" / "history.csv").exists()
+    # predict scores raw images with both stages' models (backbone/trunk + head/tail)
+    import numpy as np
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 40, 40), dtype=np.uint8)
+    np.savez(tmp_path / "in.npz", images=images)
+    probs = {}
+    for stage, wd in (("head", tmp_path / "ft" / "head"), ("tuned", tmp_path / "ft")):
+        run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'in.npz'}",
+                    f"--output_npz={tmp_path / (stage + '.npz')}"], check=0)
+        probs[stage] = np.load(tmp_path / (stage + ".npz"))["probabilities"]
+        assert probs[stage].shape == (5, 2) and np.allclose(probs[stage].sum(-1), 1, atol=1e-5)
+    assert not np.allclose(probs["head"], probs["tuned"])  # stage 2 changed the model
 
 
 def test_finetune_blocks_out_of_range_is_one_line_error(tmp_path):
