@@ -79,7 +79,8 @@ def test_block_range_is_checked():
 def test_xray_transfer_finetunes_last_blocks(tmp_path):
     """Two stages: head on frozen features, then the last 2 blocks + head from stage 1's head."""
     args = ["--experiment=xray_transfer", "--backbone=efficientnet_lite0", "--dataset=synthetic",
-            "--synthetic_size=16", "--batch_size=8", "--epochs=1", "--finetune_blocks=2", "--finetune_epochs=2", "--finetune_learning_rate=1e-3",
+            "--synthetic_size=16", "--batch_size=8", "--epochs=1", "--finetune_blocks=2", "--finetune_epochs=2",
+            "--finetune_learning_rate=1e-3",
             f"--feature_cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'ft'}"]
     run_launch(args, check=0)
     r = json.loads((tmp_path / "ft" / "results.json").read_text())
