@@ -56,7 +56,7 @@ def _backbone_inputs(results, images: np.ndarray) -> np.ndarray:
         raise CheckpointError(f"the {results['backbone']} weights found ({bb.weights_path}) are not the ones this "
                               f"run used (sha256 {want[:12]}...); provide those weights with --pretrained_path")
     if results["config"]["model"] == "backbone_tail":
-        bb = bb.trunk(int(results["first_block"]))
+        bb = bb.trunk(int(results["config"]["model_kwargs"]["first_block"]))
     return features.compute(bb, images)
 
 
