@@ -197,28 +197,28 @@ def conv2d(
     )
 
 
-def extract_patches(
-    x: Array, kernel: Tuple[int, int], strides: Tuple[int, int], padding: str
-) -> Array:
-    """(B, H, W, C) -> (B, Ho, Wo, kh*kw, C) by strided slices of the padded input."""
+def _tap_slices(x: Array, kernel: Tuple[int, int], strides: Tuple[int, int], padding: str):
+    """The kh*kw strided slices (B, Ho, Wo, C) of the padded input, tap (0, 0) first, row-major."""
     kh, kw = kernel
     (pt, pb), (pl, pr) = _explicit_padding(x.shape, kernel, strides, padding)
     if pt or pb or pl or pr:
         x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     ho = (x.shape[1] - kh) // strides[0] + 1
     wo = (x.shape[2] - kw) // strides[1] + 1
-    if kh == kw == 1:
-        return x[:, : (ho - 1) * strides[0] + 1 : strides[0], : (wo - 1) * strides[1] + 1 : strides[1], None, :]
-    taps = [
-        x[
-            :,
-            i : i + (ho - 1) * strides[0] + 1 : strides[0],
-            j : j + (wo - 1) * strides[1] + 1 : strides[1],
-            :,
-        ]
+    return [
+        x[:, i: i + (ho - 1) * strides[0] + 1: strides[0], j: j + (wo - 1) * strides[1] + 1: strides[1], :]
         for i in range(kh)
         for j in range(kw)
     ]
+
+
+def extract_patches(
+    x: Array, kernel: Tuple[int, int], strides: Tuple[int, int], padding: str
+) -> Array:
+    """(B, H, W, C) -> (B, Ho, Wo, kh*kw, C) by strided slices of the padded input."""
+    taps = _tap_slices(x, kernel, strides, padding)
+    if len(taps) == 1:
+        return taps[0][:, :, :, None, :]
     return jnp.stack(taps, axis=3)
 
 
@@ -237,16 +237,10 @@ def depthwise_conv2d(x: Array, w: Array, strides: Tuple[int, int], padding: str,
         return conv2d(x, w.reshape(kh, kw, 1, c), strides, padding, feature_group_count=c, precision=precision)
     if impl != "taps":
         raise ValueError(f"impl must be 'taps' or 'conv', got {impl!r}")
-    (pt, pb), (pl, pr) = _explicit_padding(x.shape, (kh, kw), strides, padding)
-    if pt or pb or pl or pr:
-        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    ho = (x.shape[1] - kh) // strides[0] + 1
-    wo = (x.shape[2] - kw) // strides[1] + 1
+    weights = w.reshape(kh * kw, c)
     y = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = x[:, i: i + (ho - 1) * strides[0] + 1: strides[0], j: j + (wo - 1) * strides[1] + 1: strides[1], :]
-            y = tap * w[i, j] if y is None else y + tap * w[i, j]
+    for tap, wt in zip(_tap_slices(x, (kh, kw), strides, padding), weights):
+        y = tap * wt if y is None else y + tap * wt
     return y
 
 
