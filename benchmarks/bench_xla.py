@@ -56,6 +56,18 @@ def _header(what):
           f"rounds={ROUNDS} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
 
+TIME_COLUMNS = ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline", "compile_s"]
+
+
+def _measure(group, columns=TIME_COLUMNS, extra=None):
+    """Interleaved rounds over ``group``; ``extra(row, variant)`` adds columns; prints markdown."""
+    rows = speed.measure_group(group, rounds=ROUNDS)
+    if extra:
+        for row, v in zip(rows, group):
+            extra(row, v)
+    print(speed.markdown(rows, columns), flush=True)
+
+
 def flags_mode():
     _header("flags")
     for size in SIZES:
@@ -64,11 +76,9 @@ def flags_mode():
             group = [speed.model_variant(model, kw, batch=BATCH, size=size, compiler_options=_options(opts),
                                          label=f"{spec} {size} {label}")
                      for label, opts in FLAG_VARIANTS.items()]
-            rows = speed.measure_group(group, rounds=ROUNDS)
-            for row, v in zip(rows, group):  # evidence that the option took effect
-                row["ynn_fusions"] = v.compiled.compiled.as_text().count("__ynn_fusion")
-            print(speed.markdown(rows, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline",
-                                        "compile_s", "gflops", "gbytes", "ynn_fusions"]), flush=True)
+            # ynn_fusions: evidence that the option took effect
+            _measure(group, TIME_COLUMNS + ["gflops", "gbytes", "ynn_fusions"],
+                     extra=lambda row, v: row.update(ynn_fusions=v.compiled.compiled.as_text().count("__ynn_fusion")))
 
 
 def _hlo_counts(text):
@@ -84,7 +94,7 @@ def _hlo_counts(text):
 
 def paradox_mode():
     _header("paradox")
-    from lightflax import models
+    from lightflax import summary
 
     print("| model | size | params | GFLOP/step | GB accessed/step | FLOP/byte | kernels (entry) | "
           "convolutions (entry) | convolutions (all computations) | temp MB |")
@@ -95,13 +105,8 @@ def paradox_mode():
             v = speed.model_variant(model, kw, batch=BATCH, size=size)
             c = v.compiled
             kernels, convs, convs_all = _hlo_counts(c.compiled.as_text())
-            from lightflax import summary
-            import jax
-            import jax.numpy as jnp
-
-            m = models.create(model, num_classes=2, **kw)
-            params = summary.variables_counts(jax.eval_shape(
-                lambda x: m.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)))
+            state = v.args[0]
+            params = summary.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
             temp = (c.memory or {}).get("temp_bytes") or 0
             print(f"| {spec} | {size} | {params['total']:,} | {c.flops / 1e9:.1f} | {c.bytes_accessed / 1e9:.2f} | "
                   f"{c.flops / max(c.bytes_accessed, 1):.2f} | {kernels} | {convs} | {convs_all} | "
@@ -113,21 +118,15 @@ def dtype_mode():
     for size in SIZES:
         for spec in MODELS:
             model, kw = _model(spec)
-            group = [speed.model_variant(model, kw, batch=BATCH, size=size, dtype=d) for d in ("float32", "bfloat16")]
-            rows = speed.measure_group(group, rounds=ROUNDS)
-            print(speed.markdown(rows, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline",
-                                        "compile_s"]), flush=True)
+            _measure([speed.model_variant(model, kw, batch=BATCH, size=size, dtype=d) for d in ("float32", "bfloat16")])
 
 
 def separable_mode():
     _header("separable")
     for model, channels, size in (("mnist_separable", 1, 28), ("cifar_separable", 3, 32)):
-        group = [speed.model_variant(model, kw, batch=BATCH, size=size, channels=channels, num_classes=10,
-                                     label=f"{model} {label}")
-                 for label, kw in (("grouped conv (impl=conv)", {"impl": "conv"}), ("depthwise taps (default)", {}))]
-        rows = speed.measure_group(group, rounds=ROUNDS)
-        print(speed.markdown(rows, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline", "compile_s"]),
-              flush=True)
+        _measure([speed.model_variant(model, kw, batch=BATCH, size=size, channels=channels, num_classes=10,
+                                      label=f"{model} {label}")
+                  for label, kw in (("grouped conv (impl=conv)", {"impl": "conv"}), ("depthwise taps (default)", {}))])
 
 
 if __name__ == "__main__":
