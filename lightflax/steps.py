@@ -70,12 +70,17 @@ def make_optimizer(learning_rate: float, name: str = "adam") -> optax.GradientTr
 def create_state(model, tx, rng: Array, input_shape: Tuple[int, ...], init_variables=None) -> TrainState:
     """A fresh TrainState; ``init_variables`` (e.g. pretrained weights) replaces the random
     initialisation and must have exactly the model's variable structure and shapes."""
-    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
-    if init_variables is not None:
+    def init():
+        return model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+
+    if init_variables is None:
+        variables = init()
+    else:
         from lightflax import checkpoints
         from lightflax.errors import CheckpointError
 
-        expected = {c: variables.get(c, {}) for c in ("params", "batch_stats")}
+        shapes = jax.eval_shape(init)  # the structure only: no random initialisation to throw away
+        expected = {c: shapes.get(c, {}) for c in ("params", "batch_stats")}
         given = {c: init_variables.get(c, {}) for c in ("params", "batch_stats")}
         problem = checkpoints.first_mismatch(checkpoints.leaf_specs(expected), checkpoints.leaf_specs(given))
         if problem:

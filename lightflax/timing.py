@@ -153,7 +153,8 @@ def aot_compile(jitted_fn: Any, *args: Any, compiler_options: Optional[Dict[str,
         with the shardings the real call will use). Nothing is executed and
         donated buffers are not consumed.
       compiler_options: XLA options for this compilation only (e.g.
-        ``{"xla_cpu_experimental_ynn_fusion_type": "dot"}``), so that variants
+        ``{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}``;
+        enum-valued options take the enum names here, not XLA_FLAGS' short names), so that variants
         of one function under different options can be measured in one process.
 
     Returns:

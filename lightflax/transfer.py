@@ -142,7 +142,6 @@ def finetune(bb, data, stage1_dir: str, workdir: str, *, blocks: int, epochs: in
     results.update({
         "backbone": bb.name,
         "finetune_blocks": blocks,
-        "first_block": cut,
         "backbone_weights_path": bb.weights_path,
         "backbone_weights_sha256": bb.weights_sha256,
         "finetuned_block_names": list(names[cut:]),

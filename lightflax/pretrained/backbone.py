@@ -224,7 +224,7 @@ class Backbone:
     def block_names(self) -> Sequence[str]:
         return list(getattr(self.module, "BLOCKS"))
 
-    @property
+    @functools.cached_property
     def output_shape(self) -> Tuple[int, ...]:
         """Shape of one example's output: (feature_dim,), or (h, w, c) for a trunk."""
         if getattr(self.module, "stop_block", None) is None:
