@@ -1,6 +1,7 @@
 """Engine measurements, side by side (interleaved rounds, lightflax.speed):
 
-    python benchmarks/bench_engine.py seeds    # N vmapped replicas vs one replica (throughput ratio)
+    python benchmarks/bench_engine.py seeds    # 3 replicas per step (vmap, loop) vs one replica
+    MODEL=mnist_light K=5 SEEDS=3 python benchmarks/bench_engine.py seeds
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_engine.py parallel  # pmap vs shard_map
 """
 
@@ -23,12 +24,21 @@ def main():
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} devices={jax.device_count()} size={size} "
           f"batch={batch} rounds={rounds}")
     if what == "seeds":
-        group = [speed.model_variant("xray_light", {"k": 5}, batch=batch, size=size, num_seeds=n) for n in (1, 3)]
+        # One replica, then 3 replicas in one step: vmapped (grouped convolutions) and
+        # looped (plain convolutions, one replica after the other, unrolled).
+        n = int(os.environ.get("SEEDS", "3"))
+        model, kw = os.environ.get("MODEL", "xray_light"), {"k": int(os.environ.get("K", "5"))}
+        if "light" not in model:
+            kw = {}
+        group = [speed.model_variant(model, kw, batch=batch, size=size)] + [
+            speed.model_variant(model, kw, batch=batch, size=size, num_seeds=n, replica_mode=m)
+            for m in ("vmap", "loop")]
         rows = speed.measure_group(group, rounds=rounds)
-        t1, t3 = rows[0]["median_ms"], rows[1]["median_ms"]
         print(speed.markdown(rows, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline", "compile_s"]))
-        print(f"3 replicas in one vmapped step: {t3:.1f} ms vs 3 sequential steps {3 * t1:.1f} ms -> "
-              f"throughput x{3 * t1 / t3:.2f} (ratio of per-round medians: 3 / {rows[1]['ratio_to_baseline']:.3f})")
+        for row in rows[1:]:
+            print(f"{row['variant']}: {row['median_ms']:.1f} ms vs {n} sequential steps "
+                  f"{n * rows[0]['median_ms']:.1f} ms -> throughput x{n / row['ratio_to_baseline']:.2f} "
+                  f"(from the per-round ratio {row['ratio_to_baseline']:.3f})")
     elif what == "input":
         # The device-resident input path (gather from N stored uint8 grayscale images +
         # gray->RGB + /255 inside the step) vs the same step fed one batch that is

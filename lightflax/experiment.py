@@ -102,6 +102,7 @@ def run_config(experiment: str, model: str, model_kwargs: Dict[str, Any], *, cha
         l2=l2,
         seed=FLAGS.seed,
         num_seeds=FLAGS.num_seeds,
+        replica_mode=FLAGS.replica_mode,
         parallel=FLAGS.parallel,
         dtype=FLAGS.dtype,
         image_size=FLAGS.image_size,

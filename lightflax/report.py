@@ -5,7 +5,7 @@ checks): total_params, trainable_params, size_bytes, test_accuracy,
 total_time_s, time_per_epoch_s; plus test_loss, compile_time_s, images_per_s,
 flops_per_step and, for binary tasks, sensitivity, specificity and roc_auc.
 With --num_seeds > 1 each metric is the mean over replicas, ``<key>_std`` the
-standard deviation, and ``replicas`` holds every replica's own numbers.
+sample standard deviation (ddof=1), and ``replicas`` holds every replica's own numbers.
 """
 
 from __future__ import annotations

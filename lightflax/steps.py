@@ -173,8 +173,45 @@ def make_eval_step(model, cfg: StepConfig) -> Callable:
     return eval_fn
 
 
-def replicate_over_seeds(fn: Callable, num_seeds: int, in_axes, out_axes=0) -> Callable:
-    """vmap over a leading replica axis when num_seeds > 1 (identity otherwise)."""
+REPLICA_MODES = ("vmap", "loop")
+
+
+def replicate_over_seeds(fn: Callable, num_seeds: int, in_axes, out_axes=0, mode: str = "vmap") -> Callable:
+    """Apply ``fn`` over a leading replica axis when num_seeds > 1 (identity otherwise).
+
+    ``mode="vmap"`` batches the replicas (one program, replica axis vectorised: every
+    convolution of per-replica kernels becomes a grouped convolution). ``mode="loop"``
+    runs them one after the other inside the same compiled step, unrolled (N copies of
+    the step in one program): the same numbers per replica as a plain run, and plain
+    convolutions, which XLA:CPU runs much faster than grouped ones. (``lax.map``, a
+    while loop, measured 3.5x slower than the unrolled form on XLA:CPU; compile time of
+    the unrolled form grows with N.) ``in_axes`` entries are 0 (per replica) or None
+    (shared); ``out_axes`` is 0 or a tuple of 0/None (None: identical for every replica,
+    returned once).
+    """
+    if mode not in REPLICA_MODES:
+        raise ValueError(f"replica mode must be one of {', '.join(REPLICA_MODES)}, got {mode!r}")
     if num_seeds == 1:
         return fn
-    return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
+    if mode == "vmap":
+        return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
+    # mode == "loop"
+    if any(a not in (0, None) for a in in_axes):
+        raise ValueError(f"in_axes entries must be 0 or None, got {in_axes!r}")
+    mapped = [i for i, a in enumerate(in_axes) if a == 0]
+
+    def looped(*args):
+        def one(per_replica):
+            full = list(args)
+            for i, value in zip(mapped, per_replica):
+                full[i] = value
+            return fn(*full)
+
+        xs = tuple(args[i] for i in mapped)
+        outs = [one(jax.tree_util.tree_map(lambda a, r=r: a[r], xs)) for r in range(num_seeds)]
+        out = jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
+        if not isinstance(out_axes, tuple):
+            return out if out_axes == 0 else jax.tree_util.tree_map(lambda a: a[0], out)
+        return tuple(o if ax == 0 else jax.tree_util.tree_map(lambda a: a[0], o) for o, ax in zip(out, out_axes))
+
+    return looped

@@ -54,6 +54,7 @@ class RunConfig:
     l2: float = 0.0
     seed: int = 0
     num_seeds: int = 1
+    replica_mode: str = "vmap"  # how --num_seeds replicas share a step: vmap or loop (steps.REPLICA_MODES)
     parallel: str = "shard_map"
     dtype: str = "float32"
     image_size: Optional[int] = None  # model input resolution; None = stored size
@@ -83,6 +84,9 @@ class RunConfig:
             raise UserError(f"--l2 must be >= 0, got {self.l2!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.replica_mode not in steps.REPLICA_MODES:
+            raise UserError(f"--replica_mode must be one of {', '.join(steps.REPLICA_MODES)}, "
+                            f"got {self.replica_mode!r}")
         if self.parallel not in parallel.MODES:
             raise UserError(f"--parallel must be one of {', '.join(parallel.MODES)}, got {self.parallel!r}")
         if self.select_split not in ("val", "test"):
@@ -216,7 +220,8 @@ class Trainer:
         cfg, n = self.cfg, self.num_seeds
         rep = parallel.REPLICATED
         train_fn = steps.make_train_step(self.model, self.step_cfg)
-        train_fn = steps.replicate_over_seeds(train_fn, n, in_axes=(0, None, None, 0, None, 0, None))
+        train_fn = steps.replicate_over_seeds(train_fn, n, in_axes=(0, None, None, 0, None, 0, None),
+                                              mode=cfg.replica_mode)
         spe = self.steps_per_epoch
         sh = parallel.SHARDED
         self.dev_ids = parallel.device_ids(self.mesh)
@@ -234,7 +239,7 @@ class Trainer:
         self.train_step_lower = lambda *a: distributed.lower(*a, self.dev_ids)
         eval_fn = steps.make_eval_step(self.model, self.step_cfg)
         eval_fn = steps.replicate_over_seeds(eval_fn, n, in_axes=(0, None, None, None, None),
-                                             out_axes=(0, None, None))
+                                             out_axes=(0, None, None), mode=cfg.replica_mode)
         spec_b = parallel.SHARDED
         # With replicas, log-probs are (replicas, batch, classes): shard axis 1.
         lp_spec = spec_b if n == 1 else jax.sharding.PartitionSpec(None, parallel.AXIS)
@@ -289,7 +294,8 @@ class Trainer:
 
 
 def _metric_summary(per_replica: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
-    """Mean and std over replicas for every numeric metric."""
+    """Mean and sample standard deviation (ddof=1, as ``lightflax.tables``; 0 for one
+    replica) over replicas for every numeric metric."""
     out: Dict[str, Any] = {}
     if not per_replica or per_replica[0] is None:
         return out
@@ -297,7 +303,7 @@ def _metric_summary(per_replica: List[Optional[Dict[str, Any]]]) -> Dict[str, An
         vals = [r[key] for r in per_replica if r.get(key) is not None]
         if len(vals) == len(per_replica):
             out[key] = float(np.mean(vals))
-            out[key + "_std"] = float(np.std(vals))
+            out[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
     return out
 
 

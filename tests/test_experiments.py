@@ -102,6 +102,43 @@ def test_predict_scores_external_npz(tmp_path):
     assert "results.json not found" in proc.stderr
 
 
+def test_multi_seed_run_reports_every_replica_and_predicts_each(tmp_path):
+    """--num_seeds=2 end to end in both replica modes: results.json holds each replica's
+    own numbers, the mean and sample std over them; both modes train the same replicas;
+    predict scores any replica with --seed_index and refuses one that does not exist."""
+    runs = {}
+    for mode in ("vmap", "loop"):
+        wd = tmp_path / mode
+        run_launch(["--experiment=xray_light", "--k=2", "--image_size=16", *TINY, "--num_seeds=2",
+                    f"--replica_mode={mode}", "--seed=3", f"--workdir={wd}"], check=0)
+        runs[mode] = r = _results(wd)
+        assert r["num_seeds"] == 2 and r["config"]["replica_mode"] == mode
+        reps = r["replicas"]
+        assert [p["seed"] for p in reps] == [3, 4]
+        acc = [p["test"]["accuracy"] for p in reps]
+        loss = [p["test"]["loss"] for p in reps]
+        assert loss[0] != loss[1]  # independently initialised replicas
+        np.testing.assert_allclose(r["test_accuracy"], np.mean(acc), rtol=1e-12)
+        np.testing.assert_allclose(r["test_loss"], np.mean(loss), rtol=1e-12)
+        np.testing.assert_allclose(r["test_loss_std"], np.std(loss, ddof=1), rtol=1e-9)
+        np.testing.assert_allclose(r["test_accuracy_std"], np.std(acc, ddof=1), rtol=1e-9, atol=1e-15)
+    for a, b in zip(runs["vmap"]["replicas"], runs["loop"]["replicas"]):
+        np.testing.assert_allclose(a["test"]["loss"], b["test"]["loss"], rtol=1e-3)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "in.npz", images=rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8))
+    probs = []
+    for index in (0, 1):
+        out = tmp_path / f"out{index}.npz"
+        run_launch(["--experiment=predict", f"--workdir={tmp_path / 'loop'}", f"--input_npz={tmp_path / 'in.npz'}",
+                    f"--output_npz={out}", f"--seed_index={index}"], check=0)
+        probs.append(np.load(out)["probabilities"])
+        assert probs[-1].shape == (5, 2)
+    assert not np.allclose(probs[0], probs[1])
+    proc = run_launch(["--experiment=predict", f"--workdir={tmp_path / 'loop'}", f"--input_npz={tmp_path / 'in.npz'}",
+                       f"--output_npz={tmp_path / 'x.npz'}", "--seed_index=2"], check=2)
+    assert "--seed_index 2 is out of range" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_profile_dir_writes_a_trace(tmp_path):
     wd, prof = tmp_path / "run", tmp_path / "prof"
     run_launch(["--experiment=xray_light", "--k=1", "--image_size=16", "--dataset=synthetic", "--synthetic_size=48",

@@ -16,13 +16,13 @@ STEPS_SCRIPT = textwrap.dedent(
     """
     import json, sys, jax, numpy as np, jax.numpy as jnp
     from lightflax import data, train, parallel
-    mode, num_seeds, model = {mode!r}, {num_seeds}, {model!r}
+    mode, num_seeds, model, replica_mode, seed = {mode!r}, {num_seeds}, {model!r}, {replica_mode!r}, {seed}
     kwargs = {{"k": 2}} if "light" in model else {{}}
     d = data.load("synthetic", synthetic_shape=(20, 20, 1), synthetic_sizes={{"train": 256, "val": 16, "test": 16}},
                   num_classes=2, seed=0)
     cfg = train.RunConfig(workdir="unused", model=model, model_kwargs=kwargs, batch_size=64, image_size=24,
-                          channels=3, parallel=mode, num_seeds=num_seeds, l2=1e-4, optimizer="sgd",
-                          learning_rate=0.01)
+                          channels=3, parallel=mode, num_seeds=num_seeds, l2=1e-4, optimizer="sgd", replica_mode=replica_mode,
+                          learning_rate=0.01, seed=seed)
     tr = train.Trainer(cfg, d)
     state = tr.init_state()
     flat = lambda s: [np.asarray(l, np.float64).ravel().tolist()
@@ -41,8 +41,9 @@ STEPS_SCRIPT = textwrap.dedent(
 )
 
 
-def _steps(mode, devices, num_seeds=1, model="xray_light"):
-    proc = run_python(STEPS_SCRIPT.format(mode=mode, num_seeds=num_seeds, model=model), devices=devices)
+def _steps(mode, devices, num_seeds=1, model="xray_light", replica_mode="vmap", seed=0):
+    proc = run_python(STEPS_SCRIPT.format(mode=mode, num_seeds=num_seeds, model=model, replica_mode=replica_mode,
+                                          seed=seed), devices=devices)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -119,6 +120,50 @@ def test_multi_seed_replicas_differ_and_first_matches_plain_run(one_device):
     # order) on top of the 2-device split: looser float tolerance, still far
     # below what a wrong reduction or a mixed-up replica gives (>1e-1 here).
     _assert_same_run(one_device, three, b_replica=0, rtol=2e-3, update_tol=2e-2)
+
+
+def test_multi_seed_loop_mode_is_the_plain_run_per_replica(one_device):
+    """--replica_mode=loop: the replicas run one after the other inside the same compiled
+    step, with plain (ungrouped) convolutions, so replica r matches the plain run of
+    --seed=r at the tight tolerance of the device-count tests, and all match the vmapped
+    replicas at vmap's looser one."""
+    mapped = _steps("shard_map", 2, num_seeds=3, replica_mode="loop")
+    losses = np.array(mapped["losses"])
+    assert losses.shape == (3, 3) and not np.allclose(losses[:, 0], losses[:, 1])
+    _assert_same_run(one_device, mapped, b_replica=0)
+    _assert_same_run(_steps("shard_map", 1, seed=2), mapped, b_replica=2)
+    vmapped = _steps("shard_map", 2, num_seeds=3)
+    for a, b in zip(vmapped["before"], mapped["before"]):
+        np.testing.assert_array_equal(a, b)  # the same initialisations
+    np.testing.assert_allclose(losses, np.array(vmapped["losses"]), rtol=2e-3, atol=1e-5)
+
+
+def test_replicate_over_seeds_loop_equals_vmap():
+    """The unrolled-loop form of the replica axis against vmap, with shared (None) inputs and
+    an output that is the same for every replica (out_axes None)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lightflax import steps
+
+    def fn(w, x, k, b):
+        return jnp.tanh(x @ w + b) * k, x.sum()
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+    args = (w, x, k, jnp.float32(0.5))
+    in_axes, out_axes = (0, None, 0, None), (0, None)
+    want = steps.replicate_over_seeds(fn, 4, in_axes, out_axes)(*args)
+    got = jax.jit(steps.replicate_over_seeds(fn, 4, in_axes, out_axes, mode="loop"))(*args)
+    assert got[0].shape == want[0].shape == (4, 6, 3) and got[1].shape == want[1].shape == ()
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    # replica r of the loop form is fn on replica r's slice, exactly
+    np.testing.assert_array_equal(got[0][2], fn(w[2], x, k[2], 0.5)[0])
+    with pytest.raises(ValueError, match="replica mode must be one of vmap, loop"):
+        steps.replicate_over_seeds(fn, 4, in_axes, mode="scan")
 
 
 def test_single_seed_vmapped_equals_plain():
