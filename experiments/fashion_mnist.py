@@ -3,8 +3,9 @@
     python launch.py --experiment=fashion_mnist --method=light --k=5 --num_seeds=3
 
 Paper protocol: Adam 1e-3, 10 epochs, batch 64, ReduceLROnPlateau(0.1, patience 3),
-EarlyStopping(10); checkpoint selection on a 5,000-image hold-out of train here
-(the paper used the test split: --select_split=test).
+EarlyStopping(10); checkpoint selection on a 5,000-image hold-out of train here.
+--paper_protocol reproduces the paper's own choices: all 60,000 training images in
+stored order, selection (and the LR/early-stopping callbacks) on the test split.
 """
 
 from lightflax import experiment

@@ -5,7 +5,7 @@
 Paper protocol: Adam 1e-3, 10 epochs, batch 64, ReduceLROnPlateau(0.1, patience 4),
 EarlyStopping(10). The paper chose its checkpoint on the test split and did not
 shuffle; here the best checkpoint is chosen on a 5,000-image hold-out of train
-(--select_split=test reproduces the paper's choice).
+and every epoch is shuffled (--paper_protocol reproduces the paper's choices).
 """
 
 from lightflax import experiment

@@ -63,6 +63,7 @@ class RunConfig:
     augment: Any = None  # AugmentConfig or None
     eval_image_size: Optional[int] = None
     select_split: str = "val"
+    shuffle: bool = True  # False: every epoch in the stored order (the LightLayers paper's protocol)
     early_stopping_patience: int = 0  # 0 = off
     reduce_lr_patience: int = 0  # 0 = off
     reduce_lr_factor: float = 0.1
@@ -251,8 +252,12 @@ class Trainer:
             state, images, labels, start, self.dev_ids)
         num_train = len(self.data.splits["train"].labels)
 
+        shuffle = cfg.shuffle
+
         def permutations(keys, epoch):
             def one(key):
+                if not shuffle:
+                    return jnp.arange(num_train, dtype=jnp.int32)
                 return jax.random.permutation(jax.random.fold_in(key, epoch), num_train).astype(jnp.int32)
 
             return one(keys) if n == 1 else jax.vmap(one)(keys)

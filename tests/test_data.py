@@ -288,6 +288,16 @@ def test_idx_builders(tmp_path, name):
     assert any("hold-out" in n for n in d.notes)
 
 
+def test_idx_without_holdout_keeps_the_whole_training_set(tmp_path):
+    """holdout=False (--paper_protocol): all official training images, stored order, no val."""
+    raw = _idx_folder(tmp_path / "idx")
+    d = data.load("fashion_mnist", data_dir=str(tmp_path / "idx"), holdout=False)
+    assert d.splits["val"] is None
+    np.testing.assert_array_equal(d.splits["train"].images[..., 0], raw["train"][0])
+    np.testing.assert_array_equal(d.splits["train"].labels, raw["train"][1])
+    assert any("no hold-out" in n for n in d.notes)
+
+
 def test_idx_holdout_is_5000_and_fixed():
     from lightflax.data.mnist import holdout
 

@@ -139,6 +139,49 @@ def test_multi_seed_run_reports_every_replica_and_predicts_each(tmp_path):
     assert "--seed_index 2 is out of range" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_paper_protocol_trains_on_everything_in_order_and_selects_on_test(tmp_path):
+    """--paper_protocol: no hold-out (train = every official training image), no
+    shuffling, selection on the test split; said in results.json."""
+    from lightflax.data import idx
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 16)):
+        idx.write(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        idx.write(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    wd = tmp_path / "paper"
+    run_launch(["--experiment=fashion_mnist", "--method=light", "--k=2", f"--data_dir={folder}", "--batch_size=8",
+                "--epochs=2", "--paper_protocol", f"--workdir={wd}"], check=0)
+    r = _results(wd)
+    assert r["dataset"]["splits"] == {"train": 40, "val": None, "test": 16}
+    assert r["config"]["shuffle"] is False and r["select_split"] == "test"
+    assert r["steps_per_epoch"] == 5 and r["epochs_run"] == 2
+    assert any("paper protocol" in n for n in r["notes"])
+    assert r["select_metrics"]["accuracy"] == r["test_accuracy"]
+    proc = run_launch(["--experiment=fashion_mnist", f"--data_dir={folder}", "--paper_protocol", "--select_split=val",
+                       f"--workdir={tmp_path / 'x'}"], check=2)
+    assert "--paper_protocol selects on the test split" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_shuffle_keeps_the_stored_order():
+    from lightflax import data, train
+
+    d = data.load("synthetic", synthetic_shape=(8, 8, 1), synthetic_sizes={"train": 24, "val": 8, "test": 8},
+                  num_classes=2)
+    for shuffle in (True, False):
+        cfg = train.RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8,
+                              image_size=8, channels=3, shuffle=shuffle, num_seeds=2)
+        tr = train.Trainer(cfg, d)
+        perms = [np.asarray(tr.permutations(tr.data_keys(), e)) for e in (0, 1)]
+        assert perms[0].shape == (2, 24)
+        if shuffle:
+            assert not np.array_equal(perms[0][0], perms[1][0]) and not np.array_equal(perms[0][0], perms[0][1])
+        else:
+            for p in perms:
+                np.testing.assert_array_equal(p, np.tile(np.arange(24), (2, 1)))
+
+
 def test_profile_dir_writes_a_trace(tmp_path):
     wd, prof = tmp_path / "run", tmp_path / "prof"
     run_launch(["--experiment=xray_light", "--k=1", "--image_size=16", "--dataset=synthetic", "--synthetic_size=48",

@@ -38,7 +38,7 @@ DATASETS = ("chest_xray", "pneumonia_mnist", "fashion_mnist", "mnist", "cifar10"
 def load(name: str, *, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
          image_size: Optional[int] = None, synthetic_shape: Optional[Sequence[int]] = None,
          synthetic_sizes: Optional[Dict[str, int]] = None, num_classes: Optional[int] = None, seed: int = 0,
-         on_corrupt: str = "skip", download: bool = True) -> DatasetSplits:
+         on_corrupt: str = "skip", download: bool = True, holdout: bool = True) -> DatasetSplits:
     """Loads a dataset by its ``--dataset`` name.
 
     Args:
@@ -55,6 +55,9 @@ def load(name: str, *, data_dir: Optional[str] = None, manual_dir: Optional[str]
       on_corrupt: chest_xray: 'skip' (reported in notes and the log) or 'fail'.
       download: allow downloading missing pneumonia_mnist / mnist / fashion_mnist files
         (only when no ``data_dir`` was given).
+      holdout: mnist/fashion_mnist/cifar: split a fixed 5,000-image validation hold-out off
+        the official training set (default); False keeps the whole training set in its
+        original order and has no val split (the LightLayers paper's protocol).
     Returns:
       DatasetSplits; images uint8 (N, H, W, C), labels int32 (N,).
     """
@@ -77,10 +80,10 @@ def load(name: str, *, data_dir: Optional[str] = None, manual_dir: Optional[str]
     if name in ("mnist", "fashion_mnist"):
         from lightflax.data import mnist
 
-        return mnist.load(name, data_dir, download_ok=download)
+        return mnist.load(name, data_dir, download_ok=download, holdout=holdout)
     from lightflax.data import catalog
 
-    return catalog.load(name, data_dir)
+    return catalog.load(name, data_dir, holdout=holdout)
 
 
 def available(name: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,

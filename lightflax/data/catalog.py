@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from lightflax.data.mnist import holdout
+from lightflax.data.mnist import split_holdout
 from lightflax.data.types import DatasetSplits, Split
 from lightflax.errors import DataError
 
@@ -23,7 +23,7 @@ def tensorflow_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def load(name: str, data_dir: Optional[str] = None) -> DatasetSplits:
+def load(name: str, data_dir: Optional[str] = None, holdout: bool = True) -> DatasetSplits:
     if name not in NUM_CLASSES:
         raise DataError(f"{name} is not served through the TFDS catalog here; use one of {sorted(NUM_CLASSES)}")
     if not tensorflow_available():
@@ -37,11 +37,8 @@ def load(name: str, data_dir: Optional[str] = None) -> DatasetSplits:
     except Exception as e:  # network, disk, TF errors: one line to the user
         raise DataError(f"could not load {name} from the TFDS catalog ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    full = Split(np.asarray(arrays["train"][0]), np.asarray(arrays["train"][1]))
-    tr, va = holdout(len(full))
-    splits = {"train": Split(full.images[tr], full.labels[tr]), "val": Split(full.images[va], full.labels[va]),
-              "test": Split(np.asarray(arrays["test"][0]), np.asarray(arrays["test"][1]))}
+    splits, note = split_holdout(Split(np.asarray(arrays["train"][0]), np.asarray(arrays["train"][1])), holdout)
+    splits["test"] = Split(np.asarray(arrays["test"][0]), np.asarray(arrays["test"][1]))
     names = list(info.features["label"].names)
-    return DatasetSplits(name, False, NUM_CLASSES[name], names, splits,
-                         notes=[f"val = a fixed {len(va)}-image hold-out of the {len(full)} training images"],
+    return DatasetSplits(name, False, NUM_CLASSES[name], names, splits, notes=[note],
                          source=f"tfds catalog {name} ({info.data_dir})")

@@ -136,7 +136,20 @@ def holdout(n: int, size: int = VAL_SIZE, seed: int = VAL_SEED) -> Tuple[np.ndar
     return np.sort(perm[size:]), np.sort(perm[:size])
 
 
-def load(name: str, data_dir: Optional[str] = None, download_ok: bool = True) -> DatasetSplits:
+def split_holdout(full: Split, use_holdout: bool) -> Tuple[Dict[str, Optional[Split]], str]:
+    """{'train', 'val'} from the official training set: a fixed hold-out as val, or
+    (``use_holdout=False``, the paper's protocol) all of it as train and no val."""
+    if not use_holdout:
+        return ({"train": full, "val": None},
+                f"no hold-out (paper protocol): train = all {len(full)} official training images in their "
+                f"original order, no val split")
+    tr, va = holdout(len(full))
+    return ({"train": Split(full.images[tr], full.labels[tr]), "val": Split(full.images[va], full.labels[va])},
+            f"val = a fixed {len(va)}-image hold-out of the {len(full)} official training images (numpy "
+            f"default_rng({VAL_SEED}) permutation), train = the other {len(tr)}")
+
+
+def load(name: str, data_dir: Optional[str] = None, download_ok: bool = True, holdout: bool = True) -> DatasetSplits:
     if name not in NAMES:
         raise DataError(f"unknown IDX dataset {name!r}; use one of {NAMES}")
     folder, looked = find(name, data_dir)
@@ -150,10 +163,7 @@ def load(name: str, data_dir: Optional[str] = None, download_ok: bool = True) ->
     target = locations.prepared_dir(None, name, key)
     builder = tfds_util.prepare(BUILDERS[name], data_dir=target, source_path=str(folder))
     arrays = tfds_util.read_all(builder, ("train", "test"))
-    full = Split(*arrays["train"][:2])
-    tr, va = holdout(len(full))
-    splits = {"train": Split(full.images[tr], full.labels[tr]), "val": Split(full.images[va], full.labels[va]),
-              "test": Split(*arrays["test"][:2])}
-    notes = [f"val = a fixed {len(va)}-image hold-out of the {len(full)} official training images (numpy "
-             f"default_rng({VAL_SEED}) permutation), train = the other {len(tr)}; test = the official test set"]
+    splits, note = split_holdout(Split(*arrays["train"][:2]), holdout)
+    splits["test"] = Split(*arrays["test"][:2])
+    notes = [note + "; test = the official test set"]
     return DatasetSplits(name, False, 10, CLASSES[name], splits, notes=notes, source=str(folder))
