@@ -15,7 +15,6 @@ a lower learning rate, fed with the cached activations of the frozen trunk
 + head), accuracy, times (feature extraction reported apart).
 """
 
-import os
 
 from absl import flags
 

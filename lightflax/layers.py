@@ -176,6 +176,33 @@ def _check_fits(
         )
 
 
+def _check_conv_fields(m: nn.Module) -> None:
+    """The ``__post_init__`` checks every convolution layer shares."""
+    _check_positive(m.features, "features")
+    _pair(m.kernel_size, "kernel_size")
+    _pair(m.strides, "strides")
+    _check_padding(m.padding)
+
+
+def _conv_geometry(m: nn.Module, x: Array, first_param: str) -> Tuple[str, Tuple[int, int], Tuple[int, int], str]:
+    """Checks ``x`` against a convolution layer; returns (name, kernel, strides, padding)."""
+    name = type(m).__name__
+    _check_input(x, name, _initialised_channels(m, first_param, 2))
+    kernel = _pair(m.kernel_size, "kernel_size")
+    padding = _check_padding(m.padding)
+    _check_fits(x.shape, kernel, padding, name)
+    return name, kernel, _pair(m.strides, "strides"), padding
+
+
+def _bias_and_activation(m: nn.Module, y: Array) -> Array:
+    """The Keras epilogue: + bias (zeros-initialised) if ``use_bias``, then ``activation``."""
+    if m.use_bias:
+        y = y + m.param("bias", nn.initializers.zeros, (m.features,)).astype(y.dtype)
+    if m.activation is not None:
+        y = m.activation(y)
+    return y
+
+
 def conv2d(
     x: Array,
     w: Array,
@@ -301,11 +328,8 @@ class LightConv2D(nn.Module):
     precision: Any = None
 
     def __post_init__(self):
-        _check_positive(self.features, "features")
+        _check_conv_fields(self)
         _check_positive(self.k, "k")
-        _pair(self.kernel_size, "kernel_size")
-        _pair(self.strides, "strides")
-        _check_padding(self.padding)
         if self.impl is not None:
             _check_impl(self.impl)
         _bias_initializer(self.bias_init)
@@ -313,13 +337,8 @@ class LightConv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        name = type(self).__name__
-        _check_input(x, name, _initialised_channels(self, "w1", 2))
-        kernel = _pair(self.kernel_size, "kernel_size")
-        strides = _pair(self.strides, "strides")
-        padding = _check_padding(self.padding)
+        name, kernel, strides, padding = _conv_geometry(self, x, "w1")
         impl = _check_impl(self.impl)
-        _check_fits(x.shape, kernel, padding, name)
         c = x.shape[-1]
         bias_init = _bias_initializer(self.bias_init)
         w1 = self.param("w1", glorot_uniform, (*kernel, c, self.k))
@@ -364,11 +383,8 @@ class LowRankConv2D(nn.Module):
     precision: Any = None
 
     def __post_init__(self):
-        _check_positive(self.features, "features")
+        _check_conv_fields(self)
         _check_positive(self.rank, "rank")
-        _pair(self.kernel_size, "kernel_size")
-        _pair(self.strides, "strides")
-        _check_padding(self.padding)
         if self.impl not in ("materialize", "factored"):
             raise ValueError(f"impl must be 'materialize' or 'factored', got {self.impl!r}")
         super().__post_init__()
@@ -378,12 +394,7 @@ class LowRankConv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        name = type(self).__name__
-        _check_input(x, name, _initialised_channels(self, "u", 2))
-        kernel = _pair(self.kernel_size, "kernel_size")
-        strides = _pair(self.strides, "strides")
-        padding = _check_padding(self.padding)
-        _check_fits(x.shape, kernel, padding, name)
+        _, kernel, strides, padding = _conv_geometry(self, x, "u")
         c = x.shape[-1]
         u = self.param("u", glorot_uniform, (*kernel, c, self.rank))
         v = self.param("v", glorot_uniform, (self.rank, self.features))
@@ -395,11 +406,7 @@ class LowRankConv2D(nn.Module):
         else:
             y = conv2d(x, u, strides, padding, precision=self.precision)
             y = jnp.einsum("bhwr,rf->bhwf", y, v, precision=self.precision)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+        return _bias_and_activation(self, y)
 
 
 class LightDense(nn.Module):
@@ -453,30 +460,18 @@ class Conv2D(nn.Module):
     precision: Any = None
 
     def __post_init__(self):
-        _check_positive(self.features, "features")
-        _pair(self.kernel_size, "kernel_size")
-        _pair(self.strides, "strides")
-        _check_padding(self.padding)
+        _check_conv_fields(self)
         if self.impl is not None:
             _check_impl(self.impl)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        name = type(self).__name__
-        _check_input(x, name, _initialised_channels(self, "kernel", 2))
-        kernel = _pair(self.kernel_size, "kernel_size")
-        strides = _pair(self.strides, "strides")
-        padding = _check_padding(self.padding)
-        _check_fits(x.shape, kernel, padding, name)
+        _, kernel, strides, padding = _conv_geometry(self, x, "kernel")
         w = self.param("kernel", glorot_uniform, (*kernel, x.shape[-1], self.features))
         dtype = self.dtype or x.dtype
         y = _conv(_check_impl(self.impl), x.astype(dtype), w.astype(dtype), strides, padding, self.precision)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+        return _bias_and_activation(self, y)
 
 
 class SeparableConv2D(nn.Module):
@@ -496,22 +491,14 @@ class SeparableConv2D(nn.Module):
     impl: str = "taps"  # depthwise part: 'taps' (fused shifted slices, default) or 'conv' (grouped lax.conv)
 
     def __post_init__(self):
-        _check_positive(self.features, "features")
-        _pair(self.kernel_size, "kernel_size")
-        _pair(self.strides, "strides")
-        _check_padding(self.padding)
+        _check_conv_fields(self)
         if self.impl not in ("taps", "conv"):
             raise ValueError(f"{type(self).__name__}: impl must be 'taps' or 'conv', got {self.impl!r}")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        name = type(self).__name__
-        _check_input(x, name, _initialised_channels(self, "depthwise_kernel", 2))
-        kernel = _pair(self.kernel_size, "kernel_size")
-        strides = _pair(self.strides, "strides")
-        padding = _check_padding(self.padding)
-        _check_fits(x.shape, kernel, padding, name)
+        _, kernel, strides, padding = _conv_geometry(self, x, "depthwise_kernel")
         c = x.shape[-1]
         dw = self.param("depthwise_kernel", glorot_uniform, (*kernel, c, 1))
         pw = self.param("pointwise_kernel", glorot_uniform, (1, 1, c, self.features))
@@ -519,11 +506,7 @@ class SeparableConv2D(nn.Module):
         y = depthwise_conv2d(x.astype(dtype), dw.reshape(*kernel, c).astype(dtype), strides, padding,
                              precision=self.precision, impl=self.impl)
         y = jnp.einsum("bhwc,cf->bhwf", y, pw[0, 0].astype(dtype), precision=self.precision)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+        return _bias_and_activation(self, y)
 
 
 def BatchNorm(train: bool, axis_name: Optional[str] = None, dtype: Optional[Dtype] = None, name=None):

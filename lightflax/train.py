@@ -12,7 +12,6 @@ run resumes exactly (parameters, optimiser state, step, RNG, data order).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
