@@ -28,9 +28,8 @@ flags.DEFINE_boolean("resume", False, "Continue the run in --workdir exactly whe
 flags.DEFINE_string("profile_dir", None, "Write a JAX profiler trace of a window of training steps here.")
 flags.DEFINE_integer("profile_start_step", 3, "First profiled step (after warm-up).", lower_bound=0)
 flags.DEFINE_integer("profile_steps", 3, "Number of profiled steps.", lower_bound=1)
-flags.DEFINE_integer("num_seeds", 1, "Independently initialised replicas (seeds seed..seed+N-1) trained together in one "
-                     "compiled step (see --replica_mode).",
-                     lower_bound=1)
+flags.DEFINE_integer("num_seeds", 1, "Independently initialised replicas (seeds seed..seed+N-1) trained together "
+                     "in one compiled step (see --replica_mode).", lower_bound=1)
 flags.DEFINE_enum("replica_mode", "vmap", ["vmap", "loop"], "How --num_seeds replicas share one compiled step: "
                   "vmap (vectorised) or loop (one after the other, unrolled; plain convolutions, faster on CPU).")
 flags.DEFINE_enum("parallel", "shard_map", ["shard_map", "pmap"], "Data-parallel wrapper of the shared step.")

@@ -70,8 +70,8 @@ def layer_variant(kind: str, mode: str, *, batch: int, size: int, c_in: int, c_o
 
 def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size: int, channels: int = 3,
                   parallel: str = "shard_map", dtype: str = "float32", num_classes: int = 2,
-                  num_seeds: int = 1, replica_mode: str = "vmap", devices: Optional[Sequence[Any]] = None, seed: int = 0,
-                  compiler_options: Optional[Dict[str, Any]] = None, label: Optional[str] = None,
+                  num_seeds: int = 1, replica_mode: str = "vmap", devices: Optional[Sequence[Any]] = None,
+                  seed: int = 0, compiler_options: Optional[Dict[str, Any]] = None, label: Optional[str] = None,
                   optimizer: str = "adam") -> Variant:
     """The trainer's own compiled train step on device-resident synthetic data
     (``devices``: the data-parallel mesh, default every device)."""
@@ -90,7 +90,8 @@ def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size:
     perm = tr.permutations(keys, jnp.int32(0))
     compiled = timing.aot_compile(tr, state, images, labels, perm, keys, compiler_options=compiler_options)
     label = label or model + "".join(f" {k}={v}" for k, v in model_kwargs.items()) + (
-        f" x{num_seeds} seeds ({replica_mode})" if num_seeds > 1 else "") + (f" {parallel}" if parallel != "shard_map" else "") + (
+        f" x{num_seeds} seeds ({replica_mode})" if num_seeds > 1 else "") + (
+        f" {parallel}" if parallel != "shard_map" else "") + (
         f" {tr.n_devices} dev" if devices is not None else "") + (f" {dtype}" if dtype != "float32" else "")
     return Variant(label, compiled, (state, images, labels, perm, keys, tr.dev_ids),
                    next_args=lambda out, a: (out[0],) + tuple(a[1:]),

@@ -209,9 +209,12 @@ def replicate_over_seeds(fn: Callable, num_seeds: int, in_axes, out_axes=0, mode
 
         xs = tuple(args[i] for i in mapped)
         outs = [one(jax.tree_util.tree_map(lambda a, r=r: a[r], xs)) for r in range(num_seeds)]
-        out = jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
+
+        def gather(parts, axis):  # per replica: stacked; shared (None): replica 0's
+            return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *parts) if axis == 0 else parts[0]
+
         if not isinstance(out_axes, tuple):
-            return out if out_axes == 0 else jax.tree_util.tree_map(lambda a: a[0], out)
-        return tuple(o if ax == 0 else jax.tree_util.tree_map(lambda a: a[0], o) for o, ax in zip(out, out_axes))
+            return gather(outs, out_axes)
+        return tuple(gather([o[k] for o in outs], ax) for k, ax in enumerate(out_axes))
 
     return looped

@@ -21,8 +21,8 @@ STEPS_SCRIPT = textwrap.dedent(
     d = data.load("synthetic", synthetic_shape=(20, 20, 1), synthetic_sizes={{"train": 256, "val": 16, "test": 16}},
                   num_classes=2, seed=0)
     cfg = train.RunConfig(workdir="unused", model=model, model_kwargs=kwargs, batch_size=64, image_size=24,
-                          channels=3, parallel=mode, num_seeds=num_seeds, l2=1e-4, optimizer="sgd", replica_mode=replica_mode,
-                          learning_rate=0.01, seed=seed)
+                          channels=3, parallel=mode, num_seeds=num_seeds, l2=1e-4, optimizer="sgd",
+                          replica_mode=replica_mode, learning_rate=0.01, seed=seed)
     tr = train.Trainer(cfg, d)
     state = tr.init_state()
     flat = lambda s: [np.asarray(l, np.float64).ravel().tolist()
@@ -72,6 +72,12 @@ def one_device():
     return _steps("shard_map", 1)
 
 
+@pytest.fixture(scope="module")
+def three_vmapped():
+    """3 vmapped replicas on 2 devices (shared by the multi-seed tests)."""
+    return _steps("shard_map", 2, num_seeds=3)
+
+
 # Tolerances: float32 reassociation (8 partial sums instead of 1) is ~1e-6 in
 # the losses of 3 steps here and ~1e-4 of the largest update in the parameters;
 # a wrong reduction (gradients averaged twice, BN statistics left per device)
@@ -104,8 +110,8 @@ def test_separable_residual_model_eight_devices():
                      update_tol=1e-4)
 
 
-def test_multi_seed_replicas_differ_and_first_matches_plain_run(one_device):
-    three = _steps("shard_map", 2, num_seeds=3)
+def test_multi_seed_replicas_differ_and_first_matches_plain_run(one_device, three_vmapped):
+    three = three_vmapped
     losses = np.array(three["losses"])  # (steps, replicas)
     assert losses.shape == (3, 3)
     # N independently initialised replicas: different losses and initialisations
@@ -122,7 +128,7 @@ def test_multi_seed_replicas_differ_and_first_matches_plain_run(one_device):
     _assert_same_run(one_device, three, b_replica=0, rtol=2e-3, update_tol=2e-2)
 
 
-def test_multi_seed_loop_mode_is_the_plain_run_per_replica(one_device):
+def test_multi_seed_loop_mode_is_the_plain_run_per_replica(one_device, three_vmapped):
     """--replica_mode=loop: the replicas run one after the other inside the same compiled
     step, with plain (ungrouped) convolutions, so replica r matches the plain run of
     --seed=r at the tight tolerance of the device-count tests, and all match the vmapped
@@ -132,7 +138,7 @@ def test_multi_seed_loop_mode_is_the_plain_run_per_replica(one_device):
     assert losses.shape == (3, 3) and not np.allclose(losses[:, 0], losses[:, 1])
     _assert_same_run(one_device, mapped, b_replica=0)
     _assert_same_run(_steps("shard_map", 1, seed=2), mapped, b_replica=2)
-    vmapped = _steps("shard_map", 2, num_seeds=3)
+    vmapped = three_vmapped
     for a, b in zip(vmapped["before"], mapped["before"]):
         np.testing.assert_array_equal(a, b)  # the same initialisations
     np.testing.assert_allclose(losses, np.array(vmapped["losses"]), rtol=2e-3, atol=1e-5)
