@@ -6,11 +6,11 @@ Adam 1e-4, 20 epochs, batch 64. Without TensorFlow (TFDS catalog) the run falls
 back to labelled synthetic data.
 """
 
-from lightflax import experiment
+from experiments import _common as common
 
-experiment.define_paper_flags(dataset="cifar100", epochs=20, learning_rate=1e-4, image_size=32)
+common.define_paper_flags(dataset="cifar100", epochs=20, learning_rate=1e-4, image_size=32)
 
 
 def main(argv):
     del argv
-    experiment.run_paper("cifar100", family="cifar", channels=3, num_classes=100)
+    common.run_paper("cifar100", family="cifar", channels=3, num_classes=100)

@@ -8,12 +8,12 @@ EarlyStopping(10); checkpoint selection on a 5,000-image hold-out of train here.
 stored order, selection (and the LR/early-stopping callbacks) on the test split.
 """
 
-from lightflax import experiment
+from experiments import _common as common
 
-experiment.define_paper_flags(dataset="fashion_mnist", epochs=10, learning_rate=1e-3, image_size=28,
+common.define_paper_flags(dataset="fashion_mnist", epochs=10, learning_rate=1e-3, image_size=28,
                               reduce_lr_patience=3, early_stopping_patience=10)
 
 
 def main(argv):
     del argv
-    experiment.run_paper("fashion_mnist", family="mnist", channels=1, num_classes=10)
+    common.run_paper("fashion_mnist", family="mnist", channels=1, num_classes=10)

@@ -8,12 +8,12 @@ shuffle; here the best checkpoint is chosen on a 5,000-image hold-out of train
 and every epoch is shuffled (--paper_protocol reproduces the paper's choices).
 """
 
-from lightflax import experiment
+from experiments import _common as common
 
-experiment.define_paper_flags(dataset="mnist", epochs=10, learning_rate=1e-3, image_size=28,
+common.define_paper_flags(dataset="mnist", epochs=10, learning_rate=1e-3, image_size=28,
                               reduce_lr_patience=4, early_stopping_patience=10)
 
 
 def main(argv):
     del argv
-    experiment.run_paper("mnist", family="mnist", channels=1, num_classes=10)
+    common.run_paper("mnist", family="mnist", channels=1, num_classes=10)

@@ -16,7 +16,9 @@ import os
 
 from absl import flags
 
-from lightflax import experiment, speed
+from experiments import default_workdir
+from lightflax import speed, timing
+from lightflax.errors import UserError
 
 FLAGS = flags.FLAGS
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/speed_study-<time>).")
@@ -39,20 +41,20 @@ def _ints(flag):
     try:
         return [int(v) for v in flag.value]
     except ValueError:
-        raise experiment.UserError(f"--{flag.name} must be a comma-separated list of integers, got {flag.value}") \
+        raise UserError(f"--{flag.name} must be a comma-separated list of integers, got {flag.value}") \
             from None
 
 
 def main(argv):
     del argv
-    workdir = WORKDIR.value or experiment.default_workdir("speed_study")
+    workdir = WORKDIR.value or default_workdir("speed_study")
     os.makedirs(workdir, exist_ok=True)
     import jax.numpy as jnp
 
     dtype = jnp.bfloat16 if DTYPE.value == "bfloat16" else None
     for kind in KINDS.value:
         if kind not in speed.LAYER_KINDS + ("conv2d_einsum",):
-            raise experiment.UserError(f"--kinds: unknown layer {kind!r}; choose from {', '.join(speed.LAYER_KINDS)}")
+            raise UserError(f"--kinds: unknown layer {kind!r}; choose from {', '.join(speed.LAYER_KINDS)}")
     if LAYERS.value:
         rows = []
         widths = []
@@ -60,7 +62,7 @@ def main(argv):
             try:
                 c_in, c_out = (int(v) for v in w.split(":"))
             except ValueError:
-                raise experiment.UserError(f"--widths entries must be c_in:c_out, got {w!r}") from None
+                raise UserError(f"--widths entries must be c_in:c_out, got {w!r}") from None
             widths.append((c_in, c_out))
         for size in _ints(SIZES):
             for batch in _ints(BATCHES):
@@ -71,7 +73,7 @@ def main(argv):
                             for k in (_ints(KS) if kind in ("light_conv", "light_einsum", "lowrank") else [None]):
                                 group.append(speed.layer_variant(kind, mode, batch=batch, size=size, c_in=c_in,
                                                                  c_out=c_out, k=k or 1, dtype=dtype))
-                        got = speed.measure_group(group, rounds=ROUNDS.value, baseline="conv2d")
+                        got = timing.measure_interleaved(group, rounds=ROUNDS.value, baseline="conv2d")
                         rows += got
                         print(speed.markdown(got), flush=True)
         speed.write_csv(os.path.join(workdir, "layers.csv"), rows)
@@ -87,7 +89,7 @@ def main(argv):
                 name, _, k = spec.partition(":")
                 group.append(speed.model_variant(name, {"k": int(k)} if k else {}, batch=batch, size=size,
                                                  parallel=PARALLEL.value, dtype=DTYPE.value))
-            got = speed.measure_group(group, rounds=ROUNDS.value, baseline=group[-1].name)
+            got = timing.measure_interleaved(group, rounds=ROUNDS.value, baseline=group[-1].name)
             mrows += got
             print(speed.markdown(got), flush=True)
     if mrows:

@@ -15,8 +15,7 @@ import os
 from absl import flags
 
 from experiments import xray_transfer  # defines --pretrained_path, --feature_cache_dir
-from lightflax import experiment
-from lightflax import flags as _common  # noqa: F401  (defines the common flags)
+from experiments import _common as common
 from lightflax import report
 
 KS = flags.DEFINE_list("ks", ["1", "2", "3", "4", "5"], "LightLayers ranks to compare.")
@@ -31,17 +30,17 @@ def main(argv):
     try:
         ks = [int(k) for k in KS.value]
     except ValueError:
-        raise experiment.UserError(f"--ks must be a comma-separated list of integers, got {KS.value}") from None
+        raise common.UserError(f"--ks must be a comma-separated list of integers, got {KS.value}") from None
     if any(k < 1 for k in ks):
-        raise experiment.UserError(f"--ks values must be >= 1, got {KS.value}")
-    workdir = FLAGS.workdir or experiment.default_workdir("xray_compare")
-    data = experiment.load_data(num_classes=2, synthetic_shape=(FLAGS.image_size, FLAGS.image_size, 1))
+        raise common.UserError(f"--ks values must be >= 1, got {KS.value}")
+    workdir = FLAGS.workdir or common.default_workdir("xray_compare")
+    data = common.load_data(num_classes=2, synthetic_shape=(FLAGS.image_size, FLAGS.image_size, 1))
     rows, labels = [], []
     for k in ks:
-        rows.append(experiment.run_training("xray_compare", "xray_light", {"k": k}, channels=3, data=data,
+        rows.append(common.run_training("xray_compare", "xray_light", {"k": k}, channels=3, data=data,
                                             workdir=os.path.join(workdir, f"light_k{k}")))
         labels.append(f"LightLayers K={k}")
-    rows.append(experiment.run_training("xray_compare", "xray_conv2d", {}, channels=3, data=data,
+    rows.append(common.run_training("xray_compare", "xray_conv2d", {}, channels=3, data=data,
                                         workdir=os.path.join(workdir, "conv2d")))
     labels.append("Conv2D")
     notes = []
@@ -49,7 +48,7 @@ def main(argv):
         try:
             rows.append(xray_transfer.run(TRANSFER.value, data, os.path.join(workdir, "transfer")))
             labels.append(f"transfer ({TRANSFER.value})")
-        except experiment.UserError as e:
+        except common.UserError as e:
             notes.append(f"transfer row skipped: {str(e).splitlines()[0]}")
     table = report.comparison_rows(rows, labels)
     header = (f"dataset: {data.name}{' (SYNTHETIC)' if data.synthetic else ''}; "

@@ -3,10 +3,9 @@
     python launch.py --experiment=xray_conv2d
 """
 
-from lightflax import experiment
-from lightflax import flags as _common  # noqa: F401  (defines the common flags)
+from experiments import _common as common
 
 
 def main(argv):
     del argv
-    experiment.run_training("xray_conv2d", "xray_conv2d", {}, channels=3)
+    common.run_training("xray_conv2d", "xray_conv2d", {}, channels=3)

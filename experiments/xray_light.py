@@ -10,12 +10,11 @@ best checkpoint by validation loss, test at the end) with its flaws fixed
 
 from absl import flags
 
-from lightflax import experiment
-from lightflax import flags as _common  # noqa: F401  (defines the common flags)
+from experiments import _common as common
 
 K = flags.DEFINE_integer("k", 5, "LightLayers rank K.", lower_bound=1)
 
 
 def main(argv):
     del argv
-    experiment.run_training("xray_light", "xray_light", {"k": K.value}, channels=3)
+    common.run_training("xray_light", "xray_light", {"k": K.value}, channels=3)

@@ -18,8 +18,7 @@ a lower learning rate, fed with the cached activations of the frozen trunk
 
 from absl import flags
 
-from lightflax import experiment
-from lightflax import flags as _common  # noqa: F401  (defines the common flags)
+from experiments import _common as common
 
 BACKBONE = flags.DEFINE_enum("backbone", "inception_v3", ["inception_v3", "efficientnet_lite0"],
                              "ImageNet backbone (frozen).")
@@ -35,18 +34,20 @@ FEATURE_CACHE = flags.DEFINE_string("feature_cache_dir", None, "Feature cache (d
                                     "$LIGHTFLAX_CACHE_DIR/features or ~/.cache/lightflax/features).")
 
 
-def run(backbone, data, workdir):
+def run(backbone, data, workdir=None):
     """One transfer run on already loaded data (also used by xray_compare)."""
     from lightflax import transfer
 
-    return transfer.run_transfer(backbone, data, workdir, pretrained_path=PRETRAINED_PATH.value,
+    cfg = common.build_config("xray_transfer", "linear_head", {}, data, channels=3, workdir=workdir)
+    return transfer.run_transfer(backbone, data, cfg, pretrained_path=PRETRAINED_PATH.value,
                                  cache_dir=FEATURE_CACHE.value, finetune_blocks=FINETUNE_BLOCKS.value,
                                  finetune_epochs=FINETUNE_EPOCHS.value,
-                                 finetune_learning_rate=FINETUNE_LR.value)
+                                 finetune_learning_rate=FINETUNE_LR.value,
+                                 extra=common.flags_record("xray_transfer"))
 
 
 def main(argv):
     del argv
-    experiment.maybe_initialize_distributed()
-    data = experiment.load_data(num_classes=2, synthetic_shape=(64, 64, 1))
-    run(BACKBONE.value, data, flags.FLAGS.workdir or experiment.default_workdir("xray_transfer"))
+    common.initialize_distributed()
+    data = common.load_data(num_classes=2, synthetic_shape=(64, 64, 1))
+    run(BACKBONE.value, data)

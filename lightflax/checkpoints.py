@@ -49,6 +49,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from flax import serialization, traverse_util
 
+from lightflax import files
 from lightflax.errors import CheckpointError
 
 _FORMAT = 1
@@ -116,16 +117,6 @@ def tree_crc32(tree: Any) -> int:
         crc = zlib.crc32(f"{a.shape}{a.dtype}".encode(), crc)
         crc = zlib.crc32(a.view(np.uint8).reshape(-1) if a.size else b"", crc)
     return crc
-
-
-def key_to_json(key: jax.Array) -> List[int]:
-    """A typed PRNG key (``jax.random.key``) as a flat list of ints for JSON meta."""
-    return np.asarray(jax.random.key_data(key)).reshape(-1).tolist()
-
-
-def key_from_json(data: List[int], impl: str = "threefry2x32") -> jax.Array:
-    """Inverse of :func:`key_to_json` for a single key of implementation ``impl``."""
-    return jax.random.wrap_key_data(np.asarray(data, dtype=np.uint32), impl=impl)
 
 
 _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
@@ -255,7 +246,7 @@ class Checkpointer:
         for path, _, dtype in leaf_specs(state):
             if dtype.startswith("key<"):
                 raise TypeError(f"state leaf {path} is a typed PRNG key, which Orbax stores as raw data: save "
-                                f"jax.random.key_data(key) in the state, or key_to_json(key) in meta")
+                                f"jax.random.key_data(key) in the state instead")
         meta_blob = {"format": _FORMAT, "crc32": tree_crc32(state), "meta": meta}
         json.dumps(meta_blob)  # a TypeError here names the value that is not JSON
         existing = manager.latest_step()
@@ -298,10 +289,6 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         """Step of the newest latest checkpoint, or None when there is none."""
         return self._managers["latest"].latest_step()
-
-    def best_step(self) -> Optional[int]:
-        """Step of the best checkpoint, or None when there is none."""
-        return self._managers["best"].latest_step()
 
     def _restore(self, which: str, target: Any) -> Optional[Tuple[Any, Dict[str, Any]]]:
         manager = self._managers[which]
@@ -378,23 +365,14 @@ class Checkpointer:
 def export_variables(path: str, variables: Any) -> int:
     """Writes ``variables`` (e.g. ``{'params', 'batch_stats'}``) to ``path`` as msgpack, atomically.
 
-    The bytes go to a temporary file in the same folder, are fsynced, then
-    renamed over ``path``: an interrupted export leaves the old file intact.
+    Written with ``files.atomic_write``: an interrupted export leaves the old file intact.
     Returns the file size in bytes (the model's size on disk).
     """
     data = serialization.to_bytes(jax.device_get(variables))
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        files.atomic_write(path, lambda f: f.write(data))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise CheckpointError(f"could not write {path} ({e.strerror}); check free disk space and permissions") \
             from None
     return len(data)

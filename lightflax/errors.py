@@ -14,3 +14,12 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or weight file is missing, damaged or does not fit."""
+
+
+class DownloadError(DataError, CheckpointError):
+    """A download failed or its checksum was wrong (data files and weights alike);
+    ``reason`` is the short cause."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason

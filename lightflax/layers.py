@@ -5,7 +5,7 @@ jittable and differentiable. Parameter names and shapes follow the LightLayers
 reference code (Jha et al. 2021), so parameter counts match Keras to the unit:
 
   LightConv2D     w1 (kh, kw, c, k), b1 (k,), w2 (kh, kw, k, f), b2 (f,)
-  LowRankConv2D   u (kh, kw, c, r), v (r, f), bias (f,)
+  LowRankConv2D   u (kh, kw, c, k), v (k, f), bias (f,)
   LightDense      w1 (in, k), w2 (k, units), bias (units,)
   SeparableConv2D depthwise_kernel (kh, kw, c, 1), pointwise_kernel (1, 1, c, f), bias (f,)
   Conv2D          kernel (kh, kw, c, f), bias (f,)
@@ -18,8 +18,7 @@ Two implementations of the convolutions are selectable with ``impl``:
   'einsum'  the factored einsum kernel: explicit patch extraction (strided
             slices, no gather) and one einsum (a GEMM) per factor.
 
-``impl=None`` takes :func:`default_impl` for the current backend, chosen from
-the measurements in BUILD_NOTES.md (benchmarks/bench_layers.py).
+'conv' is the default on every backend (docs/speed.md, benchmarks/bench_layers.py).
 """
 
 from __future__ import annotations
@@ -37,16 +36,6 @@ Dtype = Any
 IntPair = Union[int, Sequence[int]]
 
 IMPLS = ("conv", "einsum")
-
-# Chosen from benchmarks/bench_layers.py (see BUILD_NOTES.md, "Layer benchmark").
-_DEFAULT_IMPL = {"cpu": "conv", "gpu": "conv", "tpu": "conv"}
-
-
-def default_impl(backend: Optional[str] = None) -> str:
-    """The implementation used when ``impl=None``, per JAX backend."""
-    backend = backend or jax.default_backend()
-    return _DEFAULT_IMPL.get(backend, "conv")
-
 
 # ----------------------------------------------------------------------------
 # Initialisers (Keras semantics)
@@ -111,10 +100,9 @@ def _check_padding(padding: str) -> str:
     return padding
 
 
-def _check_impl(impl: Optional[str]) -> str:
-    impl = impl or default_impl()
+def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
 
 
@@ -224,7 +212,7 @@ def conv2d(
     )
 
 
-def _tap_slices(x: Array, kernel: Tuple[int, int], strides: Tuple[int, int], padding: str):
+def tap_slices(x: Array, kernel: Tuple[int, int], strides: Tuple[int, int], padding: str):
     """The kh*kw strided slices (B, Ho, Wo, C) of the padded input, tap (0, 0) first, row-major."""
     kh, kw = kernel
     (pt, pb), (pl, pr) = _explicit_padding(x.shape, kernel, strides, padding)
@@ -243,30 +231,28 @@ def extract_patches(
     x: Array, kernel: Tuple[int, int], strides: Tuple[int, int], padding: str
 ) -> Array:
     """(B, H, W, C) -> (B, Ho, Wo, kh*kw, C) by strided slices of the padded input."""
-    taps = _tap_slices(x, kernel, strides, padding)
+    taps = tap_slices(x, kernel, strides, padding)
     if len(taps) == 1:
         return taps[0][:, :, :, None, :]
     return jnp.stack(taps, axis=3)
 
 
 def depthwise_conv2d(x: Array, w: Array, strides: Tuple[int, int], padding: str, *, precision: Any = None,
-                     impl: str = "taps") -> Array:
+                     taps: bool = True) -> Array:
     """Depthwise convolution, depth multiplier 1: x (B, H, W, C), w (kh, kw, C) -> (B, Ho, Wo, C).
 
-    impl='taps' sums kh*kw shifted slices of the padded input times one weight
+    taps=True sums kh*kw shifted slices of the padded input times one weight
     vector each: elementwise work that XLA fuses, forward and backward (the
     gradients are pads and reductions), instead of a grouped convolution that
-    XLA:CPU runs as one tiny convolution per channel. impl='conv': the grouped
+    XLA:CPU runs as one tiny convolution per channel. taps=False: the grouped
     ``lax.conv`` (feature_group_count = C), the reference.
     """
     kh, kw, c = w.shape
-    if impl == "conv":
+    if not taps:
         return conv2d(x, w.reshape(kh, kw, 1, c), strides, padding, feature_group_count=c, precision=precision)
-    if impl != "taps":
-        raise ValueError(f"impl must be 'taps' or 'conv', got {impl!r}")
     weights = w.reshape(kh * kw, c)
     y = None
-    for tap, wt in zip(_tap_slices(x, (kh, kw), strides, padding), weights):
+    for tap, wt in zip(tap_slices(x, (kh, kw), strides, padding), weights):
         y = tap * wt if y is None else y + tap * wt
     return y
 
@@ -310,7 +296,7 @@ class LightConv2D(nn.Module):
       padding: 'SAME' (default) or 'VALID'.
       use_bias: add b1 and b2.
       activation: optional callable applied to the output.
-      impl: 'conv', 'einsum' or None (:func:`default_impl`).
+      impl: 'conv' (default) or 'einsum'.
       bias_init: 'reference' (glorot_uniform, as the reference) or 'zeros'.
       dtype: computation dtype (parameters stay float32).
     """
@@ -322,7 +308,7 @@ class LightConv2D(nn.Module):
     padding: str = "SAME"
     use_bias: bool = True
     activation: Optional[Callable[[Array], Array]] = None
-    impl: Optional[str] = None
+    impl: str = "conv"
     bias_init: str = "reference"
     dtype: Optional[Dtype] = None
     precision: Any = None
@@ -330,8 +316,7 @@ class LightConv2D(nn.Module):
     def __post_init__(self):
         _check_conv_fields(self)
         _check_positive(self.k, "k")
-        if self.impl is not None:
-            _check_impl(self.impl)
+        _check_impl(self.impl)
         _bias_initializer(self.bias_init)
         super().__post_init__()
 
@@ -366,27 +351,28 @@ class LowRankConv2D(nn.Module):
 
         W[h, w, c, f] = sum_r u[h, w, c, r] * v[r, f]
 
-    ``impl='materialize'`` (default) forms W with one einsum and runs a single
-    convolution; ``impl='factored'`` runs conv(x, u) then a 1x1 einsum with v.
-    Both are the same linear map. Parameters: kh*kw*c*r + r*f (+ f).
+    ``form='materialize'`` (default) forms W with one einsum and runs a single
+    convolution; ``form='factored'`` runs conv(x, u) then a 1x1 einsum with v.
+    Both are the same linear map. The rank is ``k`` (as in LightConv2D).
+    Parameters: kh*kw*c*k + k*f (+ f).
     """
 
     features: int
     kernel_size: IntPair
-    rank: int
+    k: int
     strides: IntPair = 1
     padding: str = "SAME"
     use_bias: bool = True
     activation: Optional[Callable[[Array], Array]] = None
-    impl: str = "materialize"
+    form: str = "materialize"
     dtype: Optional[Dtype] = None
     precision: Any = None
 
     def __post_init__(self):
         _check_conv_fields(self)
-        _check_positive(self.rank, "rank")
-        if self.impl not in ("materialize", "factored"):
-            raise ValueError(f"impl must be 'materialize' or 'factored', got {self.impl!r}")
+        _check_positive(self.k, "k")
+        if self.form not in ("materialize", "factored"):
+            raise ValueError(f"form must be 'materialize' or 'factored', got {self.form!r}")
         super().__post_init__()
 
     def materialize(self, u: Array, v: Array) -> Array:
@@ -396,12 +382,12 @@ class LowRankConv2D(nn.Module):
     def __call__(self, x: Array) -> Array:
         _, kernel, strides, padding = _conv_geometry(self, x, "u")
         c = x.shape[-1]
-        u = self.param("u", glorot_uniform, (*kernel, c, self.rank))
-        v = self.param("v", glorot_uniform, (self.rank, self.features))
+        u = self.param("u", glorot_uniform, (*kernel, c, self.k))
+        v = self.param("v", glorot_uniform, (self.k, self.features))
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         u, v = u.astype(dtype), v.astype(dtype)
-        if self.impl == "materialize":
+        if self.form == "materialize":
             y = conv2d(x, self.materialize(u, v), strides, padding, precision=self.precision)
         else:
             y = conv2d(x, u, strides, padding, precision=self.precision)
@@ -455,14 +441,13 @@ class Conv2D(nn.Module):
     padding: str = "SAME"
     use_bias: bool = True
     activation: Optional[Callable[[Array], Array]] = None
-    impl: Optional[str] = None
+    impl: str = "conv"  # 'conv' or 'einsum', as LightConv2D
     dtype: Optional[Dtype] = None
     precision: Any = None
 
     def __post_init__(self):
         _check_conv_fields(self)
-        if self.impl is not None:
-            _check_impl(self.impl)
+        _check_impl(self.impl)
         super().__post_init__()
 
     @nn.compact
@@ -488,12 +473,10 @@ class SeparableConv2D(nn.Module):
     activation: Optional[Callable[[Array], Array]] = None
     dtype: Optional[Dtype] = None
     precision: Any = None
-    impl: str = "taps"  # depthwise part: 'taps' (fused shifted slices, default) or 'conv' (grouped lax.conv)
+    depthwise_taps: bool = True  # depthwise part: fused shifted slices (True) or the grouped lax.conv
 
     def __post_init__(self):
         _check_conv_fields(self)
-        if self.impl not in ("taps", "conv"):
-            raise ValueError(f"{type(self).__name__}: impl must be 'taps' or 'conv', got {self.impl!r}")
         super().__post_init__()
 
     @nn.compact
@@ -504,7 +487,7 @@ class SeparableConv2D(nn.Module):
         pw = self.param("pointwise_kernel", glorot_uniform, (1, 1, c, self.features))
         dtype = self.dtype or x.dtype
         y = depthwise_conv2d(x.astype(dtype), dw.reshape(*kernel, c).astype(dtype), strides, padding,
-                             precision=self.precision, impl=self.impl)
+                             precision=self.precision, taps=self.depthwise_taps)
         y = jnp.einsum("bhwc,cf->bhwf", y, pw[0, 0].astype(dtype), precision=self.precision)
         return _bias_and_activation(self, y)
 

@@ -1,6 +1,7 @@
 """The study's model zoo and a name registry.
 
-    >>> model = lightflax.models.create("xray_light", k=5)
+    >>> model = lightflax.models.create("xray_light", k=5)        # by name (the registry)
+    >>> model = ResidualNet(conv=partial(layers.LightConv2D, k=5))  # or by injecting the layers
     >>> variables = model.init(rng, jnp.zeros((1, 299, 299, 3)), train=False)
     >>> logits = model.apply(variables, images, train=False)
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -32,25 +34,10 @@ from lightflax import layers
 
 Array = jax.Array
 
-CONV_KINDS = ("conv2d", "separable", "light", "lowrank")
-
-
-def _make_conv(kind: str, features: int, kernel: int, *, k: Optional[int], padding: str,
-               activation=None, impl=None, dtype=None, name=None) -> nn.Module:
-    if kind == "conv2d":
-        return layers.Conv2D(features, kernel, padding=padding, activation=activation,
-                             impl=impl, dtype=dtype, name=name)
-    if kind == "separable":
-        # impl='conv': the grouped lax.conv reference; otherwise the fused depthwise taps.
-        return layers.SeparableConv2D(features, kernel, padding=padding, activation=activation,
-                                      impl="conv" if impl == "conv" else "taps", dtype=dtype, name=name)
-    if kind == "light":
-        return layers.LightConv2D(features, kernel, k, padding=padding, activation=activation,
-                                  impl=impl, dtype=dtype, name=name)
-    if kind == "lowrank":
-        return layers.LowRankConv2D(features, kernel, k, padding=padding, activation=activation,
-                                    dtype=dtype, name=name)
-    raise ValueError(f"conv kind must be one of {CONV_KINDS}, got {kind!r}")
+# A convolution constructor: conv(features, kernel_size, padding=..., activation=..., dtype=..., name=...)
+# -> an nn.Module, e.g. partial(layers.LightConv2D, k=5). A head constructor: head(num_classes, name=...).
+ConvFactory = Callable[..., nn.Module]
+DenseHead = functools.partial(nn.Dense, kernel_init=layers.glorot_uniform)
 
 
 def _check_image(x: Array, model: str, in_channels: Optional[int]) -> None:
@@ -74,16 +61,13 @@ def _check_size(model: "Any", h: int, w: int) -> None:
 
 
 class _Zoo(nn.Module):
-    """Shared fields and helpers of the zoo's models."""
+    """Shared fields and helpers of the zoo's models: the convolution and the head are injected."""
 
     num_classes: int = 2
     filters: Sequence[int] = (8, 16, 32)
-    conv: str = "conv2d"
-    k: Optional[int] = None
-    head: str = "dense"
-    head_k: int = 8
+    conv: ConvFactory = layers.Conv2D
+    head: Callable[..., nn.Module] = DenseHead
     in_channels: Optional[int] = None
-    impl: Optional[str] = None
     dtype: Optional[Any] = None
     bn_axis_name: Optional[str] = None
     dropout: float = 0.0
@@ -92,21 +76,12 @@ class _Zoo(nn.Module):
     def __post_init__(self):
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
-        if self.conv in ("light", "lowrank") and (
-            not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1
-        ):
-            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-        if self.conv not in CONV_KINDS:
-            raise ValueError(f"conv must be one of {CONV_KINDS}, got {self.conv!r}")
-        if self.head not in ("dense", "light_dense"):
-            raise ValueError(f"head must be 'dense' or 'light_dense', got {self.head!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         super().__post_init__()
 
     def conv_layer(self, features, kernel, padding, activation=None, name=None):
-        return _make_conv(self.conv, features, kernel, k=self.k, padding=padding,
-                          activation=activation, impl=self.impl, dtype=self.dtype, name=name)
+        return self.conv(features, kernel, padding=padding, activation=activation, dtype=self.dtype, name=name)
 
     def bn(self, train: bool, name=None):
         return layers.BatchNorm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
@@ -121,9 +96,7 @@ class _Zoo(nn.Module):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # GlobalAveragePooling2D
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        if self.head == "light_dense":
-            return layers.LightDense(self.num_classes, k=self.head_k, name="head")(x)
-        return nn.Dense(self.num_classes, kernel_init=layers.glorot_uniform, name="head")(x)
+        return self.head(self.num_classes, name="head")(x)
 
 
 class PlainNet(_Zoo):
@@ -248,28 +221,102 @@ class BackboneTail(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=layers.glorot_uniform, name="head")(x.astype(jnp.float32))
 
 
+# ----------------------------------------------------------------------------
+# The zoo: constructors built from injected modules, and a name registry on top
+# ----------------------------------------------------------------------------
+
+
+def _rank(k) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return k
+
+
+_XRAY = dict(filters=(8, 16, 32))
+_MNIST = dict(filters=(8, 16, 32), convs_per_block=2, padding="SAME", order="conv_bn_relu")
+_CIFAR = dict(filters=(16, 32, 64))
+LightHead = functools.partial(layers.LightDense, k=8)  # the reference's LightLayers classifier
+
+
+def xray_light(k: int, impl: str = "conv", **kwargs) -> nn.Module:
+    return ResidualNet(conv=functools.partial(layers.LightConv2D, k=_rank(k), impl=impl), **_XRAY, **kwargs)
+
+
+def xray_lowrank(k: int, **kwargs) -> nn.Module:
+    return ResidualNet(conv=functools.partial(layers.LowRankConv2D, k=_rank(k)), **_XRAY, **kwargs)
+
+
+def xray_conv2d(impl: str = "conv", **kwargs) -> nn.Module:
+    return PlainNet(conv=functools.partial(layers.Conv2D, impl=impl), convs_per_block=3, padding="VALID",
+                    order="conv_relu_bn", **_XRAY, **kwargs)
+
+
+def mnist_conv2d(impl: str = "conv", **kwargs) -> nn.Module:
+    return PlainNet(conv=functools.partial(layers.Conv2D, impl=impl), **_MNIST, **kwargs)
+
+
+def _separable(impl: Optional[str]) -> ConvFactory:
+    # --impl=conv: the grouped lax.conv reference for the depthwise part; otherwise the fused taps.
+    return functools.partial(layers.SeparableConv2D, depthwise_taps=impl != "conv")
+
+
+def mnist_separable(impl: Optional[str] = None, **kwargs) -> nn.Module:
+    return PlainNet(conv=_separable(impl), **_MNIST, **kwargs)
+
+
+def mnist_light(k: int, impl: str = "conv", **kwargs) -> nn.Module:
+    return PlainNet(conv=functools.partial(layers.LightConv2D, k=_rank(k), impl=impl), head=LightHead, **_MNIST,
+                    **kwargs)
+
+
+def cifar_conv2d(impl: str = "conv", **kwargs) -> nn.Module:
+    return ResidualNet(conv=functools.partial(layers.Conv2D, impl=impl), **_CIFAR, **kwargs)
+
+
+def cifar_separable(impl: Optional[str] = None, **kwargs) -> nn.Module:
+    return ResidualNet(conv=_separable(impl), **_CIFAR, **kwargs)
+
+
+def cifar_light(k: int, impl: str = "conv", **kwargs) -> nn.Module:
+    return ResidualNet(conv=functools.partial(layers.LightConv2D, k=_rank(k), impl=impl), head=LightHead, **_CIFAR,
+                       **kwargs)
+
+
+_ZOO_KWARGS = ("num_classes", "dtype", "bn_axis_name", "dropout", "in_channels")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What the registry knows about a model besides its constructor."""
 
     name: str
     factory: Callable[..., nn.Module]
-    input_shape: Tuple[int, int, int]  # default (H, W, C) of the published setting
+    input_shape: Tuple[int, ...]  # default input (without batch) of the published setting
     num_classes: int
-    needs_k: bool
     description: str
-    kwargs: Tuple[str, ...] = ("num_classes", "impl", "dtype", "bn_axis_name", "dropout", "in_channels")
+    kwargs: Tuple[str, ...]  # keyword arguments create() accepts
+    reference_l2: float = 0.0  # the reference's default L2 on LightConv2D kernels (LightLayers models: 1e-4)
+
+    @property
+    def needs_k(self) -> bool:
+        if not inspect.isfunction(self.factory):
+            return False
+        p = inspect.signature(self.factory).parameters.get("k")
+        return p is not None and p.default is inspect.Parameter.empty
 
 
 _REGISTRY: Dict[str, ModelInfo] = {}
 
 
-def register(name: str, factory: Callable[..., nn.Module], *, input_shape, num_classes: int,
-             needs_k: bool, description: str, kwargs: Optional[Sequence[str]] = None) -> None:
+def register(name: str, factory: Callable[..., nn.Module], *, input_shape, num_classes: int, description: str,
+             kwargs: Sequence[str] = _ZOO_KWARGS, reference_l2: float = 0.0) -> None:
+    """Adds ``factory`` under ``name``; create() accepts ``kwargs`` plus the factory's own parameters."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    extra = {} if kwargs is None else {"kwargs": tuple(kwargs)}
-    _REGISTRY[name] = ModelInfo(name, factory, tuple(input_shape), num_classes, needs_k, description, **extra)
+    own = tuple(p.name for p in inspect.signature(factory).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) if inspect.isfunction(factory) else ()
+    _REGISTRY[name] = ModelInfo(name, factory, tuple(input_shape), num_classes, description,
+                                tuple(dict.fromkeys(own + tuple(kwargs))), reference_l2)
 
 
 def names() -> list:
@@ -293,56 +340,34 @@ def create(name: str, **kwargs) -> nn.Module:
         ``dtype``, ``bn_axis_name``, ``dropout``, ``in_channels``.
     """
     meta = info(name)
-    allowed = set(meta.kwargs)
-    if meta.needs_k:
-        allowed.add("k")
-        if "k" not in kwargs:
-            raise ValueError(f"model {name!r} needs k (an integer >= 1)")
-    unknown = sorted(set(kwargs) - allowed)
+    if meta.needs_k and "k" not in kwargs:
+        raise ValueError(f"model {name!r} needs k (an integer >= 1)")
+    unknown = sorted(set(kwargs) - set(meta.kwargs))
     if unknown:
         raise ValueError(
-            f"model {name!r} does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}"
+            f"model {name!r} does not take {', '.join(unknown)}; it takes {', '.join(sorted(meta.kwargs))}"
         )
     kwargs.setdefault("num_classes", meta.num_classes)
     return meta.factory(model_name=name, **kwargs)
 
 
-_xray = dict(filters=(8, 16, 32))
-_mnist = dict(filters=(8, 16, 32), convs_per_block=2, padding="SAME", order="conv_bn_relu")
-_cifar = dict(filters=(16, 32, 64))
-
-register("xray_light", functools.partial(ResidualNet, conv="light", head="dense", **_xray),
-         input_shape=(299, 299, 3), num_classes=2, needs_k=True,
-         description="LightLayers residual net of the chest X-ray study")
-register("xray_lowrank", functools.partial(ResidualNet, conv="lowrank", head="dense", **_xray),
-         input_shape=(299, 299, 3), num_classes=2, needs_k=True,
-         description="xray_light with linear low-rank (LowRankConv2D) kernels")
-register("xray_conv2d", functools.partial(PlainNet, conv="conv2d", convs_per_block=3,
-                                          padding="VALID", order="conv_relu_bn", **_xray),
-         input_shape=(299, 299, 3), num_classes=2, needs_k=False,
-         description="Conv2D net of the chest X-ray study (VALID, no shortcut)")
-register("mnist_conv2d", functools.partial(PlainNet, conv="conv2d", head="dense", **_mnist),
-         input_shape=(28, 28, 1), num_classes=10, needs_k=False,
-         description="paper Tables 1-2, Conv2D")
-register("mnist_separable", functools.partial(PlainNet, conv="separable", head="dense", **_mnist),
-         input_shape=(28, 28, 1), num_classes=10, needs_k=False,
-         description="paper Tables 1-2, SeparableConv2D")
-register("mnist_light", functools.partial(PlainNet, conv="light", head="light_dense", **_mnist),
-         input_shape=(28, 28, 1), num_classes=10, needs_k=True,
-         description="paper Tables 1-2, LightLayers")
-register("cifar_conv2d", functools.partial(ResidualNet, conv="conv2d", head="dense", **_cifar),
-         input_shape=(32, 32, 3), num_classes=100, needs_k=False,
-         description="paper Table 4, Conv2D residual")
-register("cifar_separable", functools.partial(ResidualNet, conv="separable", head="dense", **_cifar),
-         input_shape=(32, 32, 3), num_classes=100, needs_k=False,
-         description="paper Table 4, SeparableConv2D residual")
-register("cifar_light", functools.partial(ResidualNet, conv="light", head="light_dense", **_cifar),
-         input_shape=(32, 32, 3), num_classes=100, needs_k=True,
-         description="paper Table 4, LightLayers residual")
-register("linear_head", LinearHead, input_shape=(2048,), num_classes=2, needs_k=False,
+for _factory, _shape, _classes, _l2, _text in (
+    (xray_light, (299, 299, 3), 2, 1e-4, "LightLayers residual net of the chest X-ray study"),
+    (xray_lowrank, (299, 299, 3), 2, 0.0, "xray_light with linear low-rank (LowRankConv2D) kernels"),
+    (xray_conv2d, (299, 299, 3), 2, 0.0, "Conv2D net of the chest X-ray study (VALID, no shortcut)"),
+    (mnist_conv2d, (28, 28, 1), 10, 0.0, "paper Tables 1-2, Conv2D"),
+    (mnist_separable, (28, 28, 1), 10, 0.0, "paper Tables 1-2, SeparableConv2D"),
+    (mnist_light, (28, 28, 1), 10, 1e-4, "paper Tables 1-2, LightLayers"),
+    (cifar_conv2d, (32, 32, 3), 100, 0.0, "paper Table 4, Conv2D residual"),
+    (cifar_separable, (32, 32, 3), 100, 0.0, "paper Table 4, SeparableConv2D residual"),
+    (cifar_light, (32, 32, 3), 100, 1e-4, "paper Table 4, LightLayers residual"),
+):
+    register(_factory.__name__, _factory, input_shape=_shape, num_classes=_classes, description=_text,
+             reference_l2=_l2)
+register("linear_head", LinearHead, input_shape=(2048,), num_classes=2,
          description="Dense head on cached backbone features (transfer learning)",
          kwargs=("num_classes", "dtype", "bn_axis_name", "dropout"))
-register("backbone_tail", BackboneTail, input_shape=(7, 7, 192), num_classes=2, needs_k=False,
+register("backbone_tail", BackboneTail, input_shape=(7, 7, 192), num_classes=2,
          description="last N blocks of an ImageNet backbone + Dense head on cached trunk activations "
                      "(transfer learning, fine-tuning stage)",
          kwargs=("backbone", "first_block", "num_classes", "dtype", "bn_axis_name", "dropout"))

@@ -14,14 +14,17 @@ BUILD_NOTES.md ("pmap vs shard_map").
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lightflax.config import PARALLEL_MODES as MODES
+from lightflax.errors import UserError
+
 AXIS = "batch"
-MODES = ("shard_map", "pmap")
 
 SHARDED = P(AXIS)
 REPLICATED = P()
@@ -178,3 +181,24 @@ def device_ids(mesh: Mesh) -> jax.Array:
     replicated take this one and read their position from it.)
     """
     return shard(np.arange(mesh.devices.size, dtype=np.int32), mesh)
+
+
+def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
+                           process_id: Optional[int]) -> None:
+    """``jax.distributed.initialize`` for a multi-process run; a no-op when all three are None."""
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if not any(given):
+        return
+    if not all(given):
+        raise UserError("multi-process runs need all of --coordinator_address, --num_processes and --process_id")
+    if process_id >= num_processes:
+        raise UserError(f"--process_id {process_id} must be < --num_processes {num_processes}")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a local multi-process run's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightflax import checkpoints, models
+from lightflax import checkpoints, files, models
 from lightflax.errors import CheckpointError, DataError, UserError
 
 
@@ -121,8 +121,6 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
     images = load_images(input_npz)
     module, variables, results = load_run(workdir, seed_index)
     p = predict_probabilities(module, variables, results, images, batch_size)
-    tmp = output_npz + ".tmp.npz"
-    np.savez(tmp, probabilities=p.astype(np.float32))
-    os.replace(tmp, output_npz)
+    files.atomic_write(output_npz, lambda f: np.savez(f, probabilities=p.astype(np.float32)))
     print(f"wrote {output_npz}: probabilities {p.shape}", flush=True)
     return p

@@ -17,9 +17,11 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from lightflax import files, tables
 
 STUDY_COLUMNS = ("total_params", "trainable_params", "size_bytes", "test_accuracy", "total_time_s",
                  "time_per_epoch_s")
@@ -71,115 +73,153 @@ def _jsonable(value):
     return repr(value)
 
 
-def build_results(*, cfg, data, counts, size_bytes, compiled, eval_compile_s, step_stats, epoch_times,
-                  total_s, checkpoint_s, history, best_epoch, select_metrics, test_metrics, n_devices, steps_per_epoch,
-                  summarize: Callable) -> Dict[str, Any]:
-    n = cfg.num_seeds
-    split_sizes = {k: (None if v is None else int(len(v.labels))) for k, v in data.splits.items()}
+def summarize_replicas(per_replica: Optional[List[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1, as ``lightflax.tables``; 0 for one
+    replica) over replicas for every numeric metric."""
+    out: Dict[str, Any] = {}
+    if not per_replica or per_replica[0] is None:
+        return out
+    for key in per_replica[0]:
+        vals = [r[key] for r in per_replica if r.get(key) is not None]
+        if len(vals) == len(per_replica):
+            out[key] = float(np.mean(vals))
+            out[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return out
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What a finished training loop measured (per-replica lists have num_seeds entries)."""
+
+    counts: Dict[str, int]  # summary.variables_counts of one replica
+    size_bytes: List[int]  # exported model file sizes
+    compiled: Any  # timing.CompiledStep of the train step
+    eval_compile_s: float
+    step_stats: Dict[str, Any]  # timing.summarize of the step times
+    epoch_times: List[float]
+    total_s: float
+    checkpoint_s: float
+    history: List[Dict[str, Any]]
+    best_epoch: List[int]
+    select_metrics: List[Dict[str, Any]]
+    test_metrics: Optional[List[Dict[str, Any]]]
+    n_devices: int
+    steps_per_epoch: int
+
+
+def _dataset_section(data) -> Dict[str, Any]:
+    return {
+        "name": data.name,
+        "synthetic": bool(data.synthetic),
+        "source": getattr(data, "source", None),
+        "num_classes": data.num_classes,
+        "class_names": list(getattr(data, "class_names", []) or []),
+        "splits": {k: (None if v is None else int(len(v.labels))) for k, v in data.splits.items()},
+        "stored_shape": list(data.splits["train"].images.shape[1:]),
+    }
+
+
+def _speed_section(cfg, o: RunOutcome) -> Dict[str, Any]:
+    median = o.step_stats.get("median") if o.step_stats else None
+    # XLA's cost analysis of a partitioned program is per device; every device runs
+    # the same data-parallel program, so the global step costs n_devices times that.
+    flops = o.compiled.flops * o.n_devices if o.compiled.flops is not None else None
+    accessed = o.compiled.bytes_accessed * o.n_devices if o.compiled.bytes_accessed is not None else None
+    return {
+        "compile_time_s": o.compiled.compile_s,
+        "lower_time_s": o.compiled.lower_s,
+        "eval_compile_s": o.eval_compile_s,
+        "total_time_incl_compile_s": o.total_s + o.compiled.lower_s + o.compiled.compile_s,
+        "step_time_s": o.step_stats,
+        "images_per_s": (cfg.batch_size * cfg.num_seeds / median) if median else None,
+        "flops_per_step": flops,
+        "bytes_accessed_per_step": accessed,
+        "achieved_flops_per_s": (flops / median) if (flops and median) else None,
+        "memory": o.compiled.memory,
+    }
+
+
+def _replica_section(cfg, o: RunOutcome) -> Dict[str, Any]:
+    """Multi-seed runs: the spread over replicas and every replica's own numbers."""
+    if cfg.num_seeds == 1:
+        return {}
+    test = summarize_replicas(o.test_metrics)
+    return {
+        "test_accuracy_std": test.get("accuracy_std"),
+        "test_loss_std": test.get("loss_std"),
+        "replicas": [{"seed": cfg.seed + r, "best_epoch": o.best_epoch[r], "size_bytes": o.size_bytes[r],
+                      "test": o.test_metrics[r] if o.test_metrics else None,
+                      cfg.select_split: o.select_metrics[r]} for r in range(cfg.num_seeds)],
+    }
+
+
+def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """results.json of a run (``cfg``: lightflax.config.RunConfig)."""
     notes = list(getattr(data, "notes", []))
-    if test_metrics is None:
+    if o.test_metrics is None:
         notes.append(
             f"{data.name} has no test split here: test columns are null; the best checkpoint was selected "
             f"on '{cfg.select_split}' and its figures are reported under select_metrics, never as test figures"
         )
-    median = step_stats.get("median") if step_stats else None
-    # XLA's cost analysis of a partitioned program is per device; every device runs
-    # the same data-parallel program, so the global step costs n_devices times that.
-    flops = getattr(compiled, "flops", None)
-    flops = flops * n_devices if flops is not None else None
-    bytes_accessed = getattr(compiled, "bytes_accessed", None)
-    bytes_accessed = bytes_accessed * n_devices if bytes_accessed is not None else None
-    time_per_epoch = float(np.median(epoch_times)) if epoch_times else None
-    test_summary = summarize(test_metrics) if test_metrics else {}
-    sel_summary = summarize(select_metrics)
+    test = summarize_replicas(o.test_metrics)
     results: Dict[str, Any] = {
         "experiment": cfg.experiment,
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dataset": {
-            "name": data.name,
-            "synthetic": bool(data.synthetic),
-            "source": getattr(data, "source", None),
-            "num_classes": data.num_classes,
-            "class_names": list(getattr(data, "class_names", []) or []),
-            "splits": split_sizes,
-            "stored_shape": list(data.splits["train"].images.shape[1:]),
-        },
+        "dataset": _dataset_section(data),
         "synthetic": bool(data.synthetic),
         "notes": notes,
-        "num_seeds": n,
+        "num_seeds": cfg.num_seeds,
         # the study's columns
-        "total_params": counts["total"],
-        "trainable_params": counts["trainable"],
-        "non_trainable_params": counts["non_trainable"],
-        "size_bytes": int(np.mean(size_bytes)),
-        "test_accuracy": test_summary.get("accuracy"),
-        "total_time_s": total_s,
-        "time_per_epoch_s": time_per_epoch,
-        "checkpoint_time_s": checkpoint_s,
+        "total_params": o.counts["total"],
+        "trainable_params": o.counts["trainable"],
+        "non_trainable_params": o.counts["non_trainable"],
+        "size_bytes": int(np.mean(o.size_bytes)),
+        "test_accuracy": test.get("accuracy"),
+        "total_time_s": o.total_s,
+        "time_per_epoch_s": float(np.median(o.epoch_times)) if o.epoch_times else None,
+        "checkpoint_time_s": o.checkpoint_s,
         # and more
-        "test_loss": test_summary.get("loss"),
-        "sensitivity": test_summary.get("sensitivity"),
-        "specificity": test_summary.get("specificity"),
-        "roc_auc": test_summary.get("roc_auc"),
-        "test_metrics": test_summary or None,
+        "test_loss": test.get("loss"),
+        "sensitivity": test.get("sensitivity"),
+        "specificity": test.get("specificity"),
+        "roc_auc": test.get("roc_auc"),
+        "test_metrics": test or None,
         "select_split": cfg.select_split,
-        "select_metrics": sel_summary,
-        "best_epoch": best_epoch if n > 1 else best_epoch[0],
-        "epochs_run": len(history),
-        "compile_time_s": getattr(compiled, "compile_s", None),
-        "lower_time_s": getattr(compiled, "lower_s", None),
-        "eval_compile_s": eval_compile_s,
-        "total_time_incl_compile_s": total_s + (getattr(compiled, "lower_s", 0) or 0)
-        + (getattr(compiled, "compile_s", 0) or 0),
-        "step_time_s": step_stats,
-        "images_per_s": (cfg.batch_size * n / median) if median else None,
-        "flops_per_step": flops,
-        "bytes_accessed_per_step": bytes_accessed,
-        "achieved_flops_per_s": (flops / median) if (flops and median) else None,
-        "memory": getattr(compiled, "memory", None),
-        "steps_per_epoch": steps_per_epoch,
+        "select_metrics": summarize_replicas(o.select_metrics),
+        "best_epoch": o.best_epoch if cfg.num_seeds > 1 else o.best_epoch[0],
+        "epochs_run": len(o.history),
+        **_speed_section(cfg, o),
+        "steps_per_epoch": o.steps_per_epoch,
         "batch_size": cfg.batch_size,
         "devices": device_info(),
         "versions": versions(),
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "flags"},
-        "flags": cfg.flags,
+        "config": cfg.to_json(),
+        **_replica_section(cfg, o),
+        **(extra or {}),
     }
-    if n > 1:
-        results["test_accuracy_std"] = test_summary.get("accuracy_std")
-        results["test_loss_std"] = test_summary.get("loss_std")
-        results["replicas"] = [
-            {
-                "seed": cfg.seed + r,
-                "best_epoch": best_epoch[r],
-                "size_bytes": size_bytes[r],
-                "test": test_metrics[r] if test_metrics else None,
-                cfg.select_split: select_metrics[r],
-            }
-            for r in range(n)
-        ]
     return _jsonable(results)
 
 
-def write_history_csv(path: str, history: List[Dict[str, Any]]) -> None:
-    cols = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_s"]
+def write_history_csv(path: str, history: List[Dict[str, Any]], select_split: str = "val") -> None:
+    """One row per epoch (and replica, with a seed_index column when there are several).
+
+    The selection split's columns are named after it (``val_loss`` or ``test_loss``)."""
+    keys = ["epoch", "train_loss", "train_accuracy", "select_loss", "select_accuracy", "learning_rate", "epoch_s"]
+    header = [k.replace("select", select_split) for k in keys]
+    n = len(history[0]["train_loss"]) if history else 1
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        n = len(history[0]["train_loss"]) if history else 1
-        if n == 1:
-            w.writerow(cols)
-            for row in history:
-                w.writerow([row["epoch"]] + [row[c][0] if isinstance(row[c], list) else row[c] for c in cols[1:]])
-        else:
-            w.writerow(["seed_index"] + cols)
-            for row in history:
-                for r in range(n):
-                    w.writerow([r, row["epoch"]] + [row[c][r] if isinstance(row[c], list) else row[c] for c in cols[1:]])
+        w.writerow(header if n == 1 else ["seed_index"] + header)
+        for row in history:
+            for r in range(n):
+                values = [row[k][r] if isinstance(row[k], list) else row[k] for k in keys]
+                w.writerow(values if n == 1 else [r] + values)
 
 
-def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "") -> None:
-    """Accuracy and loss curves (train and validation) per epoch, as the study plotted."""
+def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "", select_split: str = "val") -> None:
+    """Accuracy and loss curves (train and selection split) per epoch, as the study plotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,13 +228,11 @@ def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "") -> No
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [r["epoch"] for r in history]
     for ax, metric in zip(axes, ("accuracy", "loss")):
-        for split, style in (("train", "-"), ("val", "--")):
+        for split, label, style in (("train", "train", "-"), ("select", select_split, "--")):
             vals = np.array([r[f"{split}_{metric}"] for r in history], dtype=float)
-            if vals.ndim == 1:
-                vals = vals[:, None]
             for r in range(vals.shape[1]):
                 ax.plot(epochs, vals[:, r], style, color=f"C{r}",
-                        label=f"{split}" + (f" seed {r}" if vals.shape[1] > 1 else ""))
+                        label=label + (f" seed {r}" if vals.shape[1] > 1 else ""))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(f"{title} {metric}".strip())
@@ -205,17 +243,16 @@ def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "") -> No
 
 
 def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
+    """``obj`` as indented JSON (NaN/inf as null), written atomically."""
+    files.atomic_write(path, lambda f: json.dump(_jsonable(obj), f, indent=2), mode="w")
 
 
-def write_run(workdir: str, results: Dict[str, Any], history: List[Dict[str, Any]], title: str = "") -> None:
+def write_run(workdir: str, results: Dict[str, Any], history: List[Dict[str, Any]], *, select_split: str = "val",
+              title: str = "") -> None:
     write_json(os.path.join(workdir, "results.json"), results)
-    write_history_csv(os.path.join(workdir, "history.csv"), history)
+    write_history_csv(os.path.join(workdir, "history.csv"), history, select_split)
     if history:
-        plot_curves(os.path.join(workdir, "curves.png"), history, title)
+        plot_curves(os.path.join(workdir, "curves.png"), history, title, select_split)
 
 
 # ----------------------------------------------------------------------------
@@ -254,13 +291,10 @@ def comparison_rows(results: Sequence[Dict[str, Any]], labels: Sequence[str]) ->
 
 
 def comparison_markdown(rows: List[Dict[str, Any]], note: str = "") -> str:
-    head = "| model | " + " | ".join(h for _, h, _ in COMPARISON_COLUMNS) + " |"
-    sep = "|---" * (len(COMPARISON_COLUMNS) + 1) + "|"
-    body = [
-        "| " + row["model"] + " | " + " | ".join(_fmt(k, f, row[k]) for k, _, f in COMPARISON_COLUMNS) + " |"
-        for row in rows
-    ]
-    return "\n".join(([note, ""] if note else []) + [head, sep] + body) + "\n"
+    table = tables.markdown_table(["model"] + [h for _, h, _ in COMPARISON_COLUMNS],
+                                  [[row["model"]] + [_fmt(k, f, row[k]) for k, _, f in COMPARISON_COLUMNS]
+                                   for row in rows])
+    return (note + "\n\n" if note else "") + table
 
 
 def comparison_bar_charts(path_prefix: str, rows: List[Dict[str, Any]]) -> List[str]:

@@ -1,37 +1,22 @@
-"""Speed-study harness: layers and whole models, measured side by side.
+"""Speed-study contenders: layers and whole models, as ``timing.Variant``s.
 
-A *group* is a set of variants measured on the same shapes. Every variant is
-compiled ahead of time (compile time reported apart, XLA cost analysis read),
-warmed up, then the group runs in interleaved rounds (A B C ... A B C ...) with
-device synchronisation before every clock read. Each row reports the median,
-p10 and p90 of its times and its ratio to the group's baseline computed per
-round (median of the per-round ratios), so machine noise hits every variant of
-a round alike. The model rows time the trainer's own compiled train step.
+A *group* is a set of variants measured on the same shapes with
+``timing.measure_interleaved`` (the one timing harness). Every variant is
+compiled ahead of time (compile time reported apart, XLA cost analysis read).
+The model rows time the trainer's own compiled train step.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lightflax import layers, timing
+from lightflax import layers, tables, timing
 
 LAYER_KINDS = ("conv2d", "separable", "light_conv", "light_einsum", "lowrank")
-
-
-@dataclasses.dataclass
-class Variant:
-    name: str
-    compiled: Any  # timing.CompiledStep
-    args: Tuple[Any, ...]
-    next_args: Optional[Callable] = None
-    info: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def make_layer(kind: str, features: int, k: int, kernel: int = 3, dtype=None):
@@ -51,7 +36,7 @@ def make_layer(kind: str, features: int, k: int, kernel: int = 3, dtype=None):
 
 
 def layer_variant(kind: str, mode: str, *, batch: int, size: int, c_in: int, c_out: int, k: int,
-                  dtype=None) -> Variant:
+                  dtype=None) -> timing.Variant:
     layer = make_layer(kind, c_out, k, dtype=dtype)
     x = jax.random.uniform(jax.random.key(1), (batch, size, size, c_in))
     params = layer.init(jax.random.key(0), x)
@@ -63,8 +48,8 @@ def layer_variant(kind: str, mode: str, *, batch: int, size: int, c_in: int, c_o
     else:
         raise ValueError(f"mode must be fwd or fwd+bwd, got {mode!r}")
     name = kind if kind in ("conv2d", "separable", "conv2d_einsum") else f"{kind} k={k}"
-    return Variant(name, timing.aot_compile(fn, params, x), (params, x),
-                   info={"kind": kind, "k": k, "mode": mode, "batch": batch, "size": size, "c_in": c_in,
+    return timing.Variant(name, timing.aot_compile(fn, params, x), (params, x),
+                          info={"kind": kind, "k": k, "mode": mode, "batch": batch, "size": size, "c_in": c_in,
                          "c_out": c_out})
 
 
@@ -72,77 +57,33 @@ def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size:
                   parallel: str = "shard_map", dtype: str = "float32", num_classes: int = 2,
                   num_seeds: int = 1, replica_mode: str = "vmap", devices: Optional[Sequence[Any]] = None,
                   seed: int = 0, compiler_options: Optional[Dict[str, Any]] = None, label: Optional[str] = None,
-                  optimizer: str = "adam") -> Variant:
+                  optimizer: str = "adam") -> timing.Variant:
     """The trainer's own compiled train step on device-resident synthetic data
     (``devices``: the data-parallel mesh, default every device)."""
     from lightflax import data as data_lib, train
+    from lightflax.config import RunConfig
 
     n = max(2 * batch, 8)
     data = data_lib.load("synthetic", synthetic_shape=(size, size, 1),
                          synthetic_sizes={"train": n, "val": batch, "test": batch}, num_classes=num_classes)
-    cfg = train.RunConfig(workdir="", model=model, model_kwargs=dict(model_kwargs), batch_size=batch,
-                          image_size=size, channels=channels, parallel=parallel, dtype=dtype, num_seeds=num_seeds,
-                          replica_mode=replica_mode, seed=seed, optimizer=optimizer)
+    cfg = RunConfig(workdir="", model=model, model_kwargs=dict(model_kwargs), batch_size=batch,
+                    image_size=size, channels=channels, parallel=parallel, dtype=dtype, num_seeds=num_seeds,
+                    replica_mode=replica_mode, seed=seed, optimizer=optimizer)
     tr = train.Trainer(cfg, data, devices=devices)
     state = tr.init_state()
     images, labels = tr.device_split("train")
     keys = tr.data_keys()
-    perm = tr.permutations(keys, jnp.int32(0))
+    perm = tr.permutations(0)
     compiled = timing.aot_compile(tr, state, images, labels, perm, keys, compiler_options=compiler_options)
     label = label or model + "".join(f" {k}={v}" for k, v in model_kwargs.items()) + (
         f" x{num_seeds} seeds ({replica_mode})" if num_seeds > 1 else "") + (
         f" {parallel}" if parallel != "shard_map" else "") + (
         f" {tr.n_devices} dev" if devices is not None else "") + (f" {dtype}" if dtype != "float32" else "")
-    return Variant(label, compiled, (state, images, labels, perm, keys, tr.dev_ids),
-                   next_args=lambda out, a: (out[0],) + tuple(a[1:]),
-                   info={"kind": "model", "model": model, **model_kwargs, "mode": "train_step", "batch": batch,
-                         "size": size, "parallel": parallel, "dtype": dtype, "num_seeds": num_seeds,
-                         "replica_mode": replica_mode, "devices": tr.n_devices})
-
-
-def measure_group(variants: Sequence[Variant], *, rounds: int = 7, warmup: int = 1,
-                  baseline: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Interleaved rounds over ``variants``; returns one row per variant."""
-    variants = list(variants)
-    args = [v.args for v in variants]
-    for i, v in enumerate(variants):
-        for _ in range(warmup):
-            out = timing.sync(v.compiled.compiled(*args[i]))
-            if v.next_args:
-                args[i] = tuple(v.next_args(out, args[i]))
-    times = [[] for _ in variants]
-    for _ in range(rounds):
-        for i, v in enumerate(variants):
-            t0 = time.perf_counter()
-            out = timing.sync(v.compiled.compiled(*args[i]))
-            times[i].append(time.perf_counter() - t0)
-            if v.next_args:
-                args[i] = tuple(v.next_args(out, args[i]))
-    base_i = next((i for i, v in enumerate(variants) if v.name == baseline), 0)
-    base = np.array(times[base_i])
-    rows = []
-    for v, t in zip(variants, times):
-        t = np.array(t)
-        c = v.compiled
-        median = float(np.median(t))
-        batch = v.info.get("batch")
-        rows.append({
-            **v.info,
-            "variant": v.name,
-            "median_ms": 1e3 * median,
-            "p10_ms": 1e3 * float(np.percentile(t, 10)),
-            "p90_ms": 1e3 * float(np.percentile(t, 90)),
-            "ratio_to_baseline": float(np.median(t / base)),
-            "baseline": variants[base_i].name,
-            "images_per_s": batch / median if batch else None,
-            "compile_s": c.compile_s,
-            "gflops": c.flops / 1e9 if c.flops is not None else None,
-            "gbytes": c.bytes_accessed / 1e9 if c.bytes_accessed is not None else None,
-            "achieved_gflops_per_s": c.flops / median / 1e9 if c.flops else None,
-            "arithmetic_intensity": (c.flops / c.bytes_accessed) if (c.flops and c.bytes_accessed) else None,
-            "peak_mb": (c.memory or {}).get("peak_bytes", 0) / 1e6 if c.memory else None,
-        })
-    return rows
+    return timing.Variant(label, compiled, (state, images, labels, perm, keys, tr.dev_ids),
+                          next_args=lambda out, a: (out[0],) + tuple(a[1:]),
+                          info={"kind": "model", "model": model, **model_kwargs, "mode": "train_step",
+                                "batch": batch, "size": size, "parallel": parallel, "dtype": dtype,
+                                "num_seeds": num_seeds, "replica_mode": replica_mode, "devices": tr.n_devices})
 
 
 ROW_COLUMNS = ["variant", "mode", "batch", "size", "c_in", "c_out", "median_ms", "p10_ms", "p90_ms",
@@ -160,9 +101,7 @@ def markdown(rows: List[Dict[str, Any]], columns: Sequence[str] = ROW_COLUMNS) -
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
         return str(v)
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return tables.markdown_table(cols, [[fmt(r.get(c)) for c in cols] for r in rows]).rstrip("\n")
 
 
 def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:

@@ -7,13 +7,13 @@ preprocesses it (resize, gray->RGB, /255, mean subtraction) and optionally
 augments it on device, then computes gradients. Gradients, metrics and
 BatchNorm batch statistics are averaged over ``parallel.AXIS``.
 
-``num_seeds > 1`` vmaps the same per-device function over a leading replica
-axis (independent initialisations and data orders trained in one step).
+Every state, key and output carries a leading replica axis (``num_seeds``
+independent initialisations and data orders trained in one step), also for a
+single seed: :func:`replicate_over_seeds` adds it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -23,6 +23,8 @@ from flax.training import train_state
 from jax import lax
 
 from lightflax import layers, parallel
+from lightflax.config import REPLICA_MODES, RunConfig
+from lightflax.data import augment as augment_lib, pipeline
 
 Array = jax.Array
 
@@ -33,27 +35,11 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """Static configuration of the steps (hashable; part of the compiled program)."""
-
-    global_batch: int
-    local_batch: int
-    image_size: Optional[int]  # model input resolution (None: keep stored size)
-    channels: int  # model input channels
-    mean: Optional[Tuple[float, ...]] = None
-    l2: float = 0.0  # reference L2 penalty on LightConv2D kernels
-    augment: Any = None  # lightflax.data.augment.AugmentConfig or None
-    eval_image_size: Optional[int] = None  # FixRes: evaluate at another resolution
-
-
-def preprocess(images: Array, size: Optional[int], cfg: StepConfig) -> Array:
+def preprocess(images: Array, size: Optional[int], cfg: RunConfig) -> Array:
     """uint8 NHWC images -> model input; feature vectors (B, D) and float images
     (already preprocessed, as in the input-path benchmark) pass through."""
     if images.ndim == 2 or jnp.issubdtype(images.dtype, jnp.floating):
         return images.astype(jnp.float32)
-    from lightflax.data import pipeline
-
     return pipeline.preprocess(images, out_size=size, channels=cfg.channels, mean=cfg.mean)
 
 
@@ -99,7 +85,7 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def make_train_step(model, cfg: StepConfig) -> Callable:
+def make_train_step(model, cfg: RunConfig, local_batch: int) -> Callable:
     """Per-device, per-replica train step.
 
     Args (of the returned function):
@@ -109,20 +95,20 @@ def make_train_step(model, cfg: StepConfig) -> Callable:
       key: PRNG key of the replica (folded with the global step and device).
       dev_id: int32 (1,) this device's index (parallel.device_ids, sharded).
     Returns (state, metrics) with metrics {'loss', 'accuracy'} averaged over devices.
+    The device's slice of global batch ``step`` is local batch ``step * n_devices + dev``
+    of :func:`lightflax.data.pipeline.get_batch` (global batch = n_devices * local_batch).
     """
+    devices = cfg.batch_size // local_batch
+    augment = augment_lib.AugmentConfig.study() if cfg.augment == "study" else None
 
     def step_fn(state: TrainState, images, labels, perm, step, key, dev_id):
         dev = dev_id[0]
-        start = step * cfg.global_batch + dev * cfg.local_batch
-        idx = lax.dynamic_slice(perm, (start,), (cfg.local_batch,))
-        x = preprocess(images[idx], cfg.image_size, cfg)
-        y = labels[idx]
+        x, y = pipeline.get_batch(images, labels, perm, step * devices + dev, local_batch)
+        x = preprocess(x, cfg.image_size, cfg)
         key = jax.random.fold_in(jax.random.fold_in(key, state.step), dev)
         aug_key, drop_key = jax.random.split(key)
-        if cfg.augment is not None:
-            from lightflax.data import augment
-
-            x = augment.augment(aug_key, x, cfg.augment)
+        if augment is not None:
+            x = augment_lib.augment(aug_key, x, augment)
 
         def loss_fn(params):
             logits, new_vars = state.apply_fn(
@@ -149,35 +135,28 @@ def make_train_step(model, cfg: StepConfig) -> Callable:
     return step_fn
 
 
-def make_eval_step(model, cfg: StepConfig) -> Callable:
+def make_eval_step(model, cfg: RunConfig, local_batch: int) -> Callable:
     """Per-device eval step over a fixed-size window of a split.
 
     Args: state, images, labels (the split on device), start (int32 offset of the
     global window), dev_id (int32 (1,), sharded). Returns per-example log-probabilities (local_batch, classes),
-    labels and a validity mask, sharded along the batch axis.
+    labels and a validity mask (:func:`lightflax.data.pipeline.get_eval_batch`), sharded along the batch axis.
     """
     size = cfg.eval_image_size or cfg.image_size
 
     def eval_fn(state: TrainState, images, labels, start, dev_id):
-        n = images.shape[0]
-        dev = dev_id[0]
-        idx = start + dev * cfg.local_batch + jnp.arange(cfg.local_batch)
-        mask = idx < n
-        idx = jnp.minimum(idx, n - 1)
-        x = preprocess(images[idx], size, cfg)
+        x, y, mask = pipeline.get_eval_batch(images, labels, start + dev_id[0] * local_batch, local_batch)
+        x = preprocess(x, size, cfg)
         logits = state.apply_fn(
             {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
         )
-        return jax.nn.log_softmax(logits.astype(jnp.float32)), labels[idx], mask
+        return jax.nn.log_softmax(logits.astype(jnp.float32)), y, mask
 
     return eval_fn
 
 
-REPLICA_MODES = ("vmap", "loop")
-
-
 def replicate_over_seeds(fn: Callable, num_seeds: int, in_axes, out_axes=0, mode: str = "vmap") -> Callable:
-    """Apply ``fn`` over a leading replica axis when num_seeds > 1 (identity otherwise).
+    """Apply ``fn`` over a leading replica axis of ``num_seeds`` (always present, also for 1).
 
     ``mode="vmap"`` batches the replicas (one program, replica axis vectorised: every
     convolution of per-replica kernels becomes a grouped convolution). ``mode="loop"``
@@ -185,17 +164,15 @@ def replicate_over_seeds(fn: Callable, num_seeds: int, in_axes, out_axes=0, mode
     the step in one program): the same numbers per replica as a plain run, and plain
     convolutions, which XLA:CPU runs much faster than grouped ones. (``lax.map``, a
     while loop, measured 3.5x slower than the unrolled form on XLA:CPU; compile time of
-    the unrolled form grows with N.) ``in_axes`` entries are 0 (per replica) or None
+    the unrolled form grows with N.) One replica always takes the loop form: the plain
+    step, with the axis added around it. ``in_axes`` entries are 0 (per replica) or None
     (shared); ``out_axes`` is 0 or a tuple of 0/None (None: identical for every replica,
     returned once).
     """
     if mode not in REPLICA_MODES:
         raise ValueError(f"replica mode must be one of {', '.join(REPLICA_MODES)}, got {mode!r}")
-    if num_seeds == 1:
-        return fn
-    if mode == "vmap":
+    if mode == "vmap" and num_seeds > 1:
         return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
-    # mode == "loop"
     if any(a not in (0, None) for a in in_axes):
         raise ValueError(f"in_axes entries must be 0 or None, got {in_axes!r}")
     mapped = [i for i, a in enumerate(in_axes) if a == 0]

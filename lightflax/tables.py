@@ -23,6 +23,13 @@ from typing import Any, Dict, List, Optional, Sequence
 from lightflax.errors import UserError
 
 DEFAULT_METRICS = ("test_accuracy", "test_loss")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The one markdown table writer: ``header`` and rows of cells (str() of each), newline-terminated."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 _SEED = re.compile(r"^(?P<row>.+)_s(?P<seed>\d+)$")
 
 
@@ -105,15 +112,15 @@ def _pm(s: Dict[str, Any], digits: int) -> str:
 def markdown(entries: List[Dict[str, Any]], metrics: Sequence[str], extra: Sequence[str] = ("total_params",),
              digits: int = 4) -> str:
     head = ["row", "seeds", *extra, *metrics, "per seed (" + metrics[0] + ")"] if metrics else ["row", "seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for e in entries:
         cells = [e["row"], str(e["seeds"])]
         cells += [f"{e[k]:,}" if isinstance(e[k], int) else str(e[k]) for k in extra]
         cells += [_pm(e[k], digits) for k in metrics]
         if metrics:
             cells.append(", ".join(f"{v:.{digits}f}" for v in e[metrics[0]]["values"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def bar_chart(path: str, entries: List[Dict[str, Any]], metric: str) -> str:

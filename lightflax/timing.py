@@ -12,11 +12,11 @@ Pieces:
   timing lowering and XLA compilation apart from execution, and reads XLA's
   cost analysis (FLOPs, bytes accessed) and memory analysis of the executable.
 * :class:`StepTimer` times individual steps (warm-up kept apart) and
-  :func:`summarize` turns the durations into median / p10 / p90.
-* :class:`Stopwatch` times epochs and the whole run, with compile time kept
-  apart so totals can be reported both excluding and including it.
-* :func:`benchmark` is the harness used for speed studies: the same pieces
-  around one function.
+  :func:`summarize` turns the durations into median / p10 / p90. The trainer
+  times every train step with it.
+* :func:`measure_interleaved` is the harness of speed studies and benchmarks:
+  a group of compiled variants run in interleaved rounds (A B C A B C ...),
+  each call through a StepTimer, ratios to a baseline per round.
 * :class:`ProfileWindow` writes a JAX profiler trace (``*.xplane.pb`` and
   ``*.trace.json.gz``, readable by TensorBoard's profile plugin / XProf and
   Perfetto) of a window of steps, each wrapped in a ``StepTraceAnnotation``.
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
-import math
 import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -90,16 +88,6 @@ class CompiledStep:
     def total_compile_s(self) -> float:
         """Lowering plus XLA compilation, in seconds."""
         return self.lower_s + self.compile_s
-
-    def to_json(self) -> Dict[str, Any]:
-        """Everything except the executable, JSON-serialisable."""
-        return {
-            "lower_s": self.lower_s,
-            "compile_s": self.compile_s,
-            "flops": self.flops,
-            "bytes_accessed": self.bytes_accessed,
-            "memory": self.memory,
-        }
 
 
 def cost_analysis(compiled: Any) -> Dict[str, float]:
@@ -221,12 +209,11 @@ class StepTimer:
       timer = StepTimer(warmup=1)
       for batch in batches:
           state, metrics = timer.run(compiled, state, batch)
-      timer.stats()["median"], timer.images_per_s(batch_size)
+      timer.stats()["median"]
 
     Note that synchronising every step removes the overlap of Python dispatch
     with device work that an unsynchronised loop has; for tiny steps that can
-    cost tens of microseconds per step. A :class:`Stopwatch` around a whole
-    epoch measures the wall-clock throughput that includes it.
+    cost tens of microseconds per step.
     """
 
     def __init__(self, warmup: int = 1):
@@ -249,10 +236,6 @@ class StepTimer:
         self.durations.append(time.perf_counter() - t0)
         return out
 
-    def record(self, seconds: float) -> None:
-        """Records a step timed elsewhere (already synchronised by the caller)."""
-        self.durations.append(float(seconds))
-
     @property
     def measured(self) -> List[float]:
         """Durations of the steps after warm-up, in seconds."""
@@ -271,146 +254,6 @@ class StepTimer:
     def stats(self) -> Dict[str, Any]:
         """:func:`summarize` of the steps after warm-up."""
         return summarize(self.measured)
-
-    def images_per_s(self, batch_size: int, statistic: str = "mean") -> Optional[float]:
-        """Images per second over the steps after warm-up, or None when there are none.
-
-        ``statistic="mean"``: ``batch_size * steps / seconds`` (the throughput
-        of the measured steps taken together); ``"median"``:
-        ``batch_size / median step time`` (robust to outlier steps).
-        """
-        m = self.measured
-        if not m:
-            return None
-        if statistic == "mean":
-            return batch_size * len(m) / sum(m)
-        if statistic == "median":
-            return batch_size / float(np.median(m))
-        raise ValueError(f"statistic must be 'mean' or 'median', got {statistic!r}")
-
-
-class Stopwatch:
-    """Wall-clock laps (epochs) and a run total, with compile time kept apart.
-
-    ``start``/``stop`` synchronise the given pytree before reading the clock.
-    Compile time measured elsewhere (e.g. ``CompiledStep.total_compile_s``, or
-    the first evaluation call) is added with :meth:`add_compile` so totals are
-    available both excluding and including it.
-
-    Example::
-
-      watch = Stopwatch()
-      watch.add_compile(compiled.total_compile_s)
-      for epoch in ...:
-          watch.start(state)
-          state = train_epoch(state)
-          watch.stop(state)
-      watch.laps, watch.total_s, watch.total_incl_compile_s
-    """
-
-    def __init__(self) -> None:
-        self.laps: List[float] = []
-        self.compile_s: float = 0.0
-        self._t0: Optional[float] = None
-
-    def start(self, tree: Any = None) -> None:
-        """Synchronises ``tree`` (work queued before the lap) and starts a lap."""
-        if self._t0 is not None:
-            raise RuntimeError("Stopwatch.start called twice without stop")
-        sync(tree)
-        self._t0 = time.perf_counter()
-
-    def stop(self, tree: Any = None) -> float:
-        """Synchronises ``tree`` (the lap's outputs), ends the lap, returns its seconds."""
-        if self._t0 is None:
-            raise RuntimeError("Stopwatch.stop called without start")
-        sync(tree)
-        lap = time.perf_counter() - self._t0
-        self._t0 = None
-        self.laps.append(lap)
-        return lap
-
-    @property
-    def running(self) -> bool:
-        return self._t0 is not None
-
-    def add_compile(self, seconds: Optional[float]) -> None:
-        """Adds compile time measured elsewhere (None is ignored)."""
-        if seconds is not None:
-            self.compile_s += float(seconds)
-
-    @property
-    def total_s(self) -> float:
-        """Sum of the laps, compilation excluded (compilation happened outside them)."""
-        return float(sum(self.laps))
-
-    @property
-    def total_incl_compile_s(self) -> float:
-        """Sum of the laps plus the compile time added."""
-        return self.total_s + self.compile_s
-
-    def stats(self) -> Dict[str, Any]:
-        """:func:`summarize` of the laps."""
-        return summarize(self.laps)
-
-
-def benchmark(
-    fn: Callable[..., Any],
-    args: Sequence[Any],
-    *,
-    warmup: int = 2,
-    repeats: int = 10,
-    min_time_s: Optional[float] = None,
-    next_args: Optional[Callable[[Any, Tuple[Any, ...]], Sequence[Any]]] = None,
-    max_repeats: int = 100_000,
-) -> Dict[str, Any]:
-    """Times ``fn(*args)``: AOT compile apart, warm-up apart, per-call synchronisation.
-
-    Args:
-      fn: a jitted function (or a plain one, which is wrapped in ``jax.jit``).
-      args: positional arguments.
-      warmup: calls run and synchronised before measuring (not in the stats).
-      repeats: measured calls (at least this many).
-      min_time_s: if set, keep measuring until the measured calls add up to
-        at least this many seconds (bounded by ``max_repeats``).
-      next_args: ``next_args(outputs, args) -> args`` for the next call; needed
-        when ``fn`` donates its inputs (e.g. a train step donating its state:
-        ``lambda out, a: (out[0],) + a[1:]``). By default the same args are reused.
-      max_repeats: upper bound on measured calls when ``min_time_s`` is set.
-
-    Returns:
-      A JSON-serialisable dict: ``lower_s, compile_s, warmup_s`` (list),
-      ``step_s`` (:func:`summarize` of the measured calls), ``flops``,
-      ``bytes_accessed``, ``flops_per_s`` and ``bytes_per_s`` (per call /
-      median time; None where unknown), ``memory``.
-    """
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    args = tuple(args)
-    step = aot_compile(jitted, *args)
-    timer = StepTimer(warmup=warmup)
-    calls = 0
-    while True:
-        measured = calls - warmup
-        if measured >= repeats and (min_time_s is None or timer.measured_s >= min_time_s or measured >= max_repeats):
-            break
-        out = timer.run(step.compiled, *args)
-        if next_args is not None:
-            args = tuple(next_args(out, args))
-        calls += 1
-    stats = timer.stats()
-    median = stats["median"]
-    return {
-        "lower_s": step.lower_s,
-        "compile_s": step.compile_s,
-        "warmup_s": timer.durations[:warmup],
-        "step_s": stats,
-        "flops": step.flops,
-        "bytes_accessed": step.bytes_accessed,
-        "flops_per_s": step.flops / median if step.flops is not None and median else None,
-        "bytes_per_s": step.bytes_accessed / median if step.bytes_accessed is not None and median else None,
-        "memory": step.memory,
-    }
-
 
 class ProfileWindow:
     """Captures a JAX profiler trace of steps ``start_step .. start_step + num_steps - 1``.
@@ -493,16 +336,62 @@ class ProfileWindow:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def trace_files(self) -> List[str]:
-        """The ``*.xplane.pb`` and ``*.trace.json.gz`` files written under ``profile_dir``."""
-        if self.profile_dir is None:
-            return []
-        pattern = os.path.join(self.profile_dir, "plugins", "profile", "*", "*")
-        return sorted(p for p in glob.glob(pattern) if p.endswith((".xplane.pb", ".trace.json.gz")))
+
+@dataclasses.dataclass
+class Variant:
+    """One contender of :func:`measure_interleaved`: a compiled function and its arguments.
+
+    ``next_args(outputs, args) -> args`` feeds a step that donates its inputs (a
+    train step's state: ``lambda out, a: (out[0],) + a[1:]``); ``info`` is copied
+    into the variant's row.
+    """
+
+    name: str
+    compiled: CompiledStep
+    args: Tuple[Any, ...]
+    next_args: Optional[Callable[[Any, Tuple[Any, ...]], Sequence[Any]]] = None
+    info: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def throughput(items: int, seconds: Optional[float]) -> Optional[float]:
-    """``items / seconds``, or None when seconds is None, zero or not finite."""
-    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-        return None
-    return items / seconds
+def measure_interleaved(variants: Sequence[Variant], *, rounds: int = 7, warmup: int = 1,
+                        baseline: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Times ``variants`` in interleaved rounds (A B C ... A B C ...); one row per variant.
+
+    Each call runs through a :class:`StepTimer` (inputs and outputs synchronised
+    around the clock reads), after ``warmup`` calls per variant. Rows hold the
+    median/p10/p90 in ms, the ratio to the ``baseline`` variant (default the first)
+    as the median of the per-round ratios (machine noise hits every variant of a
+    round alike), and the XLA costs of the compiled function.
+    """
+    variants = list(variants)
+    args = [tuple(v.args) for v in variants]
+    timers = [StepTimer(warmup=warmup) for _ in variants]
+    for _ in range(warmup + rounds):
+        for i, v in enumerate(variants):
+            out = timers[i].run(v.compiled.compiled, *args[i])
+            if v.next_args:
+                args[i] = tuple(v.next_args(out, args[i]))
+    base_i = next((i for i, v in enumerate(variants) if v.name == baseline), 0)
+    base = np.array(timers[base_i].measured)
+    return [_row(v, np.array(t.measured), base, variants[base_i].name) for v, t in zip(variants, timers)]
+
+
+def _row(v: Variant, t: np.ndarray, base: np.ndarray, baseline: str) -> Dict[str, Any]:
+    c, median = v.compiled, float(np.median(t))
+    batch = v.info.get("batch")
+    return {
+        **v.info,
+        "variant": v.name,
+        "median_ms": 1e3 * median,
+        "p10_ms": 1e3 * float(np.percentile(t, 10)),
+        "p90_ms": 1e3 * float(np.percentile(t, 90)),
+        "ratio_to_baseline": float(np.median(t / base)),
+        "baseline": baseline,
+        "images_per_s": batch / median if batch else None,
+        "compile_s": c.compile_s,
+        "gflops": c.flops / 1e9 if c.flops is not None else None,
+        "gbytes": c.bytes_accessed / 1e9 if c.bytes_accessed is not None else None,
+        "achieved_gflops_per_s": c.flops / median / 1e9 if c.flops else None,
+        "arithmetic_intensity": (c.flops / c.bytes_accessed) if (c.flops and c.bytes_accessed) else None,
+        "peak_mb": (c.memory or {}).get("peak_bytes", 0) / 1e6 if c.memory else None,
+    }

@@ -1,4 +1,11 @@
-"""Transfer learning with a frozen backbone: cached features + the shared trainer."""
+"""Transfer learning with a frozen backbone: cached features + the shared trainer.
+
+    results = transfer.run_transfer("efficientnet_lite0", data, cfg)
+
+``cfg`` (a RunConfig) carries the protocol (epochs, batch, seeds, workdir); the
+head and fine-tuning stages are trained with new configs derived from it by
+``dataclasses.replace`` (model, workdir, learning rate), never by mutation.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +16,21 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from lightflax import report, summary
+from lightflax import files, report, summary, train
+from lightflax.config import RunConfig
 from lightflax.errors import UserError
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("LIGHTFLAX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lightflax")
-    return os.path.join(base, "features")
+    """Feature cache: $LIGHTFLAX_CACHE_DIR/features, else the user cache's lightflax/features."""
+    return files.cache_dir("features")
+
+
+def _on_features(cfg: RunConfig, **fields) -> RunConfig:
+    """``cfg`` for a model fed with cached backbone outputs: no image preprocessing or augmentation."""
+    kwargs = {"dropout": cfg.model_kwargs["dropout"]} if cfg.model_kwargs.get("dropout") else {}
+    return dataclasses.replace(cfg, model_kwargs=kwargs, image_size=None, eval_image_size=None, mean=None,
+                               augment="none", **fields)
 
 
 def extract_features(bb, data, *, cache_dir: Optional[str] = None, backbone: str = "") -> tuple:
@@ -43,28 +57,31 @@ def extract_features(bb, data, *, cache_dir: Optional[str] = None, backbone: str
     return dataclasses.replace(data, splits=splits), time.perf_counter() - t0, info
 
 
-def run_transfer(backbone: str, data, workdir: str, *, pretrained_path: Optional[str] = None,
+def run_transfer(backbone: str, data, cfg: RunConfig, *, pretrained_path: Optional[str] = None,
                  cache_dir: Optional[str] = None, finetune_blocks: int = 0, finetune_epochs: int = 10,
-                 finetune_learning_rate: float = 1e-5) -> Dict[str, Any]:
+                 finetune_learning_rate: float = 1e-5, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Stage 1: frozen backbone + linear head on cached features. With
     ``finetune_blocks`` = N > 0, stage 2 then unfreezes the backbone's last N
     blocks and trains them with the head at ``finetune_learning_rate`` for
     ``finetune_epochs``, fed with the cached activations of the frozen trunk.
     Stage 1 then lives in ``workdir/head``, stage 2 in ``workdir/finetune``, and
-    ``workdir/results.json`` reports the final (stage-2) model."""
-    from lightflax import experiment, pretrained
+    ``workdir/results.json`` reports the final (stage-2) model. ``extra``: see
+    ``train.train_and_evaluate``."""
+    from lightflax import pretrained
     from flax import serialization
 
+    workdir = cfg.workdir
     bb = pretrained.load(backbone, path=pretrained_path, include_top=False)
     names = bb.block_names()
     if not 0 <= finetune_blocks < len(names):
         raise UserError(f"--finetune_blocks must be in 0..{len(names) - 1} for {backbone} (blocks, input to "
                         f"output: {', '.join(names)}), got {finetune_blocks}")
-    if finetune_blocks and experiment.FLAGS.num_seeds != 1:
+    if finetune_blocks and cfg.num_seeds != 1:
         raise UserError("--finetune_blocks needs --num_seeds=1 (every replica would start from one stage-1 head)")
     stage1_dir = os.path.join(workdir, "head") if finetune_blocks else workdir
     fdata, feature_s, info = extract_features(bb, data, cache_dir=cache_dir, backbone=backbone)
-    results = experiment.run_training("xray_transfer", "linear_head", {}, channels=3, data=fdata, workdir=stage1_dir)
+    results = train.train_and_evaluate(_on_features(cfg, model="linear_head", workdir=stage1_dir), fdata,
+                                       extra=extra)
     bcounts = summary.variables_counts(bb.variables)
     backbone_bytes = len(serialization.to_bytes(bb.variables))
     results.update({
@@ -90,8 +107,9 @@ def run_transfer(backbone: str, data, workdir: str, *, pretrained_path: Optional
     report.write_json(os.path.join(stage1_dir, "results.json"), results)
     if not finetune_blocks:
         return results
-    final = finetune(bb, data, stage1_dir, os.path.join(workdir, "finetune"), blocks=finetune_blocks,
-                     epochs=finetune_epochs, learning_rate=finetune_learning_rate, cache_dir=cache_dir)
+    stage2 = _on_features(cfg, workdir=os.path.join(workdir, "finetune"), epochs=finetune_epochs,
+                          learning_rate=finetune_learning_rate)
+    final = finetune(bb, data, stage1_dir, stage2, blocks=finetune_blocks, cache_dir=cache_dir, extra=extra)
     final["stage1"] = {k: results.get(k) for k in (
         "select_metrics", "test_metrics", "test_accuracy", "trainable_params", "total_time_s",
         "feature_extraction_s", "time_per_epoch_s", "best_epoch")}
@@ -105,17 +123,18 @@ def run_transfer(backbone: str, data, workdir: str, *, pretrained_path: Optional
     return final
 
 
-def finetune(bb, data, stage1_dir: str, workdir: str, *, blocks: int, epochs: int, learning_rate: float,
-             cache_dir: Optional[str] = None) -> Dict[str, Any]:
+def finetune(bb, data, stage1_dir: str, cfg: RunConfig, *, blocks: int, cache_dir: Optional[str] = None,
+             extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Stage 2: the last ``blocks`` blocks + stage 1's head, trained on cached trunk activations.
 
     The trunk (every block before the cut) stays frozen, so its output is
     computed once per split and cached like the pooled features; the backbone's
-    BatchNorm stays in inference mode (Keras' fine-tuning recipe)."""
+    BatchNorm stays in inference mode (Keras' fine-tuning recipe). ``cfg``: stage 2's
+    protocol (workdir, epochs, learning rate); its model is set here."""
     import jax
     import jax.numpy as jnp
 
-    from lightflax import checkpoints, experiment, models
+    from lightflax import checkpoints, models
     from flax import serialization
 
     names = bb.block_names()
@@ -130,11 +149,9 @@ def finetune(bb, data, stage1_dir: str, workdir: str, *, blocks: int, epochs: in
                        "head": head["params"]["head"]},
             "batch_stats": {"backbone": {n: v for n, v in bb.variables.get("batch_stats", {}).items() if n in tail}}}
     channels = int(adata.splits["train"].images.shape[-1])
-    results = experiment.run_training(
-        "xray_transfer", "backbone_tail", {"backbone": bb.name, "first_block": cut}, channels=channels,
-        data=adata, workdir=workdir, init_variables=init,
-        overrides={"epochs": epochs, "learning_rate": learning_rate, "image_size": None, "eval_image_size": None,
-                   "augment": None})
+    kwargs = dict(cfg.model_kwargs, backbone=bb.name, first_block=cut)
+    cfg = dataclasses.replace(cfg, model="backbone_tail", model_kwargs=kwargs, channels=channels)
+    results = train.train_and_evaluate(cfg, adata, init_variables=init, extra=extra)
     frozen = {c: {n: v for n, v in bb.variables.get(c, {}).items() if n not in tail} for c in ("params", "batch_stats")}
     fcounts = summary.variables_counts(frozen)
     frozen_bytes = len(serialization.to_bytes(frozen))
@@ -156,5 +173,5 @@ def finetune(bb, data, stage1_dir: str, workdir: str, *, blocks: int, epochs: in
     results["notes"] = list(results.get("notes", [])) + [
         f"fine-tuning: trunk ({names[0]}..{names[cut - 1]}) frozen, its activations cached "
         f"({act_s:.1f} s); size_bytes = frozen trunk + tuned tail and head as msgpack"]
-    report.write_json(os.path.join(workdir, "results.json"), results)
+    report.write_json(os.path.join(cfg.workdir, "results.json"), results)
     return results

@@ -103,7 +103,7 @@ def test_low_rank_conv2d_matches_numpy(impl, padding, stride, kernel):
     rng = np.random.default_rng(2)
     for shape in SHAPES:
         x = rng.normal(size=shape).astype(np.float32)
-        layer = layers.LowRankConv2D(6, kernel, rank=2, strides=stride, padding=padding, impl=impl)
+        layer = layers.LowRankConv2D(6, kernel, k=2, strides=stride, padding=padding, form=impl)
         variables = layer.init(jax.random.key(3), x)
         p = variables["params"]
         p = dict(p, bias=np.random.default_rng(9).normal(size=6).astype(np.float32))
@@ -115,7 +115,7 @@ def test_low_rank_conv2d_matches_numpy(impl, padding, stride, kernel):
 
 def test_low_rank_materialized_kernel_is_one_convolution():
     x = np.random.default_rng(3).normal(size=(2, 9, 9, 4)).astype(np.float32)
-    layer = layers.LowRankConv2D(8, 3, rank=2)
+    layer = layers.LowRankConv2D(8, 3, k=2)
     variables = layer.init(jax.random.key(0), x)
     jaxpr = jax.make_jaxpr(layer.apply)(variables, x)
     n_conv = str(jaxpr).count("conv_general_dilated")
@@ -124,13 +124,13 @@ def test_low_rank_materialized_kernel_is_one_convolution():
     chex.assert_shape(variables["params"]["v"], (2, 8))
 
 
-@pytest.mark.parametrize("padding,stride,kernel,impl",
-                         list(itertools.product(("SAME", "VALID"), (1, 2), (1, 3), ("taps", "conv"))))
-def test_separable_conv2d_matches_numpy(padding, stride, kernel, impl):
+@pytest.mark.parametrize("padding,stride,kernel,taps",
+                         list(itertools.product(("SAME", "VALID"), (1, 2), (1, 3), (True, False))))
+def test_separable_conv2d_matches_numpy(padding, stride, kernel, taps):
     rng = np.random.default_rng(4)
     for shape in SHAPES:
         x = rng.normal(size=shape).astype(np.float32)
-        layer = layers.SeparableConv2D(5, kernel, strides=stride, padding=padding, impl=impl)
+        layer = layers.SeparableConv2D(5, kernel, strides=stride, padding=padding, depthwise_taps=taps)
         variables = layer.init(jax.random.key(4), x)
         p = variables["params"]
         c = shape[-1]
@@ -201,8 +201,8 @@ def test_other_layers_gradients():
     with jax.enable_x64(True):
         x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 6, 5, 3)))
         for layer in (
-            layers.LowRankConv2D(4, 3, rank=2),
-            layers.LowRankConv2D(4, 3, rank=2, impl="factored"),
+            layers.LowRankConv2D(4, 3, k=2),
+            layers.LowRankConv2D(4, 3, k=2, form="factored"),
             layers.SeparableConv2D(4, 3, strides=2),
         ):
             params = jax.tree_util.tree_map(
@@ -239,7 +239,8 @@ def test_reference_l2_penalty_covers_light_conv_kernels_only():
         (lambda: layers.LightConv2D(8, 3, k=2, impl="cuda"), "impl must be one of"),
         (lambda: layers.LightConv2D(8, (3, 0), k=2), "kernel_size must be >= 1"),
         (lambda: layers.LightDense(10, k=0), "k must be an integer >= 1"),
-        (lambda: layers.LowRankConv2D(8, 3, rank=0), "rank must be an integer >= 1"),
+        (lambda: layers.LowRankConv2D(8, 3, k=0), "k must be an integer >= 1"),
+        (lambda: layers.LowRankConv2D(8, 3, k=2, form="svd"), "form must be 'materialize' or 'factored'"),
         (lambda: layers.Conv2D(-1, 3), "features must be an integer >= 1"),
     ],
 )
@@ -274,16 +275,11 @@ def test_depthwise_taps_equals_grouped_conv_with_gradients(padding, stride, kern
         g = jnp.asarray(rng.normal(size=layers.depthwise_conv2d(x, w, (stride, stride), padding).shape),
                         jnp.float32)
 
-        def loss(w, x, impl):
-            return jnp.sum(g * layers.depthwise_conv2d(x, w, (stride, stride), padding, impl=impl))
+        def loss(w, x, taps):
+            return jnp.sum(g * layers.depthwise_conv2d(x, w, (stride, stride), padding, taps=taps))
 
-        y_t = layers.depthwise_conv2d(x, w, (stride, stride), padding, impl="taps")
-        y_c = layers.depthwise_conv2d(x, w, (stride, stride), padding, impl="conv")
+        y_t = layers.depthwise_conv2d(x, w, (stride, stride), padding, taps=True)
+        y_c = layers.depthwise_conv2d(x, w, (stride, stride), padding, taps=False)
         assert rel_err(y_t, y_c) < 1e-5
-        for a, b in zip(jax.grad(loss, argnums=(0, 1))(w, x, "taps"), jax.grad(loss, argnums=(0, 1))(w, x, "conv")):
+        for a, b in zip(jax.grad(loss, argnums=(0, 1))(w, x, True), jax.grad(loss, argnums=(0, 1))(w, x, False)):
             assert rel_err(a, b) < 1e-5
-
-
-def test_depthwise_bad_impl():
-    with pytest.raises(ValueError, match="impl must be"):
-        layers.SeparableConv2D(4, 3, impl="fft").init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))

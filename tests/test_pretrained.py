@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 
-from lightflax import pretrained, summary
+from lightflax import files, pretrained, summary
 from lightflax.errors import CheckpointError, DataError, UserError
-from lightflax.pretrained import backbone, download, efficientnet_lite0, features, inception_v3, torch_reader
+from lightflax.pretrained import backbone, efficientnet_lite0, features, inception_v3, torch_reader
 
 
 def _package_weights() -> str:
@@ -52,7 +52,7 @@ def lite():
 
 def test_reader_reads_package_file_without_torch():
     path = _package_weights()
-    assert download.file_hash(path, "sha256") == efficientnet_lite0.WEIGHTS_SHA256
+    assert files.file_digest(path, "sha256") == efficientnet_lite0.WEIGHTS_SHA256
     state = torch_reader.load(path)
     assert len(state) == 296
     assert sum(k.endswith("num_batches_tracked") for k in state) == 49
@@ -175,17 +175,6 @@ def test_block_names_are_param_prefixes(lite):
     assert sorted(names) == sorted(abstract["params"])
 
 
-def test_trainable_mask_selects_last_blocks(lite_top):
-    import jax
-
-    mask = pretrained.trainable_mask(lite_top.variables["params"], "efficientnet_lite0", 2)
-    on = {k for k, v in mask.items() if all(jax.tree_util.tree_leaves(v))}
-    off = {k for k, v in mask.items() if not any(jax.tree_util.tree_leaves(v))}
-    assert on == {"blocks_15", "head", "fc"} and on | off == set(mask)
-    with pytest.raises(UserError, match="last_n must be in 0..18"):
-        pretrained.trainable_mask(lite_top.variables["params"], "efficientnet_lite0", 19)
-
-
 def test_unknown_backbone_and_missing_path():
     with pytest.raises(UserError, match="unknown backbone 'resnet'; choose one of efficientnet_lite0, inception_v3"):
         pretrained.load("resnet")
@@ -257,21 +246,20 @@ def _fake_fetch(payload: bytes):
 def test_download_checks_hash_and_caches(tmp_path, monkeypatch):
     payload = b"fake weights " * 1000
     good = hashlib.md5(payload).hexdigest()
-    monkeypatch.setattr(download, "FETCH", _fake_fetch(payload))
+    monkeypatch.setattr(files, "FETCH", _fake_fetch(payload))
     with pytest.raises(CheckpointError, match="has md5 .* expected 0{32}; nothing was cached"):
-        download.download("https://example.invalid/w.h5", "w.h5", "0" * 32, directory=str(tmp_path))
+        files.download("https://example.invalid/w.h5", tmp_path / "w.h5", "0" * 32)
     assert os.listdir(tmp_path) == []
-    path = download.download("https://example.invalid/w.h5", "w.h5", good, directory=str(tmp_path))
+    path = files.download("https://example.invalid/w.h5", tmp_path / "w.h5", good)
     assert path == str(tmp_path / "w.h5") and open(path, "rb").read() == payload
     sha = hashlib.sha256(payload).hexdigest()
-    assert download.download("u", "s.h5", sha, directory=str(tmp_path)).endswith("s.h5")
+    assert files.download("u", tmp_path / "s.h5", sha).endswith("s.h5")
 
 
 def test_download_via_file_url(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"abc")
-    out = download.download(src.as_uri(), "dst.bin", hashlib.md5(b"abc").hexdigest(),
-                            directory=str(tmp_path / "cache"))
+    out = files.download(src.as_uri(), tmp_path / "cache" / "dst.bin", hashlib.md5(b"abc").hexdigest())
     assert open(out, "rb").read() == b"abc"
 
 
@@ -296,7 +284,7 @@ def test_inception_download_is_used_when_hash_matches(isolated_dirs, monkeypatch
     payload = fake.read_bytes()
     name, url, _ = inception_v3.WEIGHTS[False]
     monkeypatch.setitem(inception_v3.WEIGHTS, False, (name, url, hashlib.md5(payload).hexdigest()))
-    monkeypatch.setattr(download, "FETCH", _fake_fetch(payload))
+    monkeypatch.setattr(files, "FETCH", _fake_fetch(payload))
     with pytest.raises(CheckpointError, match=rf"{name}: weight batch_normalization_1/beta .* is missing"):
         pretrained.load("inception_v3")
     assert (tmp_path / "w" / name).read_bytes() == payload

@@ -24,13 +24,12 @@ to get the data; :func:`available` checks without raising or downloading.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from lightflax.data.types import DatasetSplits, Split
 from lightflax.errors import DataError
 
-__all__ = ["DATASETS", "DatasetSplits", "Split", "load", "available", "find_default"]
+__all__ = ["DATASETS", "DatasetSplits", "Split", "load", "available"]
 
 DATASETS = ("chest_xray", "pneumonia_mnist", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
 
@@ -108,18 +107,3 @@ def available(name: str, data_dir: Optional[str] = None, manual_dir: Optional[st
 
         return catalog.tensorflow_available()
     return False
-
-
-find_default = available
-
-
-def where(name: str) -> str:
-    """One line: the default places ``name`` is looked for."""
-    from lightflax.data import locations
-
-    places = {"pneumonia_mnist": [locations.cache_root() / "pneumonia_mnist",
-                                  locations.shared_dir() / "data" / "pneumoniamnist"],
-              "fashion_mnist": [locations.cache_root() / "fashion_mnist", Path("/usr/share/datasets/fashion-mnist")],
-              "mnist": [locations.cache_root() / "mnist"],
-              "chest_xray": [locations.cache_root() / "manual", locations.cache_root()]}
-    return ", ".join(str(p) for p in places.get(name, []))

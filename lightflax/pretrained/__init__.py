@@ -17,16 +17,16 @@ problems raise lightflax.errors.CheckpointError with a one-line message.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import List, Optional
 
 import jax
 
-from lightflax.errors import CheckpointError, UserError
+from lightflax import files
+from lightflax.errors import CheckpointError, DownloadError, UserError
 from lightflax.pretrained import download, efficientnet_lite0, inception_v3, keras_h5, torch_reader
 from lightflax.pretrained.backbone import Backbone, abstract_variables_and_order, assemble
 
-__all__ = ["Backbone", "block_names", "build", "find_weights", "load", "load_variables", "names",
-           "trainable_mask"]
+__all__ = ["Backbone", "block_names", "build", "find_weights", "load", "load_variables", "names"]
 
 _MODULES = {"inception_v3": inception_v3, "efficientnet_lite0": efficientnet_lite0}
 
@@ -59,19 +59,6 @@ def block_names(name: str) -> List[str]:
     / ``fc``) exists only with include_top and is not listed.
     """
     return list(type(build(name)).BLOCKS)
-
-
-def trainable_mask(params: Mapping[str, Any], name: str, last_n: int) -> Dict[str, Any]:
-    """Pytree of bools over ``params``: True in the last ``last_n`` blocks and any classifier.
-
-    For optax.masked / multi_transform when fine-tuning "the last N blocks";
-    last_n=0 freezes every backbone block.
-    """
-    blocks = block_names(name)
-    if not 0 <= last_n <= len(blocks):
-        raise UserError(f"last_n must be in 0..{len(blocks)} for {name}, got {last_n}")
-    train = set(blocks[len(blocks) - last_n:])
-    return {k: jax.tree_util.tree_map(lambda _: k in train or k not in blocks, v) for k, v in params.items()}
 
 
 def _display_path(path: str) -> str:
@@ -133,8 +120,8 @@ def find_weights(name: str, path: Optional[str] = None, include_top: bool = Fals
         if found:
             return found
         try:
-            return download.download(url, filename, md5, directory=dirs[0])
-        except download.DownloadError as e:
+            return files.download(url, os.path.join(dirs[0], filename), md5)
+        except DownloadError as e:
             raise CheckpointError(
                 f"InceptionV3 weights {filename} not found in {', '.join(dirs)}, and downloading them "
                 f"failed ({e.reason}); download {url} into {dirs[0]} or pass --pretrained_path") from None

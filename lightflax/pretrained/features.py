@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Dict, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
+from lightflax import files
 from lightflax.pretrained.backbone import Backbone, check_images
 
 FORMAT_VERSION = 1
@@ -70,18 +70,6 @@ def compute(backbone: Backbone, images: np.ndarray, batch_size: int = 32) -> np.
     return np.concatenate(out).astype(np.float32)
 
 
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def extract_cached(backbone: Backbone, images: np.ndarray, *, cache_dir: str,
                    key_parts: Optional[Mapping[str, Any]] = None, batch_size: int = 32) -> np.ndarray:
     """(N, H, W, C in {1, 3}) uint8 -> (N, D) float32 pooled features (or (N, h, w, c)
@@ -107,6 +95,6 @@ def extract_cached(backbone: Backbone, images: np.ndarray, *, cache_dir: str,
             pass  # damaged entry: recompute below
     feats = compute(backbone, images, batch_size)
     os.makedirs(cache_dir, exist_ok=True)
-    _atomic_write(npy, lambda f: np.save(f, feats))
-    _atomic_write(meta, lambda f: f.write(json.dumps(key, sort_keys=True, indent=1, default=str).encode()))
+    files.atomic_write(npy, lambda f: np.save(f, feats))
+    files.atomic_write(meta, lambda f: f.write(json.dumps(key, sort_keys=True, indent=1, default=str).encode()))
     return feats

@@ -1,0 +1,97 @@
+"""The one configuration object of a training run: a frozen, validated dataclass.
+
+    cfg = RunConfig(workdir="runs/a", model="xray_light", model_kwargs={"k": 5}, epochs=3)
+    cfg2 = dataclasses.replace(cfg, epochs=10)   # a new, re-validated config; never setattr
+
+The entry layer (``launch.py`` / ``experiments/``) builds it once from the
+command line; the library only reads it. Every field is a plain JSON value, so
+``dataclasses.asdict(cfg)`` is what results.json records under ``config`` and
+what ``predict`` reads back. Validation happens in ``__post_init__``: a bad
+value raises :class:`lightflax.errors.UserError` naming the flag it comes from.
+Why a frozen dataclass and not an ml_collections ConfigDict: docs/design.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+from lightflax.errors import UserError
+
+PARALLEL_MODES = ("shard_map", "pmap")  # data-parallel wrapper of the step (lightflax.parallel)
+REPLICA_MODES = ("vmap", "loop")  # how --num_seeds replicas share one step (lightflax.steps)
+DTYPES = ("float32", "bfloat16")
+AUGMENTS = ("none", "study")
+SELECT_SPLITS = ("val", "test")
+OPTIMIZERS = ("adam", "sgd")
+KERNELS = ("native", "xla")  # convolution/BatchNorm/pooling kernels on CPU (lightflax.native where built)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs besides the data. Defaults: the study's protocol."""
+
+    workdir: str
+    model: str  # a name of lightflax.models (the registry)
+    model_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"k": 5}
+    experiment: str = ""
+    batch_size: int = 64
+    epochs: int = 20
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    l2: float = 0.0  # the reference's L2 penalty on LightConv2D kernels
+    seed: int = 0
+    num_seeds: int = 1  # replicas seed .. seed+num_seeds-1, trained together
+    replica_mode: str = "vmap"
+    parallel: str = "shard_map"
+    dtype: str = "float32"  # compute dtype (parameters stay float32)
+    image_size: Optional[int] = None  # model input resolution; None = the stored size
+    channels: int = 3  # model input channels
+    mean: Optional[Tuple[float, ...]] = None  # per-channel mean subtracted on device ([0, 1] units)
+    augment: str = "none"  # "study": the study's ImageDataGenerator, on device
+    eval_image_size: Optional[int] = None  # FixRes: evaluate at another resolution
+    select_split: str = "val"  # split that chooses the best checkpoint and drives the callbacks
+    shuffle: bool = True  # False: every epoch in the stored order (the LightLayers paper's protocol)
+    early_stopping_patience: int = 0  # 0 = off
+    reduce_lr_patience: int = 0  # 0 = off
+    reduce_lr_factor: float = 0.1
+    steps_per_epoch: Optional[int] = None  # cap (smoke runs); None = full epochs
+    profile_dir: Optional[str] = None
+    profile_start_step: int = 3
+    profile_steps: int = 3
+    resume: bool = False
+    kernels: str = "native"  # "native" (oneDNN where available, else XLA) or "xla"
+
+    def __post_init__(self):
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        if self.mean is not None:
+            object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        for name in ("batch_size", "epochs", "num_seeds", "channels", "profile_steps"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("image_size", "eval_image_size", "steps_per_epoch"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        for name in ("seed", "early_stopping_patience", "reduce_lr_patience", "profile_start_step"):
+            _check_int(name, getattr(self, name), 0)
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.l2 >= 0:
+            raise UserError(f"--l2 must be >= 0, got {self.l2!r}")
+        if not 0.0 <= self.reduce_lr_factor <= 1.0:
+            raise UserError(f"--reduce_lr_factor must be in [0, 1], got {self.reduce_lr_factor!r}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("replica_mode", REPLICA_MODES),
+                              ("parallel", PARALLEL_MODES), ("dtype", DTYPES), ("augment", AUGMENTS),
+                              ("select_split", SELECT_SPLITS), ("kernels", KERNELS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.mean is not None and len(self.mean) not in (1, self.channels):
+            raise UserError(f"mean has {len(self.mean)} entries; it needs 1 or --channels ({self.channels})")
+
+    def to_json(self) -> Dict[str, Any]:
+        """The config as results.json records it (``predict`` reads it back)."""
+        return dataclasses.asdict(self)
+
+
+def _check_int(name: str, value: Any, lowest: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+        raise UserError(f"--{name} must be an integer >= {lowest}, got {value!r}")
