@@ -5,21 +5,16 @@ interleaved rounds, per-round ratios to lax.conv; gradients checked against lax.
 
     python benchmarks/bench_conv_forms.py
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import time  # noqa: E402
+import jax
+import jax.numpy as jnp
+from lightflax import layers, timing
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from lightflax import layers, timing  # noqa: E402
 
 def taps_conv(x, w, strides, padding):
     """Dense convolution as a sum of per-tap einsums (the formulation tried and refuted)."""
     kh, kw, c, f = w.shape
-    taps = layers._tap_slices(x, (kh, kw), strides, padding)
+    taps = layers.tap_slices(x, (kh, kw), strides, padding)
     return sum(jnp.einsum("bhwc,cf->bhwf", t, wt) for t, wt in zip(taps, w.reshape(kh * kw, c, f)))
 
 
@@ -30,15 +25,10 @@ def compare(impls, x, w, label, rounds=9):
     for k, f in fns.items():
         g = timing.sync(f(w, x))
         assert float(jnp.max(jnp.abs(g[0] - ref[0])) / jnp.max(jnp.abs(ref[0]))) < 1e-4, k
-    ts = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            timing.sync(f(w, x))
-            ts[k].append(time.perf_counter() - t0)
-    base = np.array(ts["conv"])
-    print(f"{label}: conv {1e3 * np.median(base):.2f} ms; " + ", ".join(
-        f"{k} {np.median(np.array(ts[k]) / base):.2f}x" for k in impls if k != "conv"), flush=True)
+    rows = timing.measure_interleaved([timing.Variant(k, timing.aot_compile(f, w, x), (w, x)) for k, f in fns.items()],
+                                      rounds=rounds, baseline="conv")
+    print(f"{label}: conv {rows[0]['median_ms']:.2f} ms; " + ", ".join(
+        f"{r['variant']} {r['ratio_to_baseline']:.2f}x" for r in rows[1:]), flush=True)
 
 
 dense = {"conv": lambda x, w: layers.conv2d(x, w, (1, 1), "SAME"),
@@ -49,8 +39,8 @@ for (B, H, C, F) in [(64, 28, 1, 5), (64, 28, 5, 8), (64, 28, 8, 5), (64, 14, 16
     compare(dense, jax.random.normal(jax.random.key(0), (B, H, H, C)),
             jax.random.normal(jax.random.key(1), (3, 3, C, F)), f"dense {B}x{H}x{H} {C}->{F}")
 
-depthwise = {impl: (lambda x, w, impl=impl: layers.depthwise_conv2d(x, w, (1, 1), "SAME", impl=impl))
-             for impl in ("conv", "taps")}
+depthwise = {name: (lambda x, w, taps=taps: layers.depthwise_conv2d(x, w, (1, 1), "SAME", taps=taps))
+             for name, taps in (("conv", False), ("taps", True))}
 for (B, H, C) in [(64, 28, 8), (64, 14, 16), (64, 7, 32), (64, 32, 16)]:
     compare(depthwise, jax.random.normal(jax.random.key(0), (B, H, H, C)),
             jax.random.normal(jax.random.key(1), (3, 3, C)), f"depthwise {B}x{H}x{H}x{C}", rounds=7)

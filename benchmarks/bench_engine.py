@@ -9,11 +9,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+import jax
 
-from lightflax import speed  # noqa: E402
+from lightflax import speed, timing
+from lightflax.config import RunConfig
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
         group = [speed.model_variant(model, kw, batch=batch, size=size)] + [
             speed.model_variant(model, kw, batch=batch, size=size, num_seeds=n, replica_mode=m)
             for m in ("vmap", "loop")]
-        rows = speed.measure_group(group, rounds=rounds)
+        rows = timing.measure_interleaved(group, rounds=rounds)
         print(speed.markdown(rows, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline", "compile_s"]))
         for row in rows[1:]:
             print(f"{row['variant']}: {row['median_ms']:.1f} ms vs {n} sequential steps "
@@ -47,7 +47,7 @@ def main():
 
         import numpy as np
 
-        from lightflax import data as data_lib, timing, train
+        from lightflax import data as data_lib, train
 
         rows_all = []
         for model, kw in (("xray_light", {"k": 5}), ("xray_conv2d", {})):
@@ -60,22 +60,22 @@ def main():
                     x = np.repeat(tr0.images[:batch].astype(np.float32) / 255.0, 3, axis=-1)
                     d = dataclasses.replace(d, splits=dict(d.splits, train=dataclasses.replace(
                         tr0, images=x, labels=tr0.labels[:batch])))
-                cfg = train.RunConfig(workdir="", model=model, model_kwargs=kw, batch_size=batch, image_size=size,
+                cfg = RunConfig(workdir="", model=model, model_kwargs=kw, batch_size=batch, image_size=size,
                                       channels=3)
                 trn = train.Trainer(cfg, d)
                 state, keys = trn.init_state(), trn.data_keys()
                 images, labels = trn.device_split("train")
-                perm = trn.permutations(keys, 0)
+                perm = trn.permutations(0)
                 c = timing.aot_compile(trn, state, images, labels, perm, keys)
-                variants.append(speed.Variant(f"{model} {fed}", c, (state, images, labels, perm, keys, trn.dev_ids),
+                variants.append(timing.Variant(f"{model} {fed}", c, (state, images, labels, perm, keys, trn.dev_ids),
                                               next_args=lambda out, a: (out[0],) + tuple(a[1:]),
                                               info={"batch": batch, "size": size}))
-            rows_all += speed.measure_group(variants, rounds=rounds, baseline=variants[1].name)
+            rows_all += timing.measure_interleaved(variants, rounds=rounds, baseline=variants[1].name)
         print(speed.markdown(rows_all, ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline"]))
     else:
         group = [speed.model_variant("xray_light", {"k": 5}, batch=batch, size=size, parallel=p)
                  for p in ("shard_map", "pmap")]
-        rows = speed.measure_group(group, rounds=rounds)
+        rows = timing.measure_interleaved(group, rounds=rounds)
         print(speed.markdown(rows, ["variant", "devices", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline",
                                     "compile_s"]))
 

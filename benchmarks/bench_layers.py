@@ -10,15 +10,12 @@ ratios are to Conv2D, per round, median.
 """
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+import jax
 
-from lightflax import speed  # noqa: E402
+from lightflax import speed, timing
 
 
 def main(argv=None):
@@ -43,7 +40,7 @@ def main(argv=None):
             for kind in ("light_conv", "light_einsum", "lowrank"):
                 group.append(speed.layer_variant(kind, mode, batch=args.batch, size=args.size,
                                                  c_in=args.channels, c_out=args.features, k=k))
-        rows += speed.measure_group(group, rounds=args.rounds, baseline="conv2d")
+        rows += timing.measure_interleaved(group, rounds=args.rounds, baseline="conv2d")
     print(speed.markdown(rows, ["variant", "mode", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline",
                                 "compile_s", "gflops", "gbytes", "achieved_gflops_per_s"]))
     if args.csv:

@@ -17,18 +17,16 @@ include_top=False, pooling='avg') at 299x299, first call excluded.
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from lightflax import pretrained  # noqa: E402
-from lightflax.errors import CheckpointError  # noqa: E402
-from lightflax.pretrained import backbone as bbmod  # noqa: E402
+from lightflax import pretrained
+from lightflax.errors import CheckpointError
+from lightflax.pretrained import backbone as bbmod
 
 
 def _backbone(name: str):

@@ -15,13 +15,11 @@ of splitting the batch (collectives, smaller per-device convolutions), not a spe
 
 import json
 import os
-import socket
+
 import statistics
 import subprocess
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODEL = os.environ.get("MODEL", "xray_light")
 K = int(os.environ.get("K", "5"))
@@ -68,7 +66,7 @@ def devices_mode():
                                  for x in jax.tree_util.tree_leaves(jax.device_get(out[0].params))])
         finals.append((params, losses))
     p1, l1 = finals[0]
-    rows = speed.measure_group(variants, rounds=ROUNDS)
+    rows = timing.measure_interleaved(variants, rounds=ROUNDS)
     print("| devices | per-device batch | median ms/step (Adam) | p10-p90 ms | img/s | time ratio to 1 device | "
           f"max abs param diff after {STEPS} SGD steps | p99 abs param diff | loss diff (all {STEPS} steps) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -108,13 +106,9 @@ def worker_mode(argv):
                                       "processes": jax.process_count(), "losses": losses}), flush=True)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(num_processes):
+    from lightflax import parallel
+
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     me = os.path.abspath(__file__)
     if num_processes == 1:
@@ -123,7 +117,7 @@ def _run(num_processes):
                                   stderr=subprocess.PIPE, text=True)]
     else:
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-        addr = f"127.0.0.1:{_free_port()}"
+        addr = f"127.0.0.1:{parallel.free_local_port()}"
         procs = [subprocess.Popen([sys.executable, me, "worker", str(num_processes), str(i), addr], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i in range(num_processes)]

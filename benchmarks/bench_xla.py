@@ -19,9 +19,8 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightflax import speed, xla_defaults  # noqa: E402
+from lightflax import speed, timing, xla_defaults
 
 SIZES = [int(s) for s in os.environ.get("SIZES", "128").split(",")]
 BATCH = int(os.environ.get("BATCH", "64"))
@@ -61,7 +60,7 @@ TIME_COLUMNS = ["variant", "median_ms", "p10_ms", "p90_ms", "ratio_to_baseline",
 
 def _measure(group, columns=TIME_COLUMNS, extra=None):
     """Interleaved rounds over ``group``; ``extra(row, variant)`` adds columns; prints markdown."""
-    rows = speed.measure_group(group, rounds=ROUNDS)
+    rows = timing.measure_interleaved(group, rounds=ROUNDS)
     if extra:
         for row, v in zip(rows, group):
             extra(row, v)

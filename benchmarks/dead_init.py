@@ -7,14 +7,12 @@ The reference LightConv2D starts its biases glorot-uniform (limit sqrt(3/k) for 
 k-vector): with k=1 the single bottleneck channel of a layer can be negative for every
 pixel, its ReLU passes nothing, and the whole network below it is constant.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from lightflax import data as data_lib, models  # noqa: E402
+from lightflax import data as data_lib, models
 
 d = data_lib.load(sys.argv[1])
 model_name, seeds = sys.argv[2], int(sys.argv[3])
