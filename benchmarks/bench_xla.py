@@ -1,4 +1,4 @@
-"""XLA:CPU speed work, reproducible with one command each (BUILD_NOTES "Train-step speed on XLA:CPU").
+"""XLA:CPU speed work, reproducible with one command each (docs/speed.md, "Train-step speed on XLA:CPU").
 
     python benchmarks/bench_xla.py flags     # the trainer's step under XLA option variants, interleaved
     python benchmarks/bench_xla.py paradox   # static cost of the compiled step: FLOPs, bytes, kernels, convs

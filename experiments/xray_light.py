@@ -5,7 +5,7 @@
 
 Defaults reproduce the study's protocol (Adam 1e-3, 20 epochs, batch 64, 299x299,
 best checkpoint by validation loss, test at the end) with its flaws fixed
-(BUILD_NOTES.md). Without data it falls back to labelled synthetic data.
+(BUILD_NOTES.md, docs/results.md). Without data it falls back to labelled synthetic data.
 """
 
 from absl import flags

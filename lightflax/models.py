@@ -6,7 +6,7 @@
     >>> logits = model.apply(variables, images, train=False)
 
 Every model takes float NHWC images and returns LOGITS (the study's models
-ended in softmax and then used a from_logits loss; see BUILD_NOTES.md).
+ended in softmax and then used a from_logits loss; see BUILD_NOTES.md, "Deviations").
 Variables are ``{'params', 'batch_stats'}``; parameter counts match Keras
 (BatchNorm moving statistics are the non-trainable ones).
 

@@ -9,7 +9,7 @@ device axis, batches sharded on axis 0. :func:`distribute` applies it with
                same specs (sharded arguments are reshaped to (devices, per-device, ...)).
 
 Since JAX 0.10 ``jax.pmap`` itself wraps ``jit(shard_map)``; both are measured in
-BUILD_NOTES.md ("pmap vs shard_map").
+docs/speed.md ("Engine timings": pmap vs shard_map).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ run a computation leaves the running process unchanged.
 
 Set ``LIGHTFLAX_XLA_DEFAULTS=0`` to leave ``XLA_FLAGS`` alone.
 
-Measured (BUILD_NOTES.d/speed.md, 2-core CPU dev box): jaxlib 0.10's default
+Measured (docs/speed.md, "Train-step speed on XLA:CPU"; 2-core CPU dev box): jaxlib 0.10's default
 sends every convolution to YNNPACK (``individual_convolution``), which runs the
 kernel-gradient convolutions (batch as the contracting dimension, windows as
 large as the image) ~3x slower than XLA's Eigen path; YNNPACK's elementwise

@@ -71,7 +71,7 @@ def test_chest_xray_builder_from_kaggle_tree(tmp_path):
     from lightflax.data import chest_xray
 
     root = make_kaggle_tree(tmp_path / "kaggle")
-    d = data.load("chest_xray", manual_dir=str(tmp_path / "kaggle"), image_size=64)
+    d = data.load("chest_xray", manual_dir=str(tmp_path / "kaggle"), stored_size=64)
     assert d.name == "chest_xray" and not d.synthetic and d.num_classes == 2
     assert d.class_names == ["NORMAL", "PNEUMONIA"]
     for split in ("train", "val", "test"):
@@ -96,14 +96,14 @@ def test_chest_xray_manual_dir_is_the_folder_itself_and_reuses_prepared(tmp_path
     from lightflax.data import chest_xray
 
     root = make_kaggle_tree(tmp_path / "k", nested=False)
-    first = data.load("chest_xray", manual_dir=str(root), image_size=64, data_dir=str(tmp_path / "prep"))
+    first = data.load("chest_xray", manual_dir=str(root), stored_size=64, data_dir=str(tmp_path / "prep"))
     assert (tmp_path / "prep" / "tfds").is_dir()
 
     def boom(*a, **k):
         raise AssertionError("prepared twice")
 
     monkeypatch.setattr(chest_xray.ChestXray, "_generate_examples", boom)
-    second = data.load("chest_xray", manual_dir=str(root), image_size=64, data_dir=str(tmp_path / "prep"))
+    second = data.load("chest_xray", manual_dir=str(root), stored_size=64, data_dir=str(tmp_path / "prep"))
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(first.splits[split].images, second.splits[split].images)
     assert any("corrupt" in n for n in second.notes)  # the report survives in the prepared metadata
@@ -112,7 +112,7 @@ def test_chest_xray_manual_dir_is_the_folder_itself_and_reuses_prepared(tmp_path
 def test_chest_xray_nested_duplicate_used_when_outer_has_no_splits(tmp_path):
     counts = {(s, c): 1 for s in ("train", "val", "test") for c in ("NORMAL", "PNEUMONIA")}
     make_kaggle_tree(tmp_path / "outer" / "chest_xray", counts=counts, nested=False)
-    d = data.load("chest_xray", manual_dir=str(tmp_path / "outer"), image_size=64)
+    d = data.load("chest_xray", manual_dir=str(tmp_path / "outer"), stored_size=64)
     assert d.source.startswith(str(tmp_path / "outer" / "chest_xray" / "chest_xray"))
     assert len(d.splits["train"]) == 2  # the good JPEGs; the corrupt one reported
     assert [len(d.splits[s]) for s in ("val", "test")] == [2, 2]
@@ -121,18 +121,18 @@ def test_chest_xray_nested_duplicate_used_when_outer_has_no_splits(tmp_path):
 def test_chest_xray_on_corrupt_fail(tmp_path):
     make_kaggle_tree(tmp_path / "k", nested=False)
     with pytest.raises(DataError, match=r"1 corrupt or unreadable.*person_bad\.jpeg.*--on_corrupt=skip"):
-        data.load("chest_xray", manual_dir=str(tmp_path / "k"), image_size=64, on_corrupt="fail")
+        data.load("chest_xray", manual_dir=str(tmp_path / "k"), stored_size=64, on_corrupt="fail")
 
 
 def test_chest_xray_bad_layouts(tmp_path):
     root = make_kaggle_tree(tmp_path / "k", nested=False)
     (root / "test" / "COVID").mkdir()
     with pytest.raises(DataError, match="exactly the class folders NORMAL and PNEUMONIA, found COVID"):
-        data.load("chest_xray", manual_dir=str(root), image_size=64)
+        data.load("chest_xray", manual_dir=str(root), stored_size=64)
     with pytest.raises(DataError, match="stored at 299, 224, 128"):
-        data.load("chest_xray", manual_dir=str(root), image_size=100)
+        data.load("chest_xray", manual_dir=str(root), stored_size=100)
     with pytest.raises(DataError, match="on_corrupt"):
-        data.load("chest_xray", manual_dir=str(root), image_size=64, on_corrupt="ignore")
+        data.load("chest_xray", manual_dir=str(root), stored_size=64, on_corrupt="ignore")
 
 
 def test_chest_xray_missing_says_where_and_how(tmp_path):
@@ -150,7 +150,7 @@ def test_chest_xray_readable_through_tfds_data_source(tmp_path):
     import tensorflow_datasets as tfds
 
     make_kaggle_tree(tmp_path / "k", nested=False)
-    d = data.load("chest_xray", manual_dir=str(tmp_path / "k"), image_size=64, data_dir=str(tmp_path / "prep"))
+    d = data.load("chest_xray", manual_dir=str(tmp_path / "k"), stored_size=64, data_dir=str(tmp_path / "prep"))
     (prepared,) = list((tmp_path / "prep" / "tfds").iterdir())
     src = tfds.data_source("lightflax_chest_xray/64", split="test", data_dir=str(prepared), download=False)
     assert len(src) == len(d.splits["test"])
@@ -204,7 +204,7 @@ def test_pneumonia_mnist_from_npz_file_and_folder(tmp_path):
 
 def test_pneumonia_mnist_sizes_and_missing_test(tmp_path):
     _npz(tmp_path / "pneumoniamnist_64.npz", {"train": 6, "val": 3}, size=64, label_shape_2d=False)
-    d = data.load("pneumonia_mnist", data_dir=str(tmp_path), image_size=64)
+    d = data.load("pneumonia_mnist", data_dir=str(tmp_path), stored_size=64)
     assert d.splits["train"].images.shape == (6, 64, 64, 1)
     assert d.splits["test"] is None
     assert any("no test split" in n and "never computed on val" in n for n in d.notes)
@@ -213,7 +213,7 @@ def test_pneumonia_mnist_sizes_and_missing_test(tmp_path):
         "val"].images.shape == (3, 64, 64, 1)
     with pytest.raises(DataError, match="64x64 images, not 128x128"):
         (tmp_path / "pneumoniamnist_128.npz").write_bytes((tmp_path / "pneumoniamnist_64.npz").read_bytes())
-        data.load("pneumonia_mnist", data_dir=str(tmp_path / "pneumoniamnist_128.npz"), image_size=128)
+        data.load("pneumonia_mnist", data_dir=str(tmp_path / "pneumoniamnist_128.npz"), stored_size=128)
     with pytest.raises(DataError, match="not found"):
         data.load("pneumonia_mnist", data_dir=str(tmp_path / "empty"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")

@@ -35,7 +35,7 @@ DATASETS = ("chest_xray", "pneumonia_mnist", "fashion_mnist", "mnist", "cifar10"
 
 
 def load(name: str, *, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
-         image_size: Optional[int] = None, synthetic_shape: Optional[Sequence[int]] = None,
+         stored_size: Optional[int] = None, synthetic_shape: Optional[Sequence[int]] = None,
          synthetic_sizes: Optional[Dict[str, int]] = None, num_classes: Optional[int] = None, seed: int = 0,
          on_corrupt: str = "skip", download: bool = True, holdout: bool = True) -> DatasetSplits:
     """Loads a dataset by its ``--dataset`` name.
@@ -46,9 +46,10 @@ def load(name: str, *, data_dir: Optional[str] = None, manual_dir: Optional[str]
         the npz file or its folder; mnist/fashion_mnist: the folder of IDX .gz files;
         cifar: the TFDS data_dir.
       manual_dir: chest_xray only: the folder holding ``chest_xray/`` or ``chest_xray/`` itself.
-      image_size: chest_xray: the stored resolution (builder config: 299, 224, 128, 64;
-        default 299); pneumonia_mnist: the MedMNIST+ size (28, 64, 128, 224; default
-        28 or whatever ``data_dir`` names). Ignored by the others.
+      stored_size: the resolution the images are stored at (the model's input size is
+        ``RunConfig.image_size``, reached by resizing on device). chest_xray: the builder
+        config (299, 224, 128, 64; default 299); pneumonia_mnist: the MedMNIST+ size
+        (28, 64, 128, 224; default 28 or whatever ``data_dir`` names). Ignored by the others.
       synthetic_shape, synthetic_sizes, num_classes, seed: synthetic only ((H, W, C),
         {split: n}, classes, RNG seed).
       on_corrupt: chest_xray: 'skip' (reported in notes and the log) or 'fail'.
@@ -70,12 +71,12 @@ def load(name: str, *, data_dir: Optional[str] = None, manual_dir: Optional[str]
     if name == "chest_xray":
         from lightflax.data import chest_xray
 
-        return chest_xray.load(manual_dir=manual_dir, data_dir=data_dir, resolution=image_size or 299,
+        return chest_xray.load(manual_dir=manual_dir, data_dir=data_dir, resolution=stored_size or 299,
                                on_corrupt=on_corrupt)
     if name == "pneumonia_mnist":
         from lightflax.data import pneumonia_mnist
 
-        return pneumonia_mnist.load(data_dir, size=image_size, download_ok=download)
+        return pneumonia_mnist.load(data_dir, size=stored_size, download_ok=download)
     if name in ("mnist", "fashion_mnist"):
         from lightflax.data import mnist
 
@@ -86,7 +87,7 @@ def load(name: str, *, data_dir: Optional[str] = None, manual_dir: Optional[str]
 
 
 def available(name: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
-              image_size: Optional[int] = None) -> bool:
+              stored_size: Optional[int] = None) -> bool:
     """Whether :func:`load` would find local data for ``name`` (no download, no raise)."""
     if name == "synthetic":
         return True
@@ -97,7 +98,7 @@ def available(name: str, data_dir: Optional[str] = None, manual_dir: Optional[st
     if name == "pneumonia_mnist":
         from lightflax.data import pneumonia_mnist
 
-        return pneumonia_mnist.find(data_dir, image_size)[0] is not None
+        return pneumonia_mnist.find(data_dir, stored_size)[0] is not None
     if name in ("mnist", "fashion_mnist"):
         from lightflax.data import mnist
 
