@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_launch
+from lightflax import parallel
 
 TINY = ["--dataset=synthetic", "--synthetic_size=32", "--batch_size=8", "--epochs=1", "--steps_per_epoch=2"]
 
@@ -166,14 +166,15 @@ def test_paper_protocol_trains_on_everything_in_order_and_selects_on_test(tmp_pa
 
 def test_no_shuffle_keeps_the_stored_order():
     from lightflax import data, train
+    from lightflax.config import RunConfig
 
     d = data.load("synthetic", synthetic_shape=(8, 8, 1), synthetic_sizes={"train": 24, "val": 8, "test": 8},
                   num_classes=2)
     for shuffle in (True, False):
-        cfg = train.RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8,
-                              image_size=8, channels=3, shuffle=shuffle, num_seeds=2)
+        cfg = RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8,
+                        image_size=8, channels=3, shuffle=shuffle, num_seeds=2)
         tr = train.Trainer(cfg, d)
-        perms = [np.asarray(tr.permutations(tr.data_keys(), e)) for e in (0, 1)]
+        perms = [np.asarray(tr.permutations(e)) for e in (0, 1)]
         assert perms[0].shape == (2, 24)
         if shuffle:
             assert not np.array_equal(perms[0][0], perms[1][0]) and not np.array_equal(perms[0][0], perms[0][1])
@@ -238,15 +239,9 @@ def test_helpfull_lists_common_and_experiment_flags():
         assert flag in out, flag
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_through_jax_distributed(tmp_path):
     """Two CPU processes on localhost train one model (1 device each) like one process with 2 devices."""
-    port = _free_port()
+    port = parallel.free_local_port()
     args = ["--experiment=xray_light", "--k=1", "--image_size=16", *TINY]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                PYTHONUNBUFFERED="1")
