@@ -80,6 +80,17 @@ def _urlopen_fetch(url: str, dest: IO, timeout: float) -> None:
             dest.write(chunk)
 
 
+class _HashingWriter:
+    """A binary file that hashes what is written to it."""
+
+    def __init__(self, f: IO, algorithm: str):
+        self.f, self.hash = f, hashlib.new(algorithm)
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
+
+
 # Replaceable in tests: fetch(url, writable binary file, timeout_s).
 FETCH: Callable[[str, IO, float], None] = _urlopen_fetch
 
@@ -100,9 +111,9 @@ def download(url: str, dest: "str | os.PathLike", digest: str, *, algorithm: Opt
         timeout = float(os.environ.get("LIGHTFLAX_DOWNLOAD_TIMEOUT", DEFAULT_TIMEOUT_S))
 
     def fetch(f):
-        FETCH(url, f, timeout)
-        f.flush()
-        got = file_digest(f.name, algorithm)
+        hashing = _HashingWriter(f, algorithm)
+        FETCH(url, hashing, timeout)
+        got = hashing.hash.hexdigest()
         if got != digest:
             reason = f"{algorithm} {got}, expected {digest}"
             raise DownloadError(f"download of {url} has {reason}; nothing was cached - retry, "
