@@ -4,12 +4,15 @@
     python launch.py --experiment=xray_compare --dataset=pneumonia_mnist --image_size=64
     python launch.py --experiment=mnist --method=light --k=3 --helpfull
 
-Only the named experiment's module is imported (absl flags are global). Bad
-input (an unknown experiment, a wrong flag value, missing data, a damaged
-checkpoint) prints one line and exits with status 2.
+Only the named experiment's module is imported (absl flags are global). Exit
+status: 2 with one line for bad input (an unknown experiment, a wrong flag value,
+missing data, a damaged checkpoint, a workdir in use); 1 with one line for a
+non-finite training loss; 130 with "interrupted; resume with --resume" on Ctrl-C
+(SIGINT) or SIGTERM (every finished epoch is already checkpointed).
 """
 
 import os
+import signal
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,6 +87,8 @@ def main(argv) -> None:
             logging.set_verbosity(logging.WARNING)
         try:
             module.main(args)
+        except KeyboardInterrupt:
+            _die("interrupted; resume with --resume", code=130)
         except UserError as e:
             _die(str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 - one named class of run failure
@@ -93,7 +98,12 @@ def main(argv) -> None:
                 _die(str(e).splitlines()[0], code=1)
             raise
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a polite kill ends like Ctrl-C
     app.run(run, argv=_strip_experiment(argv), flags_parser=parse)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

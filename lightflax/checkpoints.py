@@ -290,6 +290,20 @@ class Checkpointer:
         """Step of the newest latest checkpoint, or None when there is none."""
         return self._managers["latest"].latest_step()
 
+    def latest_meta(self) -> Optional[Dict[str, Any]]:
+        """The JSON meta of the newest latest checkpoint without its arrays (None when there is
+        none or it cannot be read: :meth:`restore_latest` then names the problem)."""
+        manager = self._managers["latest"]
+        step = manager.latest_step()
+        if step is None:
+            return None
+        try:
+            with _quiet(absl_logging.ERROR):
+                blob = manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        except Exception:  # damaged: the full restore reports it
+            return None
+        return blob.get("meta") if isinstance(blob, dict) else None
+
     def _restore(self, which: str, target: Any) -> Optional[Tuple[Any, Dict[str, Any]]]:
         manager = self._managers[which]
         steps = sorted(manager.all_steps())

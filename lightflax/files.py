@@ -12,14 +12,16 @@ then renamed over the target.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
 import urllib.error
 import urllib.request
-from typing import IO, Callable, Optional
+from typing import IO, Callable, Iterator, Optional
 
-from lightflax.errors import DownloadError
+from lightflax.errors import DownloadError, UserError
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -133,3 +135,29 @@ def download(url: str, dest: "str | os.PathLike", digest: str, *, algorithm: Opt
         raise DownloadError(f"cannot download {url} ({reason}); offline? put the file in {folder} "
                             f"or pass its path", reason) from None
     return dest
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds an exclusive lock on ``workdir`` (``workdir/.lock``, flock) for the block: a second
+    run on the same folder stops with one line instead of corrupting the first one's files.
+    The kernel drops the lock when the process ends, however it ends."""
+    path = os.path.join(workdir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"--workdir {workdir} is in use by another run (pid {holder}); wait for it to end "
+                        f"or choose another --workdir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

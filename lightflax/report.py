@@ -2,7 +2,9 @@
 
 results.json carries the study's columns under fixed keys (read by external
 checks): total_params, trainable_params, size_bytes, test_accuracy,
-total_time_s, time_per_epoch_s; plus test_loss, compile_time_s, images_per_s,
+total_time_s (the epoch loop's wall time, compile excluded, summed over --resume
+segments), time_per_epoch_s (total_time_s / epochs; the median epoch is
+time_per_epoch_median_s); plus test_loss, compile_time_s, images_per_s,
 flops_per_step and, for binary tasks, sensitivity, specificity and roc_auc.
 With --num_seeds > 1 each metric is the mean over replicas, ``<key>_std`` the
 sample standard deviation (ddof=1), and ``replicas`` holds every replica's own numbers.
@@ -178,7 +180,10 @@ def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = No
         "size_bytes": int(np.mean(o.size_bytes)),
         "test_accuracy": test.get("accuracy"),
         "total_time_s": o.total_s,
-        "time_per_epoch_s": float(np.median(o.epoch_times)) if o.epoch_times else None,
+        # total training time (compile excluded) / epochs, over every --resume segment
+        "time_per_epoch_s": o.total_s / len(o.history) if o.history else None,
+        "time_per_epoch_median_s": float(np.median(o.epoch_times)) if o.epoch_times else None,
+        "epoch_times_s": o.epoch_times,
         "checkpoint_time_s": o.checkpoint_s,
         # and more
         "test_loss": test.get("loss"),

@@ -16,7 +16,9 @@ The loop's parts, in order: :func:`start_or_resume`, :func:`run_epoch`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -28,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import checkpoints, metrics as metrics_lib, models, parallel, report, steps, summary, timing
+from lightflax import checkpoints, files, metrics as metrics_lib, models, parallel, report, steps, summary, timing
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
-from lightflax.errors import UserError
+from lightflax.errors import CheckpointError, UserError
 
 Array = jax.Array
 
@@ -250,6 +252,44 @@ class PlateauTracker:
         return {k: getattr(self, k) for k in ("best_loss", "best_epoch", "since_best", "since_lr_change", "stopped")}
 
 
+@dataclasses.dataclass
+class RunTimes:
+    """Training time that survives --resume: saved with every checkpoint, continued after it.
+
+    ``loop_s`` is the wall time of the epoch loop (steps, selection-split evaluation,
+    checkpoint saves; compilation excluded) summed over every segment of the run."""
+
+    epoch_s: List[float] = dataclasses.field(default_factory=list)
+    loop_s: float = 0.0
+    checkpoint_s: float = 0.0
+
+    def start(self) -> None:
+        self._base, self._t0 = self.loop_s, time.perf_counter()
+
+    def tick(self) -> None:
+        self.loop_s = self._base + time.perf_counter() - self._t0
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"epoch_s": self.epoch_s, "loop_s": self.loop_s, "checkpoint_s": self.checkpoint_s}
+
+
+# Settings --resume may change; every other RunConfig field must equal the interrupted run's.
+RESUMABLE = ("epochs", "resume", "workdir", "profile_dir", "profile_start_step", "profile_steps")
+
+
+def check_resume_settings(cfg: RunConfig, saved: Optional[Dict[str, Any]]) -> None:
+    """One line listing every setting that differs from the run being resumed."""
+    if not saved:
+        return
+    now = json.loads(json.dumps(cfg.to_json()))
+    changed = [f"--{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
+               if k not in RESUMABLE and k in saved and saved[k] != now[k]]
+    if changed:
+        raise UserError(f"--resume with settings that differ from the run in {cfg.workdir}: {', '.join(changed)}; "
+                        f"resume with the original values (only --epochs and --profile_* may change) or "
+                        f"choose another --workdir")
+
+
 def _tracker(cfg: RunConfig, saved: Optional[Dict[str, Any]] = None) -> PlateauTracker:
     return PlateauTracker(cfg.num_seeds, cfg.reduce_lr_patience, cfg.reduce_lr_factor, cfg.early_stopping_patience,
                           **(saved or {}))
@@ -270,7 +310,7 @@ def fault_hook() -> Optional[Callable[[int], None]]:
 
 
 def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer):
-    """(state, best_state, epoch, history, tracker): fresh, or restored from ``workdir`` with --resume."""
+    """(state, best_state, epoch, history, tracker, times): fresh, or restored from ``workdir`` with --resume."""
     cfg = trainer.cfg
     state = trainer.init_state()
     latest = ckpt.latest_step()
@@ -280,16 +320,22 @@ def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer):
             f"to continue it or choose another --workdir"
         )
     if latest is None:
-        return state, jax.tree_util.tree_map(jnp.copy, state), 0, [], _tracker(cfg)
+        return state, jax.tree_util.tree_map(jnp.copy, state), 0, [], _tracker(cfg), RunTimes()
+    check_resume_settings(cfg, (ckpt.latest_meta() or {}).get("progress", {}).get("config"))
     restored, meta = ckpt.restore_latest(_state_tree(state))
     state = parallel.replicate(_from_tree(state, restored), trainer.mesh)
-    best = ckpt.restore_best(_state_tree(state))
+    progress, best = meta["progress"], ckpt.restore_best(_state_tree(state))
+    tracker = _tracker(cfg, progress["tracker"])
+    if best is None and max(tracker.best_epoch) > 0:
+        raise CheckpointError(
+            f"the best checkpoint of {cfg.workdir} is missing (checkpoints/best is empty, but epoch "
+            f"{max(tracker.best_epoch)} was the best so far); restore it, or start again in another --workdir"
+        )
     best_state = (parallel.replicate(_from_tree(state, best[0]), trainer.mesh) if best
                   else jax.tree_util.tree_map(jnp.copy, state))
-    progress = meta["progress"]
     logging.info("resumed from step %d (epoch %d)", latest, progress["epoch"])
     print(f"resumed {cfg.workdir} at epoch {progress['epoch']} (step {latest})", flush=True)
-    return state, best_state, progress["epoch"], progress["history"], _tracker(cfg, progress["tracker"])
+    return state, best_state, progress["epoch"], progress["history"], tracker, RunTimes(**progress["times"])
 
 
 def run_epoch(trainer: Trainer, compiled, state, epoch: int, train_arrays, keys, step_timer: timing.StepTimer,
@@ -367,15 +413,26 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
     ``init_variables``: start from these variables instead of a random
     initialisation (fine-tuning). ``extra``: entries recorded in results.json as
     given (the entry layer records its flags there). Returns the results dict
-    written to ``workdir/results.json``.
+    written to ``workdir/results.json``. The workdir is locked for the run
+    (``files.workdir_lock``): a second run on it stops with one line.
     """
     if data.splits.get(cfg.select_split) is None:
         raise UserError(f"dataset {data.name} has no {cfg.select_split} split to select the best checkpoint on")
+    try:
+        os.makedirs(cfg.workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir {cfg.workdir} cannot be created ({e.strerror}); choose a writable folder") \
+            from None
+    lock = files.workdir_lock(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, data, init_variables, extra)
+
+
+def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
     _announce(cfg, data)
-    os.makedirs(cfg.workdir, exist_ok=True)
     trainer = Trainer(cfg, data, init_variables=init_variables)
     ckpt = checkpoints.Checkpointer(cfg.workdir)
-    state, best_state, first_epoch, history, tracker = start_or_resume(trainer, ckpt)
+    state, best_state, first_epoch, history, tracker, times = start_or_resume(trainer, ckpt)
     counts = summary.variables_counts({"params": _first_replica(state.params),
                                        "batch_stats": _first_replica(state.batch_stats)})
     keys, train_arrays = trainer.data_keys(), trainer.device_split("train")
@@ -383,8 +440,7 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
     compiled, eval_compile_s = _compile(trainer, state, train_arrays, keys, first_epoch, select_arrays)
     step_timer, hook = timing.StepTimer(warmup=1), fault_hook()
     profile = timing.ProfileWindow(cfg.profile_dir, cfg.profile_start_step, cfg.profile_steps)
-    epoch_times: List[float] = []
-    checkpoint_s, run_start = 0.0, time.perf_counter()
+    times.start()
     with profile:
         for epoch in range(first_epoch, cfg.epochs):
             if tracker.all_stopped:
@@ -394,7 +450,7 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
                                                      step_timer, profile, hook)
             train_s = time.perf_counter() - t0
             selected = trainer.evaluate(state, select_arrays)
-            epoch_times.append(time.perf_counter() - t0)
+            times.epoch_s.append(time.perf_counter() - t0)
             select_loss = np.array([m["loss"] for m in selected])
             lrs = np.asarray(state.opt_state.hyperparams["learning_rate"], float)
             improved, new_lrs = tracker.update(epoch + 1, select_loss, lrs)
@@ -403,21 +459,15 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
                 best_state = _select(jnp.asarray(improved), state, best_state)
             row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),
                    "select_loss": select_loss.tolist(), "select_accuracy": [m["accuracy"] for m in selected],
-                   "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": epoch_times[-1]}
+                   "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": times.epoch_s[-1]}
             history.append(row)
-            progress = {"progress": {"epoch": epoch + 1, "history": history, "tracker": tracker.to_json()}}
-            step, t_ckpt = int(np.asarray(state.step)[0]), time.perf_counter()
-            if improved.any():
-                ckpt.save_best(step, _state_tree(best_state), progress)
-            ckpt.save_latest(step, _state_tree(state), progress)
-            checkpoint_s += time.perf_counter() - t_ckpt
+            _save(ckpt, cfg, state, best_state if improved.any() else None, epoch, history, tracker, times)
             _print_epoch(cfg, row, trainer.steps_per_epoch, bool(improved.any()))
-    total_s = time.perf_counter() - run_start
     test = trainer.evaluate(best_state, trainer.device_split("test")) if data.splits.get("test") else None
     outcome = report.RunOutcome(
         counts=counts, size_bytes=export_models(trainer, best_state), compiled=compiled,
-        eval_compile_s=eval_compile_s, step_stats=step_timer.stats(), epoch_times=epoch_times, total_s=total_s,
-        checkpoint_s=checkpoint_s, history=history, best_epoch=tracker.best_epoch,
+        eval_compile_s=eval_compile_s, step_stats=step_timer.stats(), epoch_times=times.epoch_s,
+        total_s=times.loop_s, checkpoint_s=times.checkpoint_s, history=history, best_epoch=tracker.best_epoch,
         select_metrics=trainer.evaluate(best_state, select_arrays), test_metrics=test, n_devices=trainer.n_devices,
         steps_per_epoch=trainer.steps_per_epoch)
     results = report.build_results(cfg, data, outcome, extra)
@@ -428,6 +478,22 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
           f"{cfg.select_split}_accuracy={results['select_metrics'].get('accuracy')} "
           f"time_per_epoch_s={results.get('time_per_epoch_s')}", flush=True)
     return results
+
+
+def _save(ckpt, cfg: RunConfig, state, best_state, epoch: int, history, tracker: PlateauTracker,
+          times: RunTimes) -> None:
+    """The latest (and, when it improved, the best) checkpoint after ``epoch``, with the progress
+    a resume needs: history, plateau tracker, the run's times so far and its settings."""
+    t0 = time.perf_counter()
+    times.tick()
+    progress = {"epoch": epoch + 1, "history": history, "tracker": tracker.to_json(), "times": times.to_json(),
+                "config": cfg.to_json()}
+    step = int(np.asarray(state.step)[0])
+    if best_state is not None:
+        ckpt.save_best(step, _state_tree(best_state), {"progress": progress})
+    ckpt.save_latest(step, _state_tree(state), {"progress": progress})
+    times.checkpoint_s += time.perf_counter() - t0
+    times.tick()
 
 
 def _announce(cfg: RunConfig, data) -> None:

@@ -1,12 +1,17 @@
 """The shared train step and loop: 1 vs 8 devices, shard_map vs pmap, resume, multi-seed."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import run_launch, run_python
+from conftest import REPO, run_launch, run_python
 
 # Runs a few steps of the real Trainer on tiny synthetic data and prints losses
 # and the parameters as JSON. SGD (momentum 0.9): Adam's first updates are
@@ -220,11 +225,19 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     # without --resume the existing run is protected
     proc = run_launch(args + [f"--workdir={killed}"], check=2)
     assert "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
+    # --resume with other settings is refused, naming each one (--epochs may change)
+    proc = run_launch(args + [f"--workdir={killed}", "--resume", "--batch_size=4", "--learning_rate=0.01"], check=2)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "--batch_size 8 -> 4" in err[0] and "--learning_rate 0.001 -> 0.01" in err[0], err
     proc = run_launch(args + [f"--workdir={killed}", "--resume"], check=0)
     assert "resumed" in proc.stdout
     a = json.loads((full / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
     assert a["epochs_run"] == b["epochs_run"] == 3
+    # the interrupted run's epoch times survive the resume: 3 epochs timed, total / epochs
+    assert len(b["epoch_times_s"]) == 3 and all(t > 0 for t in b["epoch_times_s"])
+    assert b["time_per_epoch_s"] == pytest.approx(b["total_time_s"] / 3)
+    assert b["total_time_s"] >= sum(b["epoch_times_s"]) and b["time_per_epoch_median_s"] > 0
     assert a["select_metrics"] == b["select_metrics"]
     assert a["test_accuracy"] == b["test_accuracy"] and a["test_loss"] == b["test_loss"]
     fa = (full / "history.csv").read_text().splitlines()
@@ -256,3 +269,45 @@ def test_eval_image_size_evaluates_at_another_resolution():
         """
     )
     assert run_python(code).stdout.strip().endswith("ok")
+
+
+def test_resume_notices_a_deleted_best_checkpoint(tmp_path):
+    args = ["--experiment=xray_light", "--k=1", *TINY, "--steps_per_epoch=2", f"--workdir={tmp_path / 'w'}"]
+    run_launch(args + ["--epochs=1"], check=0)
+    best = tmp_path / "w" / "checkpoints" / "best"
+    for step in best.iterdir():
+        shutil.rmtree(step)
+    proc = run_launch(args + ["--epochs=2", "--resume"], check=2)
+    assert "best checkpoint" in proc.stderr and "is missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_second_run_on_a_locked_workdir_stops(tmp_path):
+    from lightflax import files
+
+    wd = tmp_path / "w"
+    wd.mkdir()
+    with files.workdir_lock(str(wd)):  # as a first run would hold it
+        proc = run_launch(["--experiment=xray_light", "--k=1", *TINY, "--epochs=1", f"--workdir={wd}"], check=2)
+    assert f"is in use by another run (pid {os.getpid()})" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (wd / "checkpoints").exists()
+    run_launch(["--experiment=xray_light", "--k=1", *TINY, "--epochs=1", "--steps_per_epoch=2",
+                f"--workdir={wd}"], check=0)  # free again
+
+
+def test_sigterm_ends_with_exit_130_and_the_run_resumes(tmp_path):
+    wd = tmp_path / "w"
+    args = [sys.executable, str(REPO / "launch.py"), "--experiment=xray_light", "--k=1", *TINY, "--epochs=50",
+            f"--workdir={wd}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait for the first finished (checkpointed) epoch
+        if line.startswith("epoch 1/50"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted; resume with --resume" and "Traceback" not in err
+    done = run_launch(["--experiment=xray_light", "--k=1", *TINY, "--epochs=2", f"--workdir={wd}", "--resume"],
+                      check=0)
+    assert "resumed" in done.stdout
