@@ -10,7 +10,8 @@ itself. The Kaggle copy's nested duplicate ``chest_xray/chest_xray`` (used only
 when the outer folder lacks the splits), ``__MACOSX`` and hidden files such as
 ``.DS_Store`` are ignored. The class folders of every split must be exactly
 NORMAL and PNEUMONIA (NORMAL=0, PNEUMONIA=1). Images are decoded with Pillow,
-converted to grayscale ('L') and resized (bilinear, as Keras' ``load_img``) to the
+converted to 8-bit grayscale (16-bit PNGs scaled by their real bit depth, see
+:func:`to_gray8`) and resized (bilinear, as Keras' ``load_img``) to the
 builder config's resolution, then written once as uint8 tensors into array_record
 files under ``<data_dir>/tfds/chest_xray-<source key>/``; later runs read them back
 with ``tfds.data_source`` (no TensorFlow involved).
@@ -112,12 +113,90 @@ def source_key(root: Path, listing: Listing) -> str:
     return locations.fingerprint(parts)
 
 
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+STANDARD_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def png_significant_bits(path: Path) -> Optional[int]:
+    """The gray sample's significant bits from a PNG's sBIT chunk, or None.
+
+    Pillow does not expose sBIT; the chunk (if any) precedes the first IDAT.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind == b"sBIT":
+                    data = f.read(length)
+                    return int(data[0]) if data else None
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                f.seek(length + 4, 1)  # data + CRC
+    except OSError:
+        return None
+
+
+def bit_depth(values: np.ndarray, significant_bits: Optional[int] = None) -> int:
+    """The bit depth a high-depth grayscale image is scaled by.
+
+    ``significant_bits`` (PNG sBIT) when given; else the smallest standard depth
+    (8, 10, 12, 14, 16; more bits for 32-bit data) whose range holds the image's
+    maximum - a 12-bit X-ray stored in 16 bits is scaled by 4095, not 65535.
+    """
+    if significant_bits:
+        return int(significant_bits)
+    top = int(np.ceil(float(values.max()))) if values.size else 0
+    need = max(1, top.bit_length())
+    for d in STANDARD_DEPTHS:
+        if need <= d:
+            return d
+    return need
+
+
+def to_gray8(im, significant_bits: Optional[int] = None):
+    """A Pillow image as an 8-bit grayscale ('L') image.
+
+    8-bit modes go through ``convert('L')``. 16/32-bit grayscale (I;16, I;16B, I,
+    F) is scaled by its real bit depth (:func:`bit_depth`) to 0..255 and rounded -
+    ``convert('L')`` would clip it (mostly white). Float images with values in
+    [0, 1] are scaled by 255. Negative or non-finite values raise ValueError (the
+    image is then reported as unreadable, never guessed).
+    """
+    from PIL import Image
+
+    if im.mode not in HIGH_DEPTH_MODES:
+        return im.convert("L")
+    values = np.asarray(im, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"mode {im.mode} image with shape {values.shape} is not grayscale")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"mode {im.mode} image holds NaN or infinite pixel values")
+    if values.size and values.min() < 0:
+        raise ValueError(f"mode {im.mode} image holds negative pixel values (min {values.min():g}); "
+                         f"cannot infer its intensity scale")
+    if im.mode == "F" and values.size and values.max() <= 1.0 and not significant_bits:
+        top = 1.0
+    else:
+        top = float(2 ** bit_depth(values, significant_bits) - 1)
+    if values.size and values.max() > top:
+        raise ValueError(f"mode {im.mode} image has values up to {values.max():g}, above its "
+                         f"{significant_bits}-bit depth")
+    gray = np.rint(values * (255.0 / top)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(gray)  # uint8 (H, W) -> mode L
+
+
 def decode(path: Path, resolution: int) -> np.ndarray:
-    """Pillow decode -> grayscale ('L') -> bilinear resize; uint8 (R, R)."""
+    """Pillow decode -> 8-bit grayscale (:func:`to_gray8`) -> bilinear resize; uint8 (R, R)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("L")
+        sbit = png_significant_bits(path) if im.format == "PNG" and im.mode in HIGH_DEPTH_MODES else None
+        im = to_gray8(im, sbit)
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
@@ -134,8 +213,9 @@ class ChestXray(tfds.core.GeneratorBasedBuilder):
     """Chest X-Ray Images (Pneumonia), grayscale uint8, one config per stored resolution."""
 
     name = "lightflax_chest_xray"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Grayscale uint8 tensors, Pillow bilinear resize."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Grayscale uint8 tensors, Pillow bilinear resize.",
+                     "1.1.0": "16-bit grayscale scaled by its real bit depth instead of clipped."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=str(r), description=f"{r}x{r} grayscale")
                        for r in RESOLUTIONS]
     DEFAULT_CONFIG_NAME = "299"
