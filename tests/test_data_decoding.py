@@ -346,3 +346,19 @@ def test_16bit_pngs_through_the_builder(tmp_path):
     imgs = d.splits["train"].images[..., 0]
     np.testing.assert_array_equal(imgs[0], imgs[1])  # the 16-bit copy decodes like the 8-bit one
     assert _tree(tmp_path / "systmp") == []
+
+
+def test_tiny_images_and_empty_class_folders_warn(tmp_path, capsys):
+    root = tmp_path / "chest_xray"
+    g = np.full((40, 40), 128, np.uint8)
+    for split in ("train", "val", "test"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (root / split / cls).mkdir(parents=True)
+            if not (split == "val" and cls == "NORMAL"):
+                _png(root / split / cls / "a.png", g)
+    _png(root / "train" / "NORMAL" / "dot.png", np.zeros((1, 1), np.uint8))
+    d = data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), image_size=64)
+    out = capsys.readouterr().out
+    assert "WARNING: 1 image(s) in" in out and "smaller than 32x32" in out and "dot.png (1x1)" in out
+    assert "WARNING:" in out and "NORMAL holds no images: that split has a single class" in out
+    assert len(d.splits["train"]) == 3 and any("smaller than 32x32" in n for n in d.notes)

@@ -41,6 +41,7 @@ RESOLUTIONS = (299, 224, 128, 64)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 ON_CORRUPT = ("skip", "fail")
 MAX_REPORTED = 20
+TINY = 32  # images with a side under this many pixels are kept but reported (no real chest X-ray is that small)
 HOW_TO_GET = ("download 'Chest X-Ray Images (Pneumonia)' (kaggle.com/datasets/paultimothymooney/"
               "chest-xray-pneumonia or data.mendeley.com/datasets/rscbjbr9sj/3) and pass --manual_dir=FOLDER "
               "holding chest_xray/, or use --dataset=pneumonia_mnist (28x28 version, shared folder or download), "
@@ -190,23 +191,34 @@ def to_gray8(im, significant_bits: Optional[int] = None):
     return Image.fromarray(gray)  # uint8 (H, W) -> mode L
 
 
-def decode(path: Path, resolution: int) -> np.ndarray:
-    """Pillow decode -> 8-bit grayscale (:func:`to_gray8`) -> bilinear resize; uint8 (R, R)."""
+def decode_sized(path: Path, resolution: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Pillow decode -> 8-bit grayscale (:func:`to_gray8`) -> bilinear resize.
+
+    Returns uint8 (R, R) and the image's original (width, height).
+    """
     from PIL import Image
 
     with Image.open(path) as im:
+        size = im.size
         sbit = png_significant_bits(path) if im.format == "PNG" and im.mode in HIGH_DEPTH_MODES else None
         im = to_gray8(im, sbit)
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return np.asarray(im, dtype=np.uint8), size
+
+
+def decode(path: Path, resolution: int) -> np.ndarray:
+    """Pillow decode -> 8-bit grayscale (:func:`to_gray8`) -> bilinear resize; uint8 (R, R)."""
+    return decode_sized(path, resolution)[0]
 
 
 def _try_decode(path: Path, resolution: int):
+    """(image, error, original size): image None and a one-line error for an unreadable file."""
     try:
-        return decode(path, resolution), None
+        image, size = decode_sized(path, resolution)
+        return image, None, size
     except Exception as e:  # Pillow raises many types for damaged files
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
 
 
 class ChestXray(tfds.core.GeneratorBasedBuilder):
@@ -243,18 +255,24 @@ class ChestXray(tfds.core.GeneratorBasedBuilder):
         listing, _ = scan(root)
         self.info.metadata["corrupt"] = []
         self.info.metadata["num_corrupt"] = 0
+        self.info.metadata["tiny"] = []
+        self.info.metadata["num_tiny"] = 0
         return {split: self._generate_examples(root, files) for split, files in listing.items() if files}
 
     def _generate_examples(self, root: Path, files: List[Tuple[str, int]]) -> Iterator:
         workers = max(1, min(8, os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             decoded = pool.map(lambda f: _try_decode(root / f[0], self.resolution), files)
-            for index, ((rel, label), (image, error)) in enumerate(zip(files, decoded)):
+            for index, ((rel, label), (image, error, size)) in enumerate(zip(files, decoded)):
                 if error is not None:
                     self.info.metadata["num_corrupt"] += 1
                     if len(self.info.metadata["corrupt"]) < MAX_REPORTED:
                         self.info.metadata["corrupt"].append(f"{root / rel} ({error})")
                     continue
+                if min(size) < TINY:
+                    self.info.metadata["num_tiny"] += 1
+                    if len(self.info.metadata["tiny"]) < MAX_REPORTED:
+                        self.info.metadata["tiny"].append(f"{root / rel} ({size[0]}x{size[1]})")
                 yield rel, {"image": image[..., None], "label": label, "index": index, "filename": rel}
 
 
@@ -270,6 +288,9 @@ def load(manual_dir: Optional[str] = None, data_dir: Optional[str] = None, resol
     if root is None:
         raise DataError(f"chest X-ray folders not found (looked in {', '.join(looked)}); {HOW_TO_GET}")
     listing, notes = scan(root)
+    for note in notes:
+        if note.endswith("holds no images"):
+            print(f"WARNING: {note}: that split has a single class", flush=True)
     target = locations.prepared_dir(data_dir, "chest_xray", source_key(root, listing))
     builder = tfds_util.prepare(ChestXray, data_dir=target, config=str(resolution), manual_dir=root)
     corrupt = list(builder.info.metadata.get("corrupt", []))
@@ -280,6 +301,13 @@ def load(manual_dir: Optional[str] = None, data_dir: Optional[str] = None, resol
             raise DataError(f"{msg}; delete or replace them, or pass --on_corrupt=skip")
         notes.append(f"skipped {msg}")
         print(f"WARNING: skipped {msg}", flush=True)
+    num_tiny = int(builder.info.metadata.get("num_tiny", 0))
+    if num_tiny:
+        tiny = list(builder.info.metadata.get("tiny", []))
+        msg = (f"{num_tiny} image(s) in {root} are smaller than {TINY}x{TINY} pixels (kept, upscaled to "
+               f"{resolution}x{resolution}), first: {'; '.join(tiny[:3])}")
+        notes.append(msg)
+        print(f"WARNING: {msg}", flush=True)
     arrays = tfds_util.read_all(builder, SPLITS)
     splits: Dict[str, Optional[Split]] = {s: None for s in SPLITS}
     for s, (images, labels, _) in arrays.items():
