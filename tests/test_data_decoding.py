@@ -362,3 +362,21 @@ def test_tiny_images_and_empty_class_folders_warn(tmp_path, capsys):
     assert "WARNING: 1 image(s) in" in out and "smaller than 32x32" in out and "dot.png (1x1)" in out
     assert "WARNING:" in out and "NORMAL holds no images: that split has a single class" in out
     assert len(d.splits["train"]) == 3 and any("smaller than 32x32" in n for n in d.notes)
+
+
+def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
+    import urllib.request
+
+    from lightflax.data import locations
+
+    monkeypatch.undo()  # the real locations.download, with the network cut below
+    monkeypatch.setenv("LIGHTFLAX_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="could not download .*network unreachable"):
+        data.load("pneumonia_mnist", image_size=64)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "home").exists()

@@ -120,8 +120,20 @@ def find(data_dir: Optional[str], size: Optional[int], embedded_ok: bool = True
 
 
 def download(size: int) -> Path:
+    """Downloads the MedMNIST+ file into ``<cache>/pneumonia_mnist/``; a failed download
+    leaves no file and removes the folders it created."""
     dest = locations.cache_root() / "pneumonia_mnist" / file_name(size)
-    return locations.download(f"{ZENODO}{file_name(size)}?download=1", dest, algorithm="md5", digest=MD5[size])
+    created = tfds_util.missing_chain(dest.parent)
+    try:
+        return locations.download(f"{ZENODO}{file_name(size)}?download=1", dest, algorithm="md5",
+                                  digest=MD5[size])
+    except BaseException:
+        for folder in created:  # deepest first; only if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _labels(path: Path, split: str, labels: np.ndarray, n_images: int) -> np.ndarray:

@@ -58,7 +58,7 @@ def private_tempdir() -> Iterator[Path]:
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _missing_chain(path: Path) -> List[Path]:
+def missing_chain(path: Path) -> List[Path]:
     """``path`` and its ancestors that do not exist yet, deepest first."""
     chain = []
     p = path.absolute()
@@ -79,7 +79,7 @@ def prepare(builder_cls, *, data_dir: Path, config: Optional[str] = None, manual
     import tensorflow_datasets as tfds
 
     data_dir = Path(data_dir)
-    created = _missing_chain(data_dir)
+    created = missing_chain(data_dir)
     builder_dir = data_dir / builder_cls.name
     builder_existed = builder_dir.exists()
     try:
