@@ -35,12 +35,12 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> Optional[float]:
     """Area under the ROC curve (Mann-Whitney U with average ranks for ties).
 
     ``scores`` are the positive-class scores, ``labels`` 0/1. None when only one
-    class is present.
+    class is present or a score is NaN (undefined, not a number to report).
     """
     scores = np.asarray(scores, np.float64)
     labels = np.asarray(labels).astype(bool)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
         return None
     order = np.argsort(scores, kind="mergesort")
     sorted_scores = scores[order]
@@ -101,6 +101,17 @@ def per_class_recall(predictions: np.ndarray, labels: np.ndarray, num_classes: i
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+
+
+def majority_class_accuracy(train_labels: np.ndarray, labels: np.ndarray) -> Optional[float]:
+    """Accuracy of always predicting the training split's most frequent class (the
+    baseline any model must beat; ties go to the lower class index). None for no labels."""
+    train_labels = np.asarray(train_labels).astype(np.int64).reshape(-1)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    if len(train_labels) == 0 or len(labels) == 0:
+        return None
+    majority = int(np.argmax(np.bincount(train_labels)))
+    return float(np.mean(labels == majority))
 
 
 def balanced_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes: Optional[int] = None
