@@ -239,7 +239,7 @@ def test_majority_class_accuracy_and_nan_auc():
     assert metrics.majority_class_accuracy(train, np.array([0, 1, 1, 1, 0])) == pytest.approx(3 / 5)
     assert metrics.majority_class_accuracy(np.array([0, 1]), np.array([0, 0, 1])) == pytest.approx(2 / 3)
     assert metrics.majority_class_accuracy(train, np.array([], int)) is None
-    # PneumoniaMNIST val at the train majority (pneumonia): 389 / 524; at the test balance 390 / 624
+    # the PneumoniaMNIST train majority (pneumonia) on a set with the test split's balance: 390 / 624
     train_pm = np.array([0] * 1214 + [1] * 3494)
     assert metrics.majority_class_accuracy(train_pm, np.array([0] * 234 + [1] * 390)) == pytest.approx(0.625)
     assert metrics.roc_auc([0.1, np.nan, 0.3], [0, 1, 1]) is None
