@@ -78,7 +78,7 @@ def test_explicit_data_dir_without_data_is_an_error_not_a_fallback(tmp_path):
     for given in (tmp_path / "empty", tmp_path / "missing", tmp_path / "missing.npz"):
         with pytest.raises(DataError, match="PneumoniaMNIST not found") as e:
             data.load("pneumonia_mnist", data_dir=str(given))
-        assert "embedded" not in str(e.value) and "\n" not in str(e.value)
+        assert f"--data_dir {given} is neither" in str(e.value) and "\n" not in str(e.value)
         assert not data.available("pneumonia_mnist", data_dir=str(given))
 
 

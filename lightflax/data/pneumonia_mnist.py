@@ -268,6 +268,11 @@ def load(data_dir: Optional[str] = None, size: Optional[int] = None, download_ok
     path, looked = find(data_dir, size, embedded_ok=embedded_ok)
     if path is None and download_ok and not data_dir:
         path = download(size or 28)  # raises DataError (one line) when offline
+    if path is None and data_dir:
+        names = ", ".join(c.name for c in candidates(Path("."), size))
+        raise DataError(f"PneumoniaMNIST not found: --data_dir {data_dir} is neither an npz file nor a folder "
+                        f"holding one of {names}; pass the right file or folder, or leave --data_dir out to "
+                        f"use the cached or embedded copy")
     if path is None:
         raise DataError(f"PneumoniaMNIST not found (looked in {', '.join(looked)}); {HOW_TO_GET}")
     embedded = not data_dir and path == embedded_path()
@@ -297,5 +302,6 @@ def load(data_dir: Optional[str] = None, size: Optional[int] = None, download_ok
     dup = _overlap(splits["train"].images, splits["val"].images)
     if dup:
         notes.append(f"{dup} val image(s) also occur byte-identical in train (present in the original data)")
-    source = f"{EMBEDDED_SOURCE} copy {path} (sha256 verified)" if embedded else str(path)
+    source = (f"{EMBEDDED_SOURCE} copy lightflax/data/embedded/{EMBEDDED_FILE} (sha256 verified)" if embedded
+              else str(path))
     return DatasetSplits("pneumonia_mnist", False, 2, list(CLASSES), splits, notes=notes, source=source)
