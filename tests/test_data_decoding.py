@@ -380,3 +380,19 @@ def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not download .*network unreachable"):
         data.load("pneumonia_mnist", image_size=64)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "home").exists()
+
+
+def test_failed_preparation_of_a_second_config_keeps_the_first(tmp_path):
+    _npz(tmp_path / "p.npz", {"train": 4, "val": 3})
+    first = pneumonia_mnist.prepare_tfds(tmp_path / "p.npz", tmp_path / "prep")
+    before = _tree(tmp_path / "prep")
+    with pytest.raises(DataError, match="not 64x64"):
+        pneumonia_mnist.prepare_tfds(tmp_path / "p.npz", tmp_path / "prep", size=64)
+    assert _tree(tmp_path / "prep") == before  # nothing of the failed 64 config left, the 28 one intact
+    assert len(tfds_util.read_all(first, ("train",))["train"][1]) == 4
+    files = sorted(p for p in (tmp_path / "prep").rglob("*") if p.is_file())
+    (tmp_path / "prep" / "empty" / "nested").mkdir(parents=True)
+    tfds_util.prune_empty_dirs(tmp_path / "prep")
+    assert sorted(p for p in (tmp_path / "prep").rglob("*") if p.is_file()) == files  # files never removed
+    assert not (tmp_path / "prep" / "empty").exists()
+    assert all(any(p.iterdir()) for p in (tmp_path / "prep").rglob("*") if p.is_dir())

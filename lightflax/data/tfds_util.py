@@ -14,6 +14,7 @@ that fails removes every folder it created (no empty or half-written copies).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -92,9 +93,9 @@ def prepare(builder_cls, *, data_dir: Path, config: Optional[str] = None, manual
             shutil.rmtree(created[-1], ignore_errors=True)
         elif not builder_existed:
             shutil.rmtree(builder_dir, ignore_errors=True)
-            for extra in ("downloads",):  # TFDS's download folder, empty for local builders
-                with contextlib.suppress(OSError):
-                    _remove_empty_tree(data_dir / extra)
+            prune_empty_dirs(data_dir / "downloads")  # TFDS's download folder, empty for local builders
+        else:  # other configs were prepared before: drop only this attempt's empty folders
+            prune_empty_dirs(builder_dir)
         if isinstance(e, Exception) and "No examples were yielded" in str(e):
             raise DataError(f"{builder_cls.name}: a split has no readable example (every image corrupt or "
                             f"unreadable?); check the source files") from None
@@ -102,16 +103,14 @@ def prepare(builder_cls, *, data_dir: Path, config: Optional[str] = None, manual
     return builder
 
 
-def _remove_empty_tree(path: Path) -> None:
-    """Removes ``path`` if it holds nothing but empty folders."""
-    if not path.is_dir():
+def prune_empty_dirs(root: Path) -> None:
+    """Removes the empty folders under ``root`` (and ``root`` if it ends up empty); never a file."""
+    root = Path(root)
+    if not root.is_dir():
         return
-    for sub in path.iterdir():
-        if not sub.is_dir():
-            return
-        _remove_empty_tree(sub)
-    if not any(path.iterdir()):
-        path.rmdir()
+    for folder, _, _ in sorted(os.walk(root), key=lambda t: -len(Path(t[0]).parts)):
+        with contextlib.suppress(OSError):
+            Path(folder).rmdir()  # fails (kept) unless empty
 
 
 def data_source(builder, split: str):
