@@ -222,30 +222,26 @@ def test_pneumonia_mnist_sizes_and_missing_test(tmp_path):
 
 
 def test_pneumonia_mnist_missing_default(tmp_path, monkeypatch):
+    """No copy given or cached: 28x28 comes from the embedded copy; other sizes are downloaded."""
     monkeypatch.setenv("LIGHTFLAX_SHARED_DIR", str(tmp_path / "noshared"))
-    assert not data.available("pneumonia_mnist")
+    assert data.available("pneumonia_mnist")
+    assert data.load("pneumonia_mnist").source.startswith("embedded")
+    assert not data.available("pneumonia_mnist", image_size=64)
     with pytest.raises(DataError, match="offline test: not downloading"):
-        data.load("pneumonia_mnist")
+        data.load("pneumonia_mnist", image_size=64)
     with pytest.raises(DataError, match=r"PneumoniaMNIST not found \(looked in .*--dataset=synthetic"):
-        data.load("pneumonia_mnist", download=False)
+        data.load("pneumonia_mnist", image_size=64, download=False)
 
 
 @pytest.mark.skipif(not SHARED_NPZ.is_file(), reason=f"real PneumoniaMNIST not present at {SHARED_NPZ}")
-def test_real_pneumonia_mnist_from_shared():
-    assert data.available("pneumonia_mnist")
-    d = data.load("pneumonia_mnist")
+def test_real_pneumonia_mnist_from_shared_equals_embedded():
+    d = data.load("pneumonia_mnist", data_dir=str(SHARED_NPZ))
     assert d.source == str(SHARED_NPZ)
-    assert d.class_counts("train") == [1214, 3494] and d.class_counts("val") == [135, 389]
-    assert d.splits["test"] is None and any("no test split" in n for n in d.notes)
-    assert any(n.startswith("8 val image(s) also occur") for n in d.notes)
-    # Content hashes from the shared README: the stored order survives the TFDS round trip.
-    want = {"train": "988575a9306444dd842d68074a0a712bdbda58370717b7a2dd17c8a40d567ecd",
-            "val": "18d544425c7ad053ac265e109654a65a09b23a908a7c66f58bb8a8fe059a1286"}
-    for split, digest in want.items():
-        s = d.splits[split]
-        assert s.images.shape[1:] == (28, 28, 1)
-        got = hashlib.sha256(s.images[..., 0].tobytes() + s.labels.astype(np.uint8).tobytes()).hexdigest()
-        assert got == digest, split
+    emb = data.load("pneumonia_mnist")
+    assert emb.source.startswith("embedded")
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(d.splits[split].images, emb.splits[split].images)
+        np.testing.assert_array_equal(d.splits[split].labels, emb.splits[split].labels)
 
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ itself. The Kaggle copy's nested duplicate ``chest_xray/chest_xray`` (used only
 when the outer folder lacks the splits), ``__MACOSX`` and hidden files such as
 ``.DS_Store`` are ignored. The class folders of every split must be exactly
 NORMAL and PNEUMONIA (NORMAL=0, PNEUMONIA=1). Images are decoded with Pillow,
-converted to grayscale ('L') and resized (bilinear, as Keras' ``load_img``) to the
+converted to 8-bit grayscale (16-bit PNGs scaled by their real bit depth, see
+:func:`to_gray8`) and resized (bilinear, as Keras' ``load_img``) to the
 builder config's resolution, then written once as uint8 tensors into array_record
 files under ``<data_dir>/tfds/chest_xray-<source key>/``; later runs read them back
 with ``tfds.data_source`` (no TensorFlow involved).
@@ -40,6 +41,7 @@ RESOLUTIONS = (299, 224, 128, 64)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 ON_CORRUPT = ("skip", "fail")
 MAX_REPORTED = 20
+TINY = 32  # images with a side under this many pixels are kept but reported (no real chest X-ray is that small)
 HOW_TO_GET = ("download 'Chest X-Ray Images (Pneumonia)' (kaggle.com/datasets/paultimothymooney/"
               "chest-xray-pneumonia or data.mendeley.com/datasets/rscbjbr9sj/3) and pass --manual_dir=FOLDER "
               "holding chest_xray/, or use --dataset=pneumonia_mnist (28x28 version, shared folder or download), "
@@ -112,30 +114,120 @@ def source_key(root: Path, listing: Listing) -> str:
     return locations.fingerprint(parts)
 
 
-def decode(path: Path, resolution: int) -> np.ndarray:
-    """Pillow decode -> grayscale ('L') -> bilinear resize; uint8 (R, R)."""
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+STANDARD_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def png_significant_bits(path: Path) -> Optional[int]:
+    """The gray sample's significant bits from a PNG's sBIT chunk, or None.
+
+    Pillow does not expose sBIT; the chunk (if any) precedes the first IDAT.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind == b"sBIT":
+                    data = f.read(length)
+                    return int(data[0]) if data else None
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                f.seek(length + 4, 1)  # data + CRC
+    except OSError:
+        return None
+
+
+def bit_depth(values: np.ndarray, significant_bits: Optional[int] = None) -> int:
+    """The bit depth a high-depth grayscale image is scaled by.
+
+    ``significant_bits`` (PNG sBIT) when given; else the smallest standard depth
+    (8, 10, 12, 14, 16; more bits for 32-bit data) whose range holds the image's
+    maximum - a 12-bit X-ray stored in 16 bits is scaled by 4095, not 65535.
+    """
+    if significant_bits:
+        return int(significant_bits)
+    top = int(np.ceil(float(values.max()))) if values.size else 0
+    need = max(1, top.bit_length())
+    for d in STANDARD_DEPTHS:
+        if need <= d:
+            return d
+    return need
+
+
+def to_gray8(im, significant_bits: Optional[int] = None):
+    """A Pillow image as an 8-bit grayscale ('L') image.
+
+    8-bit modes go through ``convert('L')``. 16/32-bit grayscale (I;16, I;16B, I,
+    F) is scaled by its real bit depth (:func:`bit_depth`) to 0..255 and rounded -
+    ``convert('L')`` would clip it (mostly white). Float images with values in
+    [0, 1] are scaled by 255. Negative or non-finite values raise ValueError (the
+    image is then reported as unreadable, never guessed).
+    """
+    from PIL import Image
+
+    if im.mode not in HIGH_DEPTH_MODES:
+        return im.convert("L")
+    values = np.asarray(im, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"mode {im.mode} image with shape {values.shape} is not grayscale")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"mode {im.mode} image holds NaN or infinite pixel values")
+    if values.size and values.min() < 0:
+        raise ValueError(f"mode {im.mode} image holds negative pixel values (min {values.min():g}); "
+                         f"cannot infer its intensity scale")
+    if im.mode == "F" and values.size and values.max() <= 1.0 and not significant_bits:
+        top = 1.0
+    else:
+        top = float(2 ** bit_depth(values, significant_bits) - 1)
+    if values.size and values.max() > top:
+        raise ValueError(f"mode {im.mode} image has values up to {values.max():g}, above its "
+                         f"{significant_bits}-bit depth")
+    gray = np.rint(values * (255.0 / top)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(gray)  # uint8 (H, W) -> mode L
+
+
+def decode_sized(path: Path, resolution: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Pillow decode -> 8-bit grayscale (:func:`to_gray8`) -> bilinear resize.
+
+    Returns uint8 (R, R) and the image's original (width, height).
+    """
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("L")
+        size = im.size
+        sbit = png_significant_bits(path) if im.format == "PNG" and im.mode in HIGH_DEPTH_MODES else None
+        im = to_gray8(im, sbit)
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return np.asarray(im, dtype=np.uint8), size
+
+
+def decode(path: Path, resolution: int) -> np.ndarray:
+    """Pillow decode -> 8-bit grayscale (:func:`to_gray8`) -> bilinear resize; uint8 (R, R)."""
+    return decode_sized(path, resolution)[0]
 
 
 def _try_decode(path: Path, resolution: int):
+    """(image, error, original size): image None and a one-line error for an unreadable file."""
     try:
-        return decode(path, resolution), None
+        image, size = decode_sized(path, resolution)
+        return image, None, size
     except Exception as e:  # Pillow raises many types for damaged files
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
 
 
 class ChestXray(tfds.core.GeneratorBasedBuilder):
     """Chest X-Ray Images (Pneumonia), grayscale uint8, one config per stored resolution."""
 
     name = "lightflax_chest_xray"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Grayscale uint8 tensors, Pillow bilinear resize."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Grayscale uint8 tensors, Pillow bilinear resize.",
+                     "1.1.0": "16-bit grayscale scaled by its real bit depth instead of clipped."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=str(r), description=f"{r}x{r} grayscale")
                        for r in RESOLUTIONS]
     DEFAULT_CONFIG_NAME = "299"
@@ -163,18 +255,24 @@ class ChestXray(tfds.core.GeneratorBasedBuilder):
         listing, _ = scan(root)
         self.info.metadata["corrupt"] = []
         self.info.metadata["num_corrupt"] = 0
+        self.info.metadata["tiny"] = []
+        self.info.metadata["num_tiny"] = 0
         return {split: self._generate_examples(root, files) for split, files in listing.items() if files}
 
     def _generate_examples(self, root: Path, files: List[Tuple[str, int]]) -> Iterator:
         workers = max(1, min(8, os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             decoded = pool.map(lambda f: _try_decode(root / f[0], self.resolution), files)
-            for index, ((rel, label), (image, error)) in enumerate(zip(files, decoded)):
+            for index, ((rel, label), (image, error, size)) in enumerate(zip(files, decoded)):
                 if error is not None:
                     self.info.metadata["num_corrupt"] += 1
                     if len(self.info.metadata["corrupt"]) < MAX_REPORTED:
                         self.info.metadata["corrupt"].append(f"{root / rel} ({error})")
                     continue
+                if min(size) < TINY:
+                    self.info.metadata["num_tiny"] += 1
+                    if len(self.info.metadata["tiny"]) < MAX_REPORTED:
+                        self.info.metadata["tiny"].append(f"{root / rel} ({size[0]}x{size[1]})")
                 yield rel, {"image": image[..., None], "label": label, "index": index, "filename": rel}
 
 
@@ -190,6 +288,9 @@ def load(manual_dir: Optional[str] = None, data_dir: Optional[str] = None, resol
     if root is None:
         raise DataError(f"chest X-ray folders not found (looked in {', '.join(looked)}); {HOW_TO_GET}")
     listing, notes = scan(root)
+    for note in notes:
+        if note.endswith("holds no images"):
+            print(f"WARNING: {note}: that split has a single class", flush=True)
     target = locations.prepared_dir(data_dir, "chest_xray", source_key(root, listing))
     builder = tfds_util.prepare(ChestXray, data_dir=target, config=str(resolution), manual_dir=root)
     corrupt = list(builder.info.metadata.get("corrupt", []))
@@ -200,6 +301,13 @@ def load(manual_dir: Optional[str] = None, data_dir: Optional[str] = None, resol
             raise DataError(f"{msg}; delete or replace them, or pass --on_corrupt=skip")
         notes.append(f"skipped {msg}")
         print(f"WARNING: skipped {msg}", flush=True)
+    num_tiny = int(builder.info.metadata.get("num_tiny", 0))
+    if num_tiny:
+        tiny = list(builder.info.metadata.get("tiny", []))
+        msg = (f"{num_tiny} image(s) in {root} are smaller than {TINY}x{TINY} pixels (kept, upscaled to "
+               f"{resolution}x{resolution}), first: {'; '.join(tiny[:3])}")
+        notes.append(msg)
+        print(f"WARNING: {msg}", flush=True)
     arrays = tfds_util.read_all(builder, SPLITS)
     splits: Dict[str, Optional[Split]] = {s: None for s in SPLITS}
     for s, (images, labels, _) in arrays.items():

@@ -4,12 +4,21 @@ Builders write array_record files of fixed-shape uint8 tensors and are read back
 with ``tfds.data_source`` (random access, no TensorFlow). Every example carries its
 position in the source (``index``) so the loaded arrays keep the source's order
 (TFDS shuffles records by key hash when it writes them).
+
+Preparation writes only under the ``data_dir`` it is given: TFDS's own temporary
+folder (an empty ``tmp*tfds`` it would leave in the system temp directory) is
+redirected into a private folder that is removed afterwards, and a preparation
+that fails removes every folder it created (no empty or half-written copies).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,15 +42,75 @@ def features(shape: Tuple[int, int, int], class_names: Sequence[str], *, with_fi
     return tfds.features.FeaturesDict(spec)
 
 
+@contextlib.contextmanager
+def private_tempdir() -> Iterator[Path]:
+    """Points :mod:`tempfile` at a fresh private folder and removes it afterwards.
+
+    TFDS calls ``tempfile.mkdtemp("tfds")`` when it builds an unprepared builder
+    and never removes the folder; this keeps the system temp directory clean.
+    """
+    saved = tempfile.tempdir
+    private = Path(tempfile.mkdtemp(prefix="lightflax-tfds-"))
+    tempfile.tempdir = str(private)
+    try:
+        yield private
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def missing_chain(path: Path) -> List[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    chain = []
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        chain.append(p)
+        p = p.parent
+    return chain
+
+
 def prepare(builder_cls, *, data_dir: Path, config: Optional[str] = None, manual_dir: Optional[Path] = None,
             **builder_kwargs: Any):
-    """Instantiates ``builder_cls`` under ``data_dir`` and prepares it once (reused afterwards)."""
+    """Instantiates ``builder_cls`` under ``data_dir`` and prepares it once (reused afterwards).
+
+    On failure, the folders this call created (``data_dir`` and parents that did not
+    exist, or the builder's dataset folder inside an existing ``data_dir``) are removed.
+    TFDS's "No examples were yielded" becomes a one-line DataError.
+    """
     import tensorflow_datasets as tfds
 
-    builder = builder_cls(data_dir=str(data_dir), config=config, file_format=FILE_FORMAT, **builder_kwargs)
-    download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
-    builder.download_and_prepare(download_config=download_config)
+    data_dir = Path(data_dir)
+    created = missing_chain(data_dir)
+    builder_dir = data_dir / builder_cls.name
+    builder_existed = builder_dir.exists()
+    try:
+        with private_tempdir():
+            builder = builder_cls(data_dir=str(data_dir), config=config, file_format=FILE_FORMAT, **builder_kwargs)
+            download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+            builder.download_and_prepare(download_config=download_config)
+    except BaseException as e:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        elif not builder_existed:
+            shutil.rmtree(builder_dir, ignore_errors=True)
+            prune_empty_dirs(data_dir / "downloads")  # TFDS's download folder, empty for local builders
+        else:  # other configs were prepared before: drop only this attempt's empty folders
+            prune_empty_dirs(builder_dir)
+        if isinstance(e, Exception) and "No examples were yielded" in str(e):
+            raise DataError(f"{builder_cls.name}: a split has no readable example (every image corrupt or "
+                            f"unreadable?); check the source files") from None
+        raise
     return builder
+
+
+def prune_empty_dirs(root: Path) -> None:
+    """Removes the empty folders under ``root`` (and ``root`` if it ends up empty); never a file."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for folder, _, _ in sorted(os.walk(root), key=lambda t: -len(Path(t[0]).parts)):
+        with contextlib.suppress(OSError):
+            Path(folder).rmdir()  # fails (kept) unless empty
 
 
 def data_source(builder, split: str):
