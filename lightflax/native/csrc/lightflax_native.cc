@@ -68,6 +68,36 @@ int64_t Prod(ffi::Span<const int64_t> d, size_t lo, size_t hi) {
   return p;
 }
 
+int Threads() {
+  int n = g_threads.load();
+  return n > 0 ? n : omp_get_max_threads();
+}
+
+// out[c] = sum_i f(i, c) over rows i: float blocks of 64 rows added into per-thread double
+// partials, which are added in thread order (results do not depend on scheduling).
+template <typename F>
+void ChannelSums(int64_t m, int64_t c, double* out, F f) {
+  int nthr = (int)std::min<int64_t>(Threads(), std::max<int64_t>(1, m / 4096));
+  std::vector<double> part((size_t)nthr * c, 0.0);
+#pragma omp parallel num_threads(nthr)
+  {
+    int t = omp_get_thread_num();
+    int64_t lo = m * t / nthr, hi = m * (t + 1) / nthr;
+    double* acc = part.data() + (size_t)t * c;
+    std::vector<float> blk(c);
+    for (int64_t i0 = lo; i0 < hi; i0 += 64) {
+      int64_t i1 = std::min(hi, i0 + 64);
+      std::fill(blk.begin(), blk.end(), 0.f);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t k = 0; k < c; ++k) blk[k] += f(i, k);
+      for (int64_t k = 0; k < c; ++k) acc[k] += blk[k];
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) out[k] = 0.0;
+  for (int t = 0; t < nthr; ++t)
+    for (int64_t k = 0; k < c; ++k) out[k] += part[(size_t)t * c + k];
+}
+
 // ---------------------------------------------------------------------------
 // Convolution
 // ---------------------------------------------------------------------------
@@ -168,19 +198,16 @@ std::shared_ptr<ConvEntry> GetBwd(const ConvGeom& g) {
   e->bwd_data = dnnl::convolution_backward_data(bdp);
   e->bwd_data_w = bdp.weights_desc();
   e->bwd_data_scratch = bdp.scratchpad_desc().get_size();
-  std::unique_ptr<dnnl::convolution_backward_weights::primitive_desc> wdp;
-  if (g.bias) {
-    dnnl::convolution_backward_weights::desc wd(dnnl::algorithm::convolution_direct, e->src, w_any, e->bias,
-                                                e->dst, strides, padl, padr);
-    wdp.reset(new dnnl::convolution_backward_weights::primitive_desc(wd, attr, Engine(), hint));
-  } else {
-    dnnl::convolution_backward_weights::desc wd(dnnl::algorithm::convolution_direct, e->src, w_any, e->dst,
-                                                strides, padl, padr);
-    wdp.reset(new dnnl::convolution_backward_weights::primitive_desc(wd, attr, Engine(), hint));
-  }
-  e->bwd_weights = dnnl::convolution_backward_weights(*wdp);
-  e->bwd_weights_w = wdp->diff_weights_desc();
-  e->bwd_weights_scratch = wdp->scratchpad_desc().get_size();
+  // No diff_bias in the primitive: oneDNN sums the bias gradient in float32 over n*oh*ow rows,
+  // which loses the cancellation of a bias in front of a BatchNorm (exact gradient 0) to ~1e-4 of
+  // the model's gradient scale; ConvBwd sums it in double instead, in the pass that applies the
+  // ReLU mask.
+  dnnl::convolution_backward_weights::desc wd(dnnl::algorithm::convolution_direct, e->src, w_any, e->dst,
+                                              strides, padl, padr);
+  dnnl::convolution_backward_weights::primitive_desc wdp(wd, attr, Engine(), hint);
+  e->bwd_weights = dnnl::convolution_backward_weights(wdp);
+  e->bwd_weights_w = wdp.diff_weights_desc();
+  e->bwd_weights_scratch = wdp.scratchpad_desc().get_size();
   g_primitives += 2;
   std::lock_guard<std::mutex> lk(g_mu);
   return g_conv_cache.emplace(key, e).first->second;
@@ -266,14 +293,24 @@ ffi::Error ConvBwd(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffe
     auto& s = Stream();
     for (int64_t r = 0; r < reps; ++r) {
       float* g_ptr = dy.typed_data() + r * ys;
-      if (g.relu) {  // dy * (y > 0), the ReLU post-op's gradient
+      int64_t rows = ys / g.o;
+      std::vector<double> bsum(g.o);
+      if (g.relu) {  // dy * (y > 0), the ReLU post-op's gradient, and (bias) its channel sums
         float* masked = Scratch(2, ys * sizeof(float));
         const float* yy = y.typed_data() + r * ys;
-        int nthr = g_threads.load();
-#pragma omp parallel for num_threads(nthr > 0 ? nthr : 1) schedule(static)
-        for (int64_t i = 0; i < ys; ++i) masked[i] = yy[i] > 0.f ? g_ptr[i] : 0.f;
+        const float* gg = g_ptr;
+        ChannelSums(rows, g.o, bsum.data(), [&](int64_t i, int64_t k) {
+          int64_t j = i * g.o + k;
+          float v = yy[j] > 0.f ? gg[j] : 0.f;
+          masked[j] = v;
+          return v;
+        });
         g_ptr = masked;
+      } else if (g.bias) {
+        const float* gg = g_ptr;
+        ChannelSums(rows, g.o, bsum.data(), [&](int64_t i, int64_t k) { return gg[i * g.o + k]; });
       }
+      for (int64_t k = 0; k < g.o; ++k) db[r * g.o + k] = g.bias ? (float)bsum[k] : 0.f;
       memory dym(e->dst, Engine(), g_ptr), xm(e->src, Engine(), x.typed_data() + r * xs);
       if (dx != nullptr) {
         memory wm = WeightsFor(e->bwd_data_w, e->user_w, w.typed_data() + r * ws, 0);
@@ -288,10 +325,8 @@ ffi::Error ConvBwd(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffe
       std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
                                            {DNNL_ARG_DIFF_WEIGHTS, dwm},
                                            {DNNL_ARG_SCRATCHPAD, ScratchMem(e->bwd_weights_scratch, 1)}};
-      if (g.bias) args[DNNL_ARG_DIFF_BIAS] = memory(e->bias, Engine(), db + r * g.o);
       e->bwd_weights.execute(s, args);
       if (reorder) dnnl::reorder(dwm, dwu).execute(s, dwm, dwu);
-      if (!g.bias) std::memset(db + r * g.o, 0, g.o * sizeof(float));
     }
     s.wait();
   } catch (const dnnl::error& err) {
@@ -320,35 +355,6 @@ ffi::Error ConvBwdWImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::
 // Sums are accumulated in double; per-thread partials are added in a fixed
 // order, so results do not depend on scheduling.
 // ---------------------------------------------------------------------------
-
-int Threads() {
-  int n = g_threads.load();
-  return n > 0 ? n : omp_get_max_threads();
-}
-
-// out[c] = sum_i f(i, c) over rows i of one replica.
-template <typename F>
-void ChannelSums(int64_t m, int64_t c, double* out, F f) {
-  int nthr = (int)std::min<int64_t>(Threads(), std::max<int64_t>(1, m / 4096));
-  std::vector<double> part((size_t)nthr * c, 0.0);
-#pragma omp parallel num_threads(nthr)
-  {
-    int t = omp_get_thread_num();
-    int64_t lo = m * t / nthr, hi = m * (t + 1) / nthr;
-    double* acc = part.data() + (size_t)t * c;
-    std::vector<float> blk(c);
-    for (int64_t i0 = lo; i0 < hi; i0 += 64) {  // float blocks of 64 rows, then into double
-      int64_t i1 = std::min(hi, i0 + 64);
-      std::fill(blk.begin(), blk.end(), 0.f);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t k = 0; k < c; ++k) blk[k] += f(i, k);
-      for (int64_t k = 0; k < c; ++k) acc[k] += blk[k];
-    }
-  }
-  for (int64_t k = 0; k < c; ++k) out[k] = 0.0;
-  for (int t = 0; t < nthr; ++t)
-    for (int64_t k = 0; k < c; ++k) out[k] += part[(size_t)t * c + k];
-}
 
 struct BnView {
   int64_t reps, m, c;
@@ -459,25 +465,33 @@ void BnBwdSums(const float* dy, const float* x, const float* y, const float* mea
 }
 
 // dx = scale * inv * (g - sg / count - xhat * sgx / count) (train), scale * inv * g (inference).
+// The per-channel means sg / count and sgx / count are carried as float pairs (hi + lo) so that
+// sum(dx) over a channel cancels to float accuracy: with a rounded mean, a channel of constant
+// input (a dead ReLU in front) leaves count * ulp(mean) * scale * inv in the gradient of the bias
+// in front of this BatchNorm, whose exact value is 0.
 void BnBwdApply(const float* dy, const float* x, const float* y, const float* mean, const float* var,
                 const float* scale, const float* sg, const float* sgx, float eps, bool relu, bool train,
                 double count, int64_t m, int64_t c, float* dx) {
-  std::vector<float> inv(c), a(c), mg(c), mgx(c), mu(c);
+  std::vector<float> inv(c), a(c), mg(c), mgl(c), mgx(c), mgxl(c), mu(c);
   for (int64_t k = 0; k < c; ++k) {
     inv[k] = 1.f / std::sqrt(var[k] + eps);
     a[k] = scale[k] * inv[k];
-    mg[k] = train ? (float)(sg[k] / count) : 0.f;
-    mgx[k] = train ? (float)(sgx[k] / count) : 0.f;
+    double g1 = train ? (double)sg[k] / count : 0.0, g2 = train ? (double)sgx[k] / count : 0.0;
+    mg[k] = (float)g1;
+    mgl[k] = (float)(g1 - (double)mg[k]);
+    mgx[k] = (float)g2;
+    mgxl[k] = (float)(g2 - (double)mgx[k]);
     mu[k] = mean[k];
   }
-  const float *pi = inv.data(), *pa = a.data(), *pg = mg.data(), *pgx = mgx.data(), *pmu = mu.data();
+  const float *pi = inv.data(), *pa = a.data(), *pg = mg.data(), *pgl = mgl.data(), *pgx = mgx.data(),
+              *pgxl = mgxl.data(), *pmu = mu.data();
 #pragma omp parallel for num_threads(Threads()) schedule(static)
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t k = 0; k < c; ++k) {
       int64_t j = i * c + k;
       float g = relu ? (y[j] > 0.f ? dy[j] : 0.f) : dy[j];
       float xhat = (x[j] - pmu[k]) * pi[k];
-      dx[j] = pa[k] * (g - pg[k] - xhat * pgx[k]);
+      dx[j] = pa[k] * (((g - pg[k]) - pgl[k]) - (xhat * pgx[k] + xhat * pgxl[k]));
     }
   }
 }
