@@ -99,8 +99,9 @@ def step():
                 if kind == "xla":
                     variants.append(V("xla", v.compiled.compiled, v.args, None, v.next_args, group, peak))
                 else:
-                    for t in THREADS:
-                        variants.append(V(f"native {t} thr", v.compiled.compiled, v.args, t, v.next_args, group,
+                    for i, t in enumerate(THREADS):  # own copy of the (donated) state per variant
+                        args = v.args if i == 0 else (jax.tree_util.tree_map(jnp.copy, v.args[0]),) + v.args[1:]
+                        variants.append(V(f"native {t} thr", v.compiled.compiled, args, t, v.next_args, group,
                                           peak))
             run_group(variants)
 
