@@ -199,7 +199,7 @@ def _conv_geometry(m: nn.Module, x: Array, first_param: str) -> Tuple[str, Tuple
 def _bias_and_activation(m: nn.Module, y: Optional[Array], conv: Optional[tuple] = None) -> Array:
     """The Keras epilogue: + bias (zeros-initialised) if ``use_bias``, then ``activation``.
 
-    ``conv=(x, w, strides, padding)``: run the convolution here too (``y`` is None), through
+    ``conv=(x, w, strides, padding, precision)``: run the convolution here too (``y`` is None), through
     :func:`lightflax.native.conv2d` (oneDNN with bias and ReLU fused on CPU when active).
     """
     b = m.param("bias", nn.initializers.zeros, (m.features,)) if m.use_bias else None
@@ -212,11 +212,12 @@ def _bias_and_activation(m: nn.Module, y: Optional[Array], conv: Optional[tuple]
     return y
 
 
-def _native_conv(x: Array, w: Array, strides, padding: str, b: Optional[Array], activation) -> Array:
-    """activation(conv(x, w) + b): native kernels when active, else XLA's convolution (same values)."""
+def _native_conv(x: Array, w: Array, strides, padding: str, precision: Any, b: Optional[Array],
+                 activation) -> Array:
+    """activation(conv(x, w) + b): native kernels when active (CPU, float32), else XLA's convolution."""
     pads = _explicit_padding(x.shape, w.shape[:2], strides, padding)
     return native.conv2d(x, w, None if b is None else b.astype(x.dtype), strides, pads, activation,
-                         lambda x, w: _lax_conv2d(x, w, strides, padding))
+                         lambda x, w: _lax_conv2d(x, w, strides, padding, precision=precision))
 
 
 def conv2d(
@@ -230,7 +231,7 @@ def conv2d(
 ) -> Array:
     """Plain NHWC/HWIO convolution: native kernels when active (no groups), else ``lax.conv_general_dilated``."""
     if feature_group_count == 1 and native.active():
-        return _native_conv(x, w, strides, padding, None, None)
+        return _native_conv(x, w, strides, padding, precision, None, None)
     return _lax_conv2d(x, w, strides, padding, feature_group_count=feature_group_count, precision=precision)
 
 
@@ -371,7 +372,7 @@ class LightConv2D(nn.Module):
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         if impl == "conv":  # native kernels when active: bias (and ReLU) fused into each convolution
-            y = _native_conv(x, w1.astype(dtype), strides, padding, b1, nn.relu)
+            y = _native_conv(x, w1.astype(dtype), strides, padding, self.precision, b1, nn.relu)
         else:
             y = _conv(impl, x, w1.astype(dtype), strides, padding, self.precision)
             if b1 is not None:
@@ -380,7 +381,7 @@ class LightConv2D(nn.Module):
         if padding == "VALID":
             _check_fits(y.shape, kernel, padding, name + " (second factor)")
         if impl == "conv":
-            return _native_conv(y, w2.astype(dtype), strides, padding, b2, self.activation)
+            return _native_conv(y, w2.astype(dtype), strides, padding, self.precision, b2, self.activation)
         y = _conv(impl, y, w2.astype(dtype), strides, padding, self.precision)
         if b2 is not None:
             y = y + b2.astype(dtype)
@@ -430,7 +431,8 @@ class LowRankConv2D(nn.Module):
         x = x.astype(dtype)
         u, v = u.astype(dtype), v.astype(dtype)
         if self.impl == "materialize":
-            return _bias_and_activation(self, None, conv=(x, self.materialize(u, v), strides, padding))
+            return _bias_and_activation(self, None, conv=(x, self.materialize(u, v), strides, padding,
+                                                                  self.precision))
         else:
             y = conv2d(x, u, strides, padding, precision=self.precision)
             y = jnp.einsum("bhwr,rf->bhwf", y, v, precision=self.precision)
@@ -500,7 +502,8 @@ class Conv2D(nn.Module):
         dtype = self.dtype or x.dtype
         impl = _check_impl(self.impl)
         if impl == "conv":
-            return _bias_and_activation(self, None, conv=(x.astype(dtype), w.astype(dtype), strides, padding))
+            return _bias_and_activation(self, None, conv=(x.astype(dtype), w.astype(dtype), strides, padding,
+                                                                  self.precision))
         y = _conv(impl, x.astype(dtype), w.astype(dtype), strides, padding, self.precision)
         return _bias_and_activation(self, y)
 

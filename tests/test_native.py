@@ -21,7 +21,8 @@ from lightflax import kernels, layers, native
 from lightflax.errors import UserError
 from lightflax.native import _loader
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native library not loaded: {native.status()['reason']}")
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"native library not loaded: {native.status()['reason']}")
 
 
 def rel_err(a, b) -> float:

@@ -124,8 +124,8 @@ def main():
                        "first_step_s": w.info.get("first_step_s")}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| model | size | batch | framework | ms/step (median) | p10-p90 | CPU ms/step | img/s | ratio to best peer "
-          "(wall) | (CPU) |")
+    print("\n| model | size | batch | framework | ms/step (median) | p10-p90 | CPU ms/step | img/s "
+          "| ratio to best peer (wall) | (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['ratio_to_best_peer']:.2f}" if r["ratio_to_best_peer"] is not None else ""
