@@ -299,7 +299,8 @@ STEP_CODE = textwrap.dedent(
 
     nat, counts = run("native")
     ref, xla_counts = run("xla")
-    alt, _ = run("xla", optimize=False)  # XLA against itself, compiled differently: the reference's own noise
+    # XLA against itself compiled differently: the reference's own noise (bounds the state after many steps)
+    alt, _ = run("xla", optimize=False) if STEPS > 2 else (ref, None)
     assert sum(xla_counts.values()) == 0, xla_counts
     assert counts["conv_fwd"] > 0 and counts["conv_bwd"] > 0 and counts["bn_fwd"] > 0 and counts["pool_bwd"] > 0, counts
     leaves = jax.tree_util.tree_leaves
