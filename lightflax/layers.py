@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from lightflax import native
+
 Array = jax.Array
 Dtype = Any
 IntPair = Union[int, Sequence[int]]
@@ -182,13 +184,28 @@ def _conv_geometry(m: nn.Module, x: Array, first_param: str) -> Tuple[str, Tuple
     return name, kernel, _pair(m.strides, "strides"), padding
 
 
-def _bias_and_activation(m: nn.Module, y: Array) -> Array:
-    """The Keras epilogue: + bias (zeros-initialised) if ``use_bias``, then ``activation``."""
-    if m.use_bias:
-        y = y + m.param("bias", nn.initializers.zeros, (m.features,)).astype(y.dtype)
+def _bias_and_activation(m: nn.Module, y: Optional[Array], conv: Optional[tuple] = None) -> Array:
+    """The Keras epilogue: + bias (zeros-initialised) if ``use_bias``, then ``activation``.
+
+    ``conv=(x, w, strides, padding, precision)``: run the convolution here too (``y`` is None), through
+    :func:`lightflax.native.conv2d` (oneDNN with bias and ReLU fused on CPU when active).
+    """
+    b = m.param("bias", nn.initializers.zeros, (m.features,)) if m.use_bias else None
+    if conv is not None:
+        return _native_conv(*conv, b, m.activation)
+    if b is not None:
+        y = y + b.astype(y.dtype)
     if m.activation is not None:
         y = m.activation(y)
     return y
+
+
+def _native_conv(x: Array, w: Array, strides, padding: str, precision: Any, b: Optional[Array],
+                 activation) -> Array:
+    """activation(conv(x, w) + b): native kernels when active (CPU, float32), else XLA's convolution."""
+    pads = _explicit_padding(x.shape, w.shape[:2], strides, padding)
+    return native.conv2d(x, w, None if b is None else b.astype(x.dtype), strides, pads, activation,
+                         lambda x, w: _lax_conv2d(x, w, strides, padding, precision=precision))
 
 
 def conv2d(
@@ -200,7 +217,14 @@ def conv2d(
     feature_group_count: int = 1,
     precision: Any = None,
 ) -> Array:
-    """Plain NHWC/HWIO convolution through ``lax.conv_general_dilated``."""
+    """Plain NHWC/HWIO convolution: native kernels when active (no groups), else ``lax.conv_general_dilated``."""
+    if feature_group_count == 1 and native.active():
+        return _native_conv(x, w, strides, padding, precision, None, None)
+    return _lax_conv2d(x, w, strides, padding, feature_group_count=feature_group_count, precision=precision)
+
+
+def _lax_conv2d(x: Array, w: Array, strides, padding: str, *, feature_group_count: int = 1,
+                precision: Any = None) -> Array:
     return lax.conv_general_dilated(
         x,
         w,
@@ -332,12 +356,17 @@ class LightConv2D(nn.Module):
         b2 = self.param("b2", bias_init, (self.features,)) if self.use_bias else None
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        y = _conv(impl, x, w1.astype(dtype), strides, padding, self.precision)
-        if b1 is not None:
-            y = y + b1.astype(dtype)
-        y = nn.relu(y)
+        if impl == "conv":  # native kernels when active: bias (and ReLU) fused into each convolution
+            y = _native_conv(x, w1.astype(dtype), strides, padding, self.precision, b1, nn.relu)
+        else:
+            y = _conv(impl, x, w1.astype(dtype), strides, padding, self.precision)
+            if b1 is not None:
+                y = y + b1.astype(dtype)
+            y = nn.relu(y)
         if padding == "VALID":
             _check_fits(y.shape, kernel, padding, name + " (second factor)")
+        if impl == "conv":
+            return _native_conv(y, w2.astype(dtype), strides, padding, self.precision, b2, self.activation)
         y = _conv(impl, y, w2.astype(dtype), strides, padding, self.precision)
         if b2 is not None:
             y = y + b2.astype(dtype)
@@ -388,7 +417,8 @@ class LowRankConv2D(nn.Module):
         x = x.astype(dtype)
         u, v = u.astype(dtype), v.astype(dtype)
         if self.form == "materialize":
-            y = conv2d(x, self.materialize(u, v), strides, padding, precision=self.precision)
+            return _bias_and_activation(self, None, conv=(x, self.materialize(u, v), strides, padding,
+                                                          self.precision))
         else:
             y = conv2d(x, u, strides, padding, precision=self.precision)
             y = jnp.einsum("bhwr,rf->bhwf", y, v, precision=self.precision)
@@ -455,7 +485,11 @@ class Conv2D(nn.Module):
         _, kernel, strides, padding = _conv_geometry(self, x, "kernel")
         w = self.param("kernel", glorot_uniform, (*kernel, x.shape[-1], self.features))
         dtype = self.dtype or x.dtype
-        y = _conv(_check_impl(self.impl), x.astype(dtype), w.astype(dtype), strides, padding, self.precision)
+        impl = _check_impl(self.impl)
+        if impl == "conv":
+            return _bias_and_activation(self, None, conv=(x.astype(dtype), w.astype(dtype), strides, padding,
+                                                                  self.precision))
+        y = _conv(impl, x.astype(dtype), w.astype(dtype), strides, padding, self.precision)
         return _bias_and_activation(self, y)
 
 
@@ -492,15 +526,19 @@ class SeparableConv2D(nn.Module):
         return _bias_and_activation(self, y)
 
 
-def BatchNorm(train: bool, axis_name: Optional[str] = None, dtype: Optional[Dtype] = None, name=None):
-    """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3).
+def BatchNorm(train: bool, axis_name: Optional[str] = None, dtype: Optional[Dtype] = None, name=None,
+              relu: bool = False):
+    """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3); ``relu=True``: then ReLU (fused natively).
+
+    :class:`lightflax.native.BatchNorm` is flax's ``nn.BatchNorm`` (same variables and
+    statistics) running native kernels when they are active.
 
     The variance is computed in two passes, mean((x - mean)^2), as Keras'
     moments do: Flax's default one-pass E[x^2] - E[x]^2 cancels catastrophically
     when a channel's mean is large against its spread, and then 1 and 8 devices
     (different summation orders) disagree by ~0.5 % in the gradients.
     """
-    return nn.BatchNorm(
+    return native.BatchNorm(
         use_running_average=not train,
         momentum=0.99,
         epsilon=1e-3,
@@ -508,6 +546,7 @@ def BatchNorm(train: bool, axis_name: Optional[str] = None, dtype: Optional[Dtyp
         axis_name=axis_name,
         dtype=dtype,
         name=name,
+        relu=relu,
     )
 
 
@@ -521,7 +560,7 @@ def max_pool_2x2(x: Array) -> Array:
     """
     from lightflax import kernels
 
-    return kernels.max_pool_2x2(x)
+    return native.max_pool_2x2(x, kernels.max_pool_2x2)
 
 
 def reference_l2_penalty(params, coeff: float = 1e-4) -> Array:

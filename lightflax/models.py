@@ -83,8 +83,8 @@ class _Zoo(nn.Module):
     def conv_layer(self, features, kernel, padding, activation=None, name=None):
         return self.conv(features, kernel, padding=padding, activation=activation, dtype=self.dtype, name=name)
 
-    def bn(self, train: bool, name=None):
-        return layers.BatchNorm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+    def bn(self, train: bool, name=None, relu: bool = False):
+        return layers.BatchNorm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name, relu=relu)
 
     def min_input_size(self) -> int:
         for size in range(1, 4097):
@@ -132,7 +132,7 @@ class PlainNet(_Zoo):
                     x = self.bn(train, name=f"block{b + 1}_bn{i + 1}")(x)
                 else:
                     x = self.conv_layer(f, 3, self.padding, name=name)(x)
-                    x = nn.relu(self.bn(train, name=f"block{b + 1}_bn{i + 1}")(x))
+                    x = self.bn(train, name=f"block{b + 1}_bn{i + 1}", relu=True)(x)
             x = layers.max_pool_2x2(x)
         return self.classify(x, train)
 
@@ -159,7 +159,7 @@ class ResidualNet(_Zoo):
         for b, f in enumerate(self.filters):
             p = f"block{b + 1}"
             a = self.conv_layer(f, 3, "SAME", name=f"{p}_conv1")(x)
-            a = nn.relu(self.bn(train, name=f"{p}_bn1")(a))
+            a = self.bn(train, name=f"{p}_bn1", relu=True)(a)
             a = self.conv_layer(f, 3, "SAME", name=f"{p}_conv2")(a)
             a = self.bn(train, name=f"{p}_bn2")(a)
             s = self.conv_layer(f, 1, "SAME", name=f"{p}_shortcut")(x)

@@ -1,6 +1,6 @@
 """lightflax worker: the trainer's own compiled train step (same model, batch, Adam).
 
-    python lightflax_worker.py --model=xray_light --k=5 --size=128 --batch=64 [--impl=einsum]
+    python lightflax_worker.py --model=xray_light --k=5 --size=128 --batch=64 [--impl=einsum] [--kernels=xla]
 """
 
 import os
@@ -12,16 +12,19 @@ from worker_protocol import parse_args, serve  # noqa: E402
 
 
 def main():
-    a = parse_args(("--impl", {"default": None}), ("--dtype", {"default": "float32"}))
+    a = parse_args(("--impl", {"default": None}), ("--dtype", {"default": "float32"}),
+                   ("--kernels", {"default": "native", "choices": ["native", "xla"]}))
 
     def build():
         import jax
 
-        from lightflax import speed, summary, timing
+        from lightflax import native, speed, summary, timing
 
         kwargs = {"k": a.k} if a.model == "xray_light" else {}
         if a.impl:
             kwargs["impl"] = a.impl
+        native.set_kernels(a.kernels)
+        used = native.status()["kernels"]
         v = speed.model_variant(a.model, kwargs, batch=a.batch, size=a.size, dtype=a.dtype)
         args = [v.args]
 
@@ -31,7 +34,7 @@ def main():
 
         state = v.args[0]
         counts = summary.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
-        return step, {"framework": f"lightflax (jax {jax.__version__})" + (f" impl={a.impl}" if a.impl else ""),
+        return step, {"framework": f"lightflax {used} (jax {jax.__version__})" + (f" impl={a.impl}" if a.impl else ""),
                       "total_params": counts["total"], "trainable_params": counts["trainable"],
                       "compile_s": v.compiled.compile_s}
 

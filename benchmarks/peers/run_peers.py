@@ -1,15 +1,17 @@
 """Peer benchmark: tf.keras, PyTorch and lightflax on the study's two X-ray models.
 
     python benchmarks/peers/run_peers.py --peers_python=.venv-peers/bin/python \
-        --sizes=128,299 --batch=64 --rounds=5 --steps=3
+        --sizes=128,299 --batch=64 --rounds=5 --steps=3 --lightflax_variants=kernels=xla
 
 One long-lived worker process per (framework, model, size); parameter counts
 are checked against the study's (10,141 for LightLayers K=5, 31,074 for Conv2D)
 before anything is timed. Workers then run in interleaved rounds (each round:
 every worker runs --steps synchronised training steps in turn, the others idle),
 so all frameworks see the same machine conditions; the table reports the
-median ms per step, images/s and each framework's ratio to the best peer,
-computed per round and then the median.
+median ms per step and process CPU ms per step, images/s and each framework's
+ratio to the best peer (wall and CPU), computed per round and then the median.
+lightflax runs its default kernels (native where built); ``--lightflax_variants=kernels=xla``
+adds a worker on XLA's kernels.
 """
 
 import argparse
@@ -98,9 +100,12 @@ def main():
                     raise SystemExit(f"{name} {model}: {info['total_params']} params, expected {EXPECTED[model]}")
                 workers.append(w)
             times = {w.name: [] for w in workers}
+            cpus = {w.name: [] for w in workers}
             for _ in range(a.rounds):
                 for w in workers:
-                    times[w.name].append(float(np.median(w.run(a.steps))))
+                    t = w.run(a.steps)
+                    times[w.name].append(float(np.median(t["wall"])))
+                    cpus[w.name].append(float(np.median(t["cpu"])))
             for w in workers:
                 w.close()
             med = {n: float(np.median(t)) for n, t in times.items()}
@@ -109,19 +114,25 @@ def main():
             for w in workers:
                 t = np.array(times[w.name])
                 ratio = float(np.median(t / np.array(times[best]))) if best else None
+                c = np.array(cpus[w.name])
+                cpu_ratio = float(np.median(c / np.array(cpus[best]))) if best else None
                 row = {"model": model, "size": size, "framework": w.name, "detail": w.info["framework"],
                        "params": w.info["total_params"], "ms_per_step": 1e3 * med[w.name],
                        "p10_ms": 1e3 * float(np.percentile(t, 10)), "p90_ms": 1e3 * float(np.percentile(t, 90)),
+                       "cpu_ms_per_step": 1e3 * float(np.median(c)), "cpu_ratio_to_best_peer": cpu_ratio,
                        "images_per_s": a.batch / med[w.name], "ratio_to_best_peer": ratio, "best_peer": best,
                        "first_step_s": w.info.get("first_step_s")}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| model | size | framework | ms/step (median) | p10-p90 | img/s | ratio to best peer |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | size | batch | framework | ms/step (median) | p10-p90 | CPU ms/step | img/s "
+          "| ratio to best peer (wall) | (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['ratio_to_best_peer']:.2f}" if r["ratio_to_best_peer"] is not None else ""
-        print(f"| {r['model']} | {r['size']} | {r['detail']} | {r['ms_per_step']:.0f} | "
-              f"{r['p10_ms']:.0f}-{r['p90_ms']:.0f} | {r['images_per_s']:.0f} | {ratio} |")
+        cratio = f"{r['cpu_ratio_to_best_peer']:.2f}" if r["cpu_ratio_to_best_peer"] is not None else ""
+        print(f"| {r['model']} | {r['size']} | {a.batch} | {r['detail']} | {r['ms_per_step']:.0f} | "
+              f"{r['p10_ms']:.0f}-{r['p90_ms']:.0f} | {r['cpu_ms_per_step']:.0f} | {r['images_per_s']:.0f} | {ratio} | "
+              f"{cratio} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

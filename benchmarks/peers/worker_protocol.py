@@ -2,7 +2,7 @@
 
 The worker builds its model and a train step, prints 'READY <json>' (parameter
 counts, build/compile seconds), then for each line 'RUN <n>' runs n synchronised
-training steps and prints 'TIMES <json list of seconds>'; 'QUIT' ends it.
+training steps and prints 'TIMES {"wall": [seconds], "cpu": [process CPU seconds]}'; 'QUIT' ends it.
 """
 
 import argparse
@@ -38,9 +38,10 @@ def serve(build):
         if not cmd or cmd[0] == "QUIT":
             break
         if cmd[0] == "RUN":
-            times = []
+            wall, cpu = [], []
             for _ in range(int(cmd[1])):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step()
-                times.append(time.perf_counter() - t0)
-            print("TIMES " + json.dumps(times), flush=True)
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            print("TIMES " + json.dumps({"wall": wall, "cpu": cpu}), flush=True)

@@ -1,0 +1,270 @@
+"""Native CPU kernels (oneDNN convolutions, BatchNorm, 2x2 max pooling) through XLA FFI.
+
+    >>> import lightflax.native as native
+    >>> native.status()            # {'kernels': 'native'|'xla', 'reason': ..., ...}
+    >>> native.set_kernels("xla")  # process-wide switch, read when a function is traced
+    >>> with native.kernels("xla"):
+    ...     step = jax.jit(train_step)  # traced here -> XLA's kernels
+
+The switch is read at TRACE time: a function already jitted keeps the kernels
+it was traced with. Default: ``native`` when the library is loaded, else
+``xla`` (``$LIGHTFLAX_KERNELS=xla`` changes the default). Native kernels run
+only on CPU (``lax.platform_dependent``: other platforms keep XLA's kernels)
+and only for the cases they cover (float32, NHWC/HWIO, no dilation or groups);
+everything else silently takes XLA's kernels. See docs/native.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from lightflax.errors import UserError
+from lightflax.native import _loader
+
+KERNELS = ("native", "xla")
+ENV_KERNELS = "LIGHTFLAX_KERNELS"
+ENV_THREADS = "LIGHTFLAX_NATIVE_THREADS"
+DEFAULT_THREADS = 1  # OpenMP threads per native call; chosen by benchmarks/bench_native.py (docs/native.md)
+
+_LIB, _LOAD_REASON, _WARNING = _loader.load()
+if _WARNING:
+    _loader.warn(_WARNING)
+
+_state = threading.local()
+_global = {"kernels": None}
+
+
+def _check_kernels(name: str) -> str:
+    if name not in KERNELS:
+        raise UserError(f"kernels must be one of {', '.join(KERNELS)}, got {name!r}")
+    return name
+
+
+def available() -> bool:
+    """True when the native library is loaded and registered."""
+    return _LIB is not None
+
+
+def _default_kernels() -> str:
+    env = os.environ.get(ENV_KERNELS, "").strip().lower()
+    if env:
+        return _check_kernels(env)
+    return "native"
+
+
+def requested() -> str:
+    """The kernels asked for (set_kernels / kernels() / $LIGHTFLAX_KERNELS / default 'native')."""
+    local = getattr(_state, "kernels", None)
+    if local is not None:
+        return local
+    if _global["kernels"] is not None:
+        return _global["kernels"]
+    return _default_kernels()
+
+
+def active() -> bool:
+    """True when functions traced now use the native kernels (on CPU)."""
+    return available() and requested() == "native"
+
+
+def set_kernels(name: str) -> None:
+    """Process-wide: 'native' (default when available) or 'xla'. Read at trace time.
+
+    'native' without the library falls back to XLA (status() says why).
+    """
+    _global["kernels"] = _check_kernels(name)
+
+
+@contextlib.contextmanager
+def kernels(name: str) -> Iterator[None]:
+    """Within this block (this thread), functions are traced with ``name``'s kernels."""
+    previous = getattr(_state, "kernels", None)
+    _state.kernels = _check_kernels(name)
+    try:
+        yield
+    finally:
+        _state.kernels = previous
+
+
+def set_threads(n: int) -> None:
+    """OpenMP threads per native call (>= 1)."""
+    if not isinstance(n, int) or n < 1:
+        raise UserError(f"native threads must be an integer >= 1, got {n!r}")
+    if _LIB is not None:
+        _LIB.lib.lightflax_native_set_threads(n)
+
+
+def threads() -> Optional[int]:
+    return int(_LIB.lib.lightflax_native_get_threads()) if _LIB is not None else None
+
+
+def _init_threads() -> None:
+    raw = os.environ.get(ENV_THREADS, "").strip()
+    n = DEFAULT_THREADS
+    if raw:
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n < 1:
+            _loader.warn(f"lightflax: ${ENV_THREADS}={raw!r} is not an integer >= 1; using {DEFAULT_THREADS}")
+            n = DEFAULT_THREADS
+    set_threads(n)
+
+
+_init_threads()
+
+
+def status() -> Dict[str, Any]:
+    """Which kernels functions traced now use, and why: for the run log and results.json.
+
+    ``{"kernels": "native"|"xla", "reason": str, "library": path|None, "onednn": version|None,
+    "threads": int|None}``. On a non-CPU backend the native kernels are never run.
+    """
+    req = requested()
+    if not available():
+        kernels_, reason = "xla", _LOAD_REASON
+    elif req == "xla":
+        kernels_, reason = "xla", "XLA's kernels requested (set_kernels('xla') / --kernels=xla / $LIGHTFLAX_KERNELS)"
+    elif jax.default_backend() != "cpu":
+        kernels_, reason = "xla", f"native kernels are CPU-only; the default backend is {jax.default_backend()}"
+    else:
+        kernels_, reason = "native", _LOAD_REASON
+    return {
+        "kernels": kernels_,
+        "reason": reason,
+        "library": _LIB.path if _LIB is not None else None,
+        "onednn": _LIB.dnnl_version if _LIB is not None else None,
+        "threads": threads(),
+    }
+
+
+_COUNTERS = ("conv_fwd", "conv_bwd", "bn_fwd", "bn_bwd", "bn_reduce", "pool_fwd", "pool_bwd")
+
+
+def call_counts() -> Dict[str, int]:
+    """Native handler calls so far in this process (for benchmarks: which kernels ran)."""
+    if _LIB is None:
+        return {k: 0 for k in _COUNTERS}
+    return {k: int(_LIB.lib.lightflax_native_calls(i)) for i, k in enumerate(_COUNTERS)}
+
+
+def reset_call_counts() -> None:
+    if _LIB is not None:
+        _LIB.lib.lightflax_native_reset_calls()
+
+
+# ----------------------------------------------------------------------------
+# The entry points lightflax.layers / models call. Each decides at trace time
+# (native active, supported case) and otherwise runs the given XLA formulation.
+# ----------------------------------------------------------------------------
+
+
+def _is_relu(fn) -> bool:
+    return fn is nn.relu or fn is jax.nn.relu
+
+
+def _f32(*xs) -> bool:
+    return all(x is None or x.dtype == jnp.float32 for x in xs)
+
+
+def conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: Callable):
+    """activation(conv(x, w) + bias): native (bias and ReLU fused) when it can, else XLA.
+
+    x NHWC (leading vmapped dims allowed), w HWIO, ``pads`` explicit ((top, bottom), (left, right)),
+    ``xla_conv(x, w)`` the plain XLA convolution to use otherwise.
+    """
+
+    def xla(x, w, b):
+        y = xla_conv(x, w)
+        if b is not None:
+            y = y + b.astype(y.dtype)
+        return activation(y) if activation is not None else y
+
+    if not (active() and x.ndim == 4 and w.ndim == 4 and _f32(x, w, bias)):
+        return xla(x, w, bias)
+    from lightflax.native import ops
+
+    relu = _is_relu(activation)
+    y = ops.conv2d(x, w, bias, strides, pads, relu,
+                   lambda x, w, b: xla_conv(x, w) + (b if b is not None else 0.0) if not relu else xla(x, w, b))
+    if activation is not None and not relu:
+        y = activation(y)
+    return y
+
+
+def max_pool_2x2(x, xla_pool: Callable):
+    if not (active() and x.ndim == 4 and _f32(x)):
+        return xla_pool(x)
+    from lightflax.native import ops
+
+    return ops.max_pool_2x2(x, xla_pool)
+
+
+class BatchNorm(nn.BatchNorm):
+    """flax ``nn.BatchNorm`` (same variables, same statistics), optionally followed by ReLU.
+
+    Native (one FFI call forward, one backward; ReLU fused) for float32 NHWC in the
+    configuration lightflax uses (last axis, scale and bias, two-pass variance);
+    with ``axis_name`` (cross-device statistics) the local sums are psum-ed between
+    native calls. Anything else runs flax's own code.
+    """
+
+    relu: bool = False
+
+    def _native_ok(self, x, mask) -> bool:
+        return (active() and mask is None and x.ndim == 4 and x.dtype == jnp.float32
+                and self.dtype in (None, jnp.float32) and self.param_dtype == jnp.float32
+                and self.axis in (-1, 3, (-1,), (3,)) and self.axis_index_groups is None
+                and self.use_bias and self.use_scale and not self.use_fast_variance
+                and self.force_float32_reductions)
+
+    @nn.compact
+    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
+        if not self._native_ok(x, mask):
+            y = super().__call__(x, use_running_average, mask=mask)
+            return nn.relu(y) if self.relu else y
+        from flax.linen import module as flax_module
+
+        from lightflax.native import ops
+
+        use_running_average = flax_module.merge_param(
+            "use_running_average", self.use_running_average, use_running_average)
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        eps = self.epsilon
+        relu = self.relu
+
+        def xla_normalize(x, mean, var, scale, bias):
+            y = (x - mean) * (lax_rsqrt(var + eps) * scale) + bias
+            return nn.relu(y) if relu else y
+
+        if use_running_average:
+            return ops.batch_norm_infer(x, ra_mean.value, ra_var.value, scale, bias, eps, relu, xla_normalize)
+        axis_name = self.axis_name if not self.is_initializing() else None
+
+        def xla_train(x, scale, bias):
+            from flax.linen.normalization import _compute_stats
+
+            mean, var = _compute_stats(x, (0, 1, 2), dtype=None, axis_name=axis_name, use_fast_variance=False)
+            return xla_normalize(x, mean, var, scale, bias), mean, var
+
+        y, mean, var = ops.batch_norm_train(x, scale, bias, eps, relu, axis_name, xla_train)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
+def lax_rsqrt(v):
+    return jax.lax.rsqrt(v)

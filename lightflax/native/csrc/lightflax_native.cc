@@ -1,0 +1,745 @@
+// lightflax native CPU kernels: XLA FFI handlers over oneDNN (convolutions) and
+// plain C++ loops (batch normalization, 2x2 max pooling).
+//
+// Layouts: activations NHWC, convolution kernels HWIO, float32 only. Every
+// handler accepts leading batch dimensions in front of its per-example ranks
+// (jax.ffi.ffi_call(vmap_method="broadcast_all") gives every operand the same
+// leading dimensions); it loops over them.
+//
+// Threads: Debian's oneDNN uses OpenMP. XLA calls a handler from one of its own
+// threads; each handler sets that thread's OpenMP team size to g_threads
+// (lightflax_native_set_threads) before it runs.
+#include <omp.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+#define LF_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr int64_t kAbiVersion = 1;
+
+std::atomic<int> g_threads{1};
+std::atomic<int64_t> g_primitives{0};
+std::atomic<int64_t> g_calls[8];  // conv_fwd, conv_bwd, bn_fwd, bn_bwd, bn_reduce, pool_fwd, pool_bwd, spare
+
+void SetThreads() {
+  int n = g_threads.load(std::memory_order_relaxed);
+  if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+}
+
+dnnl::engine& Engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+dnnl::stream& Stream() {
+  thread_local dnnl::stream strm(Engine());
+  return strm;
+}
+
+// A thread-local scratch buffer per purpose, grown as needed (never shrunk).
+float* Scratch(int slot, size_t bytes) {
+  thread_local std::vector<char> bufs[4];
+  auto& b = bufs[slot];
+  if (b.size() < bytes) b.resize(bytes);
+  return reinterpret_cast<float*>(b.data());
+}
+
+int64_t Prod(ffi::Span<const int64_t> d, size_t lo, size_t hi) {
+  int64_t p = 1;
+  for (size_t i = lo; i < hi; ++i) p *= d[i];
+  return p;
+}
+
+// dy where the ReLU output y is positive, else 0; both loads unconditional (a blend, not a
+// data-dependent branch: ~50 % mispredicted on ReLU masks).
+inline float Mask(float dy, float y) { return y > 0.f ? dy : 0.f; }
+
+int Threads() {
+  int n = g_threads.load();
+  return n > 0 ? n : omp_get_max_threads();
+}
+
+// out[c] = sum_i f(i, c) over rows i: float blocks of 64 rows added into per-thread double
+// partials, which are added in thread order (results do not depend on scheduling).
+template <typename F>
+void ChannelSums(int64_t m, int64_t c, double* out, F f) {
+  int nthr = (int)std::min<int64_t>(Threads(), std::max<int64_t>(1, m / 4096));
+  std::vector<double> part((size_t)nthr * c, 0.0);
+#pragma omp parallel num_threads(nthr)
+  {
+    int t = omp_get_thread_num();
+    int64_t lo = m * t / nthr, hi = m * (t + 1) / nthr;
+    double* acc = part.data() + (size_t)t * c;
+    std::vector<float> blk(c);
+    for (int64_t i0 = lo; i0 < hi; i0 += 64) {
+      int64_t i1 = std::min(hi, i0 + 64);
+      std::fill(blk.begin(), blk.end(), 0.f);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t k = 0; k < c; ++k) blk[k] += f(i, k);
+      for (int64_t k = 0; k < c; ++k) acc[k] += blk[k];
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) out[k] = 0.0;
+  for (int t = 0; t < nthr; ++t)
+    for (int64_t k = 0; k < c; ++k) out[k] += part[(size_t)t * c + k];
+}
+
+// ---------------------------------------------------------------------------
+// Convolution
+// ---------------------------------------------------------------------------
+
+struct ConvGeom {
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+  bool bias, relu;
+};
+
+struct ConvEntry {
+  // forward
+  dnnl::primitive fwd;
+  memory::desc fwd_w;
+  size_t fwd_scratch = 0;
+  // backward
+  dnnl::primitive bwd_data, bwd_weights;
+  memory::desc bwd_data_w, bwd_weights_w;
+  size_t bwd_data_scratch = 0, bwd_weights_scratch = 0;
+  memory::desc src, dst, user_w, bias;
+};
+
+std::mutex g_mu;
+std::unordered_map<std::string, std::shared_ptr<ConvEntry>> g_conv_cache;
+
+std::string Key(const ConvGeom& g, int kind) {
+  std::string key;
+  for (int64_t v : {(int64_t)kind, (int64_t)omp_get_max_threads(), g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh,
+                    g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, (int64_t)g.bias, (int64_t)g.relu}) {
+    key += std::to_string(v);
+    key += ',';
+  }
+  return key;
+}
+
+void BaseDescs(const ConvGeom& g, ConvEntry* e) {
+  e->src = memory::desc({g.n, g.c, g.h, g.w}, dt::f32, tag::nhwc);
+  e->dst = memory::desc({g.n, g.o, g.oh, g.ow}, dt::f32, tag::nhwc);
+  e->user_w = memory::desc({g.o, g.c, g.kh, g.kw}, dt::f32, tag::hwio);
+  e->bias = memory::desc({g.o}, dt::f32, tag::x);
+}
+
+dnnl::convolution_forward::primitive_desc FwdPd(const ConvGeom& g, const ConvEntry& e, dnnl::prop_kind prop,
+                                                 bool post_ops) {
+  memory::desc w_any({g.o, g.c, g.kh, g.kw}, dt::f32, tag::any);
+  memory::dims strides{g.sh, g.sw}, padl{g.pt, g.pl}, padr{g.pb, g.pr};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (post_ops && g.relu) {
+    dnnl::post_ops po;
+    po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(po);
+  }
+  if (g.bias) {
+    dnnl::convolution_forward::desc d(prop, dnnl::algorithm::convolution_direct, e.src, w_any, e.bias, e.dst,
+                                      strides, padl, padr);
+    return dnnl::convolution_forward::primitive_desc(d, attr, Engine());
+  }
+  dnnl::convolution_forward::desc d(prop, dnnl::algorithm::convolution_direct, e.src, w_any, e.dst, strides, padl,
+                                    padr);
+  return dnnl::convolution_forward::primitive_desc(d, attr, Engine());
+}
+
+std::shared_ptr<ConvEntry> GetFwd(const ConvGeom& g) {
+  std::string key = Key(g, 0);
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    auto it = g_conv_cache.find(key);
+    if (it != g_conv_cache.end()) return it->second;
+  }
+  auto e = std::make_shared<ConvEntry>();
+  BaseDescs(g, e.get());
+  auto pd = FwdPd(g, *e, dnnl::prop_kind::forward_inference, true);
+  e->fwd = dnnl::convolution_forward(pd);
+  e->fwd_w = pd.weights_desc();
+  e->fwd_scratch = pd.scratchpad_desc().get_size();
+  g_primitives += 1;
+  std::lock_guard<std::mutex> lk(g_mu);
+  return g_conv_cache.emplace(key, e).first->second;
+}
+
+std::shared_ptr<ConvEntry> GetBwd(const ConvGeom& g) {
+  std::string key = Key(g, 1);
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    auto it = g_conv_cache.find(key);
+    if (it != g_conv_cache.end()) return it->second;
+  }
+  auto e = std::make_shared<ConvEntry>();
+  BaseDescs(g, e.get());
+  auto hint = FwdPd(g, *e, dnnl::prop_kind::forward_training, false);
+  memory::desc w_any({g.o, g.c, g.kh, g.kw}, dt::f32, tag::any);
+  memory::dims strides{g.sh, g.sw}, padl{g.pt, g.pl}, padr{g.pb, g.pr};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::convolution_backward_data::desc bd(dnnl::algorithm::convolution_direct, e->src, w_any, e->dst, strides,
+                                           padl, padr);
+  dnnl::convolution_backward_data::primitive_desc bdp(bd, attr, Engine(), hint);
+  e->bwd_data = dnnl::convolution_backward_data(bdp);
+  e->bwd_data_w = bdp.weights_desc();
+  e->bwd_data_scratch = bdp.scratchpad_desc().get_size();
+  // No diff_bias in the primitive: oneDNN sums the bias gradient in float32 over n*oh*ow rows,
+  // which loses the cancellation of a bias in front of a BatchNorm (exact gradient 0) to ~1e-4 of
+  // the model's gradient scale; ConvBwd sums it in double instead, in the pass that applies the
+  // ReLU mask.
+  dnnl::convolution_backward_weights::desc wd(dnnl::algorithm::convolution_direct, e->src, w_any, e->dst,
+                                              strides, padl, padr);
+  dnnl::convolution_backward_weights::primitive_desc wdp(wd, attr, Engine(), hint);
+  e->bwd_weights = dnnl::convolution_backward_weights(wdp);
+  e->bwd_weights_w = wdp.diff_weights_desc();
+  e->bwd_weights_scratch = wdp.scratchpad_desc().get_size();
+  g_primitives += 2;
+  std::lock_guard<std::mutex> lk(g_mu);
+  return g_conv_cache.emplace(key, e).first->second;
+}
+
+// Weights as the primitive wants them: the user's HWIO buffer itself when the
+// primitive takes plain HWIO, else a reorder into a thread-local buffer.
+memory WeightsFor(const memory::desc& want, const memory::desc& user, float* w, int slot) {
+  memory wu(user, Engine(), w);
+  if (want == user) return wu;
+  memory wp(want, Engine(), Scratch(slot, want.get_size()));
+  dnnl::reorder(wu, wp).execute(Stream(), wu, wp);
+  return wp;
+}
+
+memory ScratchMem(size_t bytes, int slot) {
+  return memory(memory::desc({(int64_t)std::max<size_t>(bytes, 1)}, dt::u8, tag::x), Engine(),
+                Scratch(slot, std::max<size_t>(bytes, 1)));
+}
+
+ConvGeom Geom(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd, int64_t sh,
+              int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t bias, int64_t relu) {
+  size_t px = xd.size() - 4, pw = wd.size() - 4, py = yd.size() - 4;
+  return ConvGeom{xd[px], xd[px + 1], xd[px + 2], xd[px + 3], wd[pw], wd[pw + 1], wd[pw + 3], yd[py + 1],
+                  yd[py + 2], sh, sw, pt, pb, pl, pr, bias != 0, relu != 0};
+}
+
+ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd) {
+  if (xd.size() < 4 || wd.size() != xd.size() || yd.size() != xd.size())
+    return ffi::Error::InvalidArgument("lightflax conv: operands need equal ranks >= 4 (NHWC, HWIO)");
+  size_t p = xd.size() - 4;
+  for (size_t i = 0; i < p; ++i)
+    if (xd[i] != wd[i] || xd[i] != yd[i])
+      return ffi::Error::InvalidArgument("lightflax conv: leading (vmapped) dimensions differ");
+  if (xd[p + 3] != wd[p + 2] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p])
+    return ffi::Error::InvalidArgument("lightflax conv: shape mismatch");
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                       int64_t pr, int64_t bias, int64_t relu) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (auto err = CheckConv(xd, wd, yd); err.failure()) return err;
+  g_calls[0] += 1;
+  SetThreads();
+  try {
+    ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
+    auto e = GetFwd(g);
+    int64_t reps = Prod(xd, 0, xd.size() - 4);
+    int64_t xs = Prod(xd, xd.size() - 4, xd.size()), ws = Prod(wd, wd.size() - 4, wd.size());
+    int64_t ys = Prod(yd, yd.size() - 4, yd.size());
+    auto& s = Stream();
+    for (int64_t r = 0; r < reps; ++r) {
+      memory xm(e->src, Engine(), x.typed_data() + r * xs), ym(e->dst, Engine(), y->typed_data() + r * ys);
+      memory wm = WeightsFor(e->fwd_w, e->user_w, w.typed_data() + r * ws, 0);
+      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
+                                           {DNNL_ARG_SCRATCHPAD, ScratchMem(e->fwd_scratch, 1)}};
+      if (g.bias) args[DNNL_ARG_BIAS] = memory(e->bias, Engine(), b.typed_data() + r * g.o);
+      e->fwd.execute(s, args);
+    }
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("lightflax conv (oneDNN): ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+// dy, x, w, y (the forward output: ReLU mask when relu) -> [dx], dw, db.
+ffi::Error ConvBwd(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::Buffer<ffi::F32> y, float* dx, float* dw, float* db, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pb, int64_t pl, int64_t pr, int64_t bias, int64_t relu) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = dy.dimensions();
+  if (auto err = CheckConv(xd, wd, yd); err.failure()) return err;
+  g_calls[1] += 1;
+  SetThreads();
+  try {
+    ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
+    auto e = GetBwd(g);
+    int64_t reps = Prod(xd, 0, xd.size() - 4);
+    int64_t xs = Prod(xd, xd.size() - 4, xd.size()), ws = Prod(wd, wd.size() - 4, wd.size());
+    int64_t ys = Prod(yd, yd.size() - 4, yd.size());
+    auto& s = Stream();
+    for (int64_t r = 0; r < reps; ++r) {
+      float* g_ptr = dy.typed_data() + r * ys;
+      int64_t rows = ys / g.o;
+      std::vector<double> bsum(g.o);
+      if (g.relu) {  // dy * (y > 0), the ReLU post-op's gradient, and (bias) its channel sums
+        float* masked = Scratch(2, ys * sizeof(float));
+        const float* yy = y.typed_data() + r * ys;
+        const float* gg = g_ptr;
+        ChannelSums(rows, g.o, bsum.data(), [&](int64_t i, int64_t k) {
+          int64_t j = i * g.o + k;
+          float v = Mask(gg[j], yy[j]);
+          masked[j] = v;
+          return v;
+        });
+        g_ptr = masked;
+      } else if (g.bias) {
+        const float* gg = g_ptr;
+        ChannelSums(rows, g.o, bsum.data(), [&](int64_t i, int64_t k) { return gg[i * g.o + k]; });
+      }
+      for (int64_t k = 0; k < g.o; ++k) db[r * g.o + k] = g.bias ? (float)bsum[k] : 0.f;
+      memory dym(e->dst, Engine(), g_ptr), xm(e->src, Engine(), x.typed_data() + r * xs);
+      if (dx != nullptr) {
+        memory wm = WeightsFor(e->bwd_data_w, e->user_w, w.typed_data() + r * ws, 0);
+        memory dxm(e->src, Engine(), dx + r * xs);
+        e->bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_SRC, dxm},
+                                {DNNL_ARG_SCRATCHPAD, ScratchMem(e->bwd_data_scratch, 1)}});
+      }
+      memory dwu(e->user_w, Engine(), dw + r * ws);
+      memory dwm = dwu;
+      bool reorder = !(e->bwd_weights_w == e->user_w);
+      if (reorder) dwm = memory(e->bwd_weights_w, Engine(), Scratch(0, e->bwd_weights_w.get_size()));
+      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
+                                           {DNNL_ARG_DIFF_WEIGHTS, dwm},
+                                           {DNNL_ARG_SCRATCHPAD, ScratchMem(e->bwd_weights_scratch, 1)}};
+      e->bwd_weights.execute(s, args);
+      if (reorder) dnnl::reorder(dwm, dwu).execute(s, dwm, dwu);
+    }
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("lightflax conv backward (oneDNN): ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvBwdImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                       ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                       int64_t pr, int64_t bias, int64_t relu) {
+  return ConvBwd(dy, x, w, y, dx->typed_data(), dw->typed_data(), db->typed_data(), sh, sw, pt, pb, pl, pr, bias,
+                 relu);
+}
+
+ffi::Error ConvBwdWImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
+                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t bias,
+                        int64_t relu) {
+  return ConvBwd(dy, x, w, y, nullptr, dw->typed_data(), db->typed_data(), sh, sw, pt, pb, pl, pr, bias, relu);
+}
+
+// ---------------------------------------------------------------------------
+// Batch normalization over (N, H, W) per channel; x viewed as (reps, m, c).
+// Sums are accumulated in double; per-thread partials are added in a fixed
+// order, so results do not depend on scheduling.
+// ---------------------------------------------------------------------------
+
+struct BnView {
+  int64_t reps, m, c;
+};
+
+BnView View(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> pd) {
+  size_t p = pd.size() - 1;  // leading dims of the per-channel operands
+  return BnView{Prod(xd, 0, p), Prod(xd, p, xd.size() - 1), xd[xd.size() - 1]};
+}
+
+// y = relu?((x - mean) * (rsqrt(var + eps) * scale) + bias)
+void BnApply(const float* x, const float* mean, const float* var, const float* scale, const float* bias,
+             float eps, bool relu, int64_t m, int64_t c, float* y) {
+  std::vector<float> mul(c), mu(c), bb(c);
+  for (int64_t k = 0; k < c; ++k) {
+    mul[k] = (1.f / std::sqrt(var[k] + eps)) * scale[k];
+    mu[k] = mean[k];
+    bb[k] = bias[k];
+  }
+  const float *pm = mul.data(), *pmu = mu.data(), *pb = bb.data();
+#pragma omp parallel for num_threads(Threads()) schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * c;
+    float* yi = y + i * c;
+    for (int64_t k = 0; k < c; ++k) {
+      float v = (xi[k] - pmu[k]) * pm[k] + pb[k];
+      yi[k] = relu ? (v > 0.f ? v : 0.f) : v;
+    }
+  }
+}
+
+// mode 0: sum x -> out; mode 1: sum (x - mean)^2 -> out.
+ffi::Error BnReduceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> out,
+                        int64_t mode) {
+  g_calls[4] += 1;
+  SetThreads();
+  BnView v = View(x.dimensions(), mean.dimensions());
+  std::vector<double> s(v.c);
+  for (int64_t r = 0; r < v.reps; ++r) {
+    const float* xr = x.typed_data() + r * v.m * v.c;
+    const float* mr = mean.typed_data() + r * v.c;
+    if (mode == 0)
+      ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) { return xr[i * v.c + k]; });
+    else
+      ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) {
+        float d = xr[i * v.c + k] - mr[k];
+        return d * d;
+      });
+    for (int64_t k = 0; k < v.c; ++k) out->typed_data()[r * v.c + k] = (float)s[k];
+  }
+  return ffi::Error::Success();
+}
+
+// Training forward on local statistics: -> y, mean, var (biased).
+ffi::Error BnTrainImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
+                       ffi::ResultBuffer<ffi::F32> var, float eps, int64_t relu) {
+  g_calls[2] += 1;
+  SetThreads();
+  BnView v = View(x.dimensions(), scale.dimensions());
+  std::vector<double> s(v.c);
+  for (int64_t r = 0; r < v.reps; ++r) {
+    const float* xr = x.typed_data() + r * v.m * v.c;
+    float* mr = mean->typed_data() + r * v.c;
+    float* vr = var->typed_data() + r * v.c;
+    ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) { return xr[i * v.c + k]; });
+    for (int64_t k = 0; k < v.c; ++k) mr[k] = (float)(s[k] / (double)v.m);
+    ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) {
+      float d = xr[i * v.c + k] - mr[k];
+      return d * d;
+    });
+    for (int64_t k = 0; k < v.c; ++k) vr[k] = (float)(s[k] / (double)v.m);
+    BnApply(xr, mr, vr, scale.typed_data() + r * v.c, bias.typed_data() + r * v.c, eps, relu != 0, v.m, v.c,
+            y->typed_data() + r * v.m * v.c);
+  }
+  return ffi::Error::Success();
+}
+
+// Forward with given statistics (inference, or training after a cross-device mean).
+ffi::Error BnApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                       float eps, int64_t relu) {
+  g_calls[2] += 1;
+  SetThreads();
+  BnView v = View(x.dimensions(), scale.dimensions());
+  for (int64_t r = 0; r < v.reps; ++r)
+    BnApply(x.typed_data() + r * v.m * v.c, mean.typed_data() + r * v.c, var.typed_data() + r * v.c,
+            scale.typed_data() + r * v.c, bias.typed_data() + r * v.c, eps, relu != 0, v.m, v.c,
+            y->typed_data() + r * v.m * v.c);
+  return ffi::Error::Success();
+}
+
+// g = dy * (y > 0) when relu, else dy; xhat = (x - mean) * rsqrt(var + eps).
+// sums: sg = sum g, sgx = sum g * xhat (per channel).
+void BnBwdSums(const float* dy, const float* x, const float* y, const float* mean, const float* var, float eps,
+               bool relu, int64_t m, int64_t c, double* sg, double* sgx) {
+  std::vector<float> inv(c);
+  for (int64_t k = 0; k < c; ++k) inv[k] = 1.f / std::sqrt(var[k] + eps);
+  if (relu) {
+    ChannelSums(m, c, sg, [&](int64_t i, int64_t k) { return Mask(dy[i * c + k], y[i * c + k]); });
+    ChannelSums(m, c, sgx, [&](int64_t i, int64_t k) {
+      int64_t j = i * c + k;
+      return Mask(dy[j], y[j]) * ((x[j] - mean[k]) * inv[k]);
+    });
+  } else {
+    ChannelSums(m, c, sg, [&](int64_t i, int64_t k) { return dy[i * c + k]; });
+    ChannelSums(m, c, sgx, [&](int64_t i, int64_t k) {
+      int64_t j = i * c + k;
+      return dy[j] * ((x[j] - mean[k]) * inv[k]);
+    });
+  }
+}
+
+// dx = scale * inv * (g - sg / count - xhat * sgx / count) (train), scale * inv * g (inference).
+// The per-channel means sg / count and sgx / count are carried as float pairs (hi + lo) so that
+// sum(dx) over a channel cancels to float accuracy: with a rounded mean, a channel of constant
+// input (a dead ReLU in front) leaves count * ulp(mean) * scale * inv in the gradient of the bias
+// in front of this BatchNorm, whose exact value is 0.
+void BnBwdApply(const float* dy, const float* x, const float* y, const float* mean, const float* var,
+                const float* scale, const float* sg, const float* sgx, float eps, bool relu, bool train,
+                double count, int64_t m, int64_t c, float* dx) {
+  std::vector<float> inv(c), a(c), mg(c), mgl(c), mgx(c), mgxl(c), mu(c);
+  for (int64_t k = 0; k < c; ++k) {
+    inv[k] = 1.f / std::sqrt(var[k] + eps);
+    a[k] = scale[k] * inv[k];
+    double g1 = train ? (double)sg[k] / count : 0.0, g2 = train ? (double)sgx[k] / count : 0.0;
+    mg[k] = (float)g1;
+    mgl[k] = (float)(g1 - (double)mg[k]);
+    mgx[k] = (float)g2;
+    mgxl[k] = (float)(g2 - (double)mgx[k]);
+    mu[k] = mean[k];
+  }
+  const float *pi = inv.data(), *pa = a.data(), *pg = mg.data(), *pgl = mgl.data(), *pgx = mgx.data(),
+              *pgxl = mgxl.data(), *pmu = mu.data();
+#pragma omp parallel for num_threads(Threads()) schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t k = 0; k < c; ++k) {
+      int64_t j = i * c + k;
+      float g = relu ? Mask(dy[j], y[j]) : dy[j];
+      float xhat = (x[j] - pmu[k]) * pi[k];
+      dx[j] = pa[k] * (((g - pg[k]) - pgl[k]) - (xhat * pgx[k] + xhat * pgxl[k]));
+    }
+  }
+}
+
+// Local sums for the backward pass (cross-device: psum them, then BnBwdApply).
+ffi::Error BnBwdReduceImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                           ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::ResultBuffer<ffi::F32> sg,
+                           ffi::ResultBuffer<ffi::F32> sgx, float eps, int64_t relu) {
+  g_calls[4] += 1;
+  SetThreads();
+  BnView v = View(x.dimensions(), mean.dimensions());
+  std::vector<double> a(v.c), b(v.c);
+  for (int64_t r = 0; r < v.reps; ++r) {
+    int64_t o = r * v.m * v.c;
+    BnBwdSums(dy.typed_data() + o, x.typed_data() + o, y.typed_data() + o, mean.typed_data() + r * v.c,
+              var.typed_data() + r * v.c, eps, relu != 0, v.m, v.c, a.data(), b.data());
+    for (int64_t k = 0; k < v.c; ++k) {
+      sg->typed_data()[r * v.c + k] = (float)a[k];
+      sgx->typed_data()[r * v.c + k] = (float)b[k];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BnBwdApplyImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                          ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale,
+                          ffi::Buffer<ffi::F32> sg, ffi::Buffer<ffi::F32> sgx, ffi::ResultBuffer<ffi::F32> dx,
+                          float eps, int64_t relu, int64_t train, double count) {
+  g_calls[3] += 1;
+  SetThreads();
+  BnView v = View(x.dimensions(), mean.dimensions());
+  for (int64_t r = 0; r < v.reps; ++r) {
+    int64_t o = r * v.m * v.c, q = r * v.c;
+    BnBwdApply(dy.typed_data() + o, x.typed_data() + o, y.typed_data() + o, mean.typed_data() + q,
+               var.typed_data() + q, scale.typed_data() + q, sg.typed_data() + q, sgx.typed_data() + q, eps,
+               relu != 0, train != 0, count, v.m, v.c, dx->typed_data() + o);
+  }
+  return ffi::Error::Success();
+}
+
+// Local-statistics backward in one call: -> dx, dscale (= sum g*xhat), dbias (= sum g).
+ffi::Error BnBwdImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                     ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale,
+                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                     ffi::ResultBuffer<ffi::F32> dbias, float eps, int64_t relu, int64_t train) {
+  g_calls[3] += 1;
+  SetThreads();
+  BnView v = View(x.dimensions(), mean.dimensions());
+  std::vector<double> a(v.c), b(v.c);
+  for (int64_t r = 0; r < v.reps; ++r) {
+    int64_t o = r * v.m * v.c, q = r * v.c;
+    BnBwdSums(dy.typed_data() + o, x.typed_data() + o, y.typed_data() + o, mean.typed_data() + q,
+              var.typed_data() + q, eps, relu != 0, v.m, v.c, a.data(), b.data());
+    float* sg = dbias->typed_data() + q;
+    float* sgx = dscale->typed_data() + q;
+    for (int64_t k = 0; k < v.c; ++k) {
+      sg[k] = (float)a[k];
+      sgx[k] = (float)b[k];
+    }
+    BnBwdApply(dy.typed_data() + o, x.typed_data() + o, y.typed_data() + o, mean.typed_data() + q,
+               var.typed_data() + q, scale.typed_data() + q, sg, sgx, eps, relu != 0, train != 0, (double)v.m,
+               v.m, v.c, dx->typed_data() + o);
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// 2x2 max pooling, stride 2, VALID (floor). x viewed as (n, h, w, c).
+// Ties: the gradient goes to the FIRST maximal element in row-major order.
+// ---------------------------------------------------------------------------
+
+// max of a window; NaN if any element is NaN (as jnp.max). Branch-free selects.
+inline float Max4(float a, float b, float c, float d) {
+  float m = a;
+  m = b > m ? b : m;
+  m = c > m ? c : m;
+  m = d > m ? d : m;
+  bool nan = (a != a) | (b != b) | (c != c) | (d != d);
+  return nan ? a + b + c + d : m;
+}
+
+ffi::Error PoolFwdImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  g_calls[5] += 1;
+  SetThreads();
+  auto xd = x.dimensions();
+  size_t r = xd.size();
+  int64_t n = Prod(xd, 0, r - 3), h = xd[r - 3], w = xd[r - 2], c = xd[r - 1], ho = h / 2, wo = w / 2;
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+#pragma omp parallel for num_threads(Threads()) schedule(static)
+  for (int64_t row = 0; row < n * ho; ++row) {
+    int64_t b = row / ho, i = row % ho;
+    const float* r0 = xp + ((b * h + 2 * i) * w) * c;
+    const float* r1 = r0 + w * c;
+    float* out = yp + (b * ho + i) * wo * c;
+    for (int64_t j = 0; j < wo; ++j)
+      for (int64_t k = 0; k < c; ++k) {
+        int64_t a = 2 * j * c + k;
+        out[j * c + k] = Max4(r0[a], r0[a + c], r1[a], r1[a + c]);
+      }
+  }
+  return ffi::Error::Success();
+}
+
+// The gradient goes to the FIRST element equal to the window's maximum (row-major), as XLA's
+// select-and-scatter and lightflax.kernels.max_pool_2x2; a NaN window passes none.
+ffi::Error PoolBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx) {
+  g_calls[6] += 1;
+  SetThreads();
+  auto xd = x.dimensions();
+  size_t r = xd.size();
+  int64_t n = Prod(xd, 0, r - 3), h = xd[r - 3], w = xd[r - 2], c = xd[r - 1], ho = h / 2, wo = w / 2;
+  const float* xp = x.typed_data();
+  const float* gp = dy.typed_data();
+  float* dp = dx->typed_data();
+#pragma omp parallel for num_threads(Threads()) schedule(static)
+  for (int64_t row = 0; row < n * ho; ++row) {
+    int64_t b = row / ho, i = row % ho;
+    int64_t off = ((b * h + 2 * i) * w) * c;
+    const float* r0 = xp + off;
+    const float* r1 = r0 + w * c;
+    float* d0 = dp + off;
+    float* d1 = d0 + w * c;
+    const float* g = gp + (b * ho + i) * wo * c;
+    for (int64_t j = 0; j < wo; ++j)
+      for (int64_t k = 0; k < c; ++k) {
+        int64_t a = 2 * j * c + k;
+        float v0 = r0[a], v1 = r0[a + c], v2 = r1[a], v3 = r1[a + c];
+        float m = Max4(v0, v1, v2, v3);
+        bool e0 = v0 == m, e1 = (v1 == m) & !e0, e2 = (v2 == m) & !(e0 | e1), e3 = (v3 == m) & !(e0 | e1 | e2);
+        float gv = g[j * c + k];
+        d0[a] = e0 ? gv : 0.f;
+        d0[a + c] = e1 ? gv : 0.f;
+        d1[a] = e2 ? gv : 0.f;
+        d1[a + c] = e3 ? gv : 0.f;
+      }
+    for (int64_t a = 2 * wo * c; a < w * c; ++a) d0[a] = d1[a] = 0.f;  // odd last column
+  }
+  if (h % 2)  // odd last row of every image: no window
+    for (int64_t b = 0; b < n; ++b) std::memset(dp + ((b * h + h - 1) * w) * c, 0, w * c * sizeof(float));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define CONV_ATTRS                                                                                        \
+  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pb").Attr<int64_t>("pl") \
+      .Attr<int64_t>("pr").Attr<int64_t>("bias").Attr<int64_t>("relu")
+#define F32 ffi::Buffer<ffi::F32>
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvFwd, ConvFwdImpl,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvBwd, ConvBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvBwdW, ConvBwdWImpl,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
+                                  CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnReduce, BnReduceImpl,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("mode"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnTrain, BnTrainImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnApply, BnApplyImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnBwdReduce, BnBwdReduceImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnBwdApply, BnBwdApplyImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("train")
+                                  .Attr<double>("count"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnBwd, BnBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("train"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPoolFwd, PoolFwdImpl, ffi::Ffi::Bind().Arg<F32>().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPoolBwd, PoolBwdImpl, ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>());
+
+LF_EXPORT int64_t lightflax_native_abi() { return kAbiVersion; }
+// The oneDNN major.minor this library was compiled against, and the one it runs with.
+LF_EXPORT int64_t lightflax_native_dnnl_built() { return DNNL_VERSION_MAJOR * 100 + DNNL_VERSION_MINOR; }
+LF_EXPORT int64_t lightflax_native_dnnl_runtime() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 100 + v->minor;
+}
+LF_EXPORT void lightflax_native_set_threads(int64_t n) { g_threads = (int)n; }
+LF_EXPORT int64_t lightflax_native_get_threads() { return g_threads.load(); }
+LF_EXPORT int64_t lightflax_native_primitives() { return g_primitives.load(); }
+LF_EXPORT int64_t lightflax_native_calls(int64_t i) { return (i >= 0 && i < 8) ? g_calls[i].load() : -1; }
+LF_EXPORT void lightflax_native_reset_calls() {
+  for (auto& c : g_calls) c = 0;
+}

@@ -1,0 +1,242 @@
+"""The native kernels as JAX functions: custom_vjp rules over ``jax.ffi.ffi_call``.
+
+Every public function here takes an XLA formulation (``xla=``) of the same
+computation and dispatches with ``lax.platform_dependent``: the CPU lowering runs
+the native kernel, any other platform the XLA formulation. Callers
+(:mod:`lightflax.native`) only come here when the native library is loaded and
+the case is supported (float32, no dilation/groups); everything else stays XLA.
+
+``ffi_call(vmap_method="broadcast_all")``: under ``vmap`` every operand gets the
+same leading dimensions and the handlers loop over them (one call per step, not
+one per replica).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+Array = jax.Array
+Pads = Tuple[Tuple[int, int], Tuple[int, int]]
+
+
+def _call(target: str, outs, *args, **attrs):
+    return jax.ffi.ffi_call(target, outs, vmap_method="broadcast_all")(*args, **attrs)
+
+
+def _sds(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def _dispatch(native: Callable, xla: Callable, *args):
+    return lax.platform_dependent(*args, cpu=native, default=xla)
+
+
+def _zeros_if_symbolic(g, like_shape=None):
+    if isinstance(g, SymbolicZero):
+        return None
+    return g
+
+
+# ----------------------------------------------------------------------------
+# Convolution: y = relu?(conv(x, w) + b), NHWC / HWIO, float32
+# ----------------------------------------------------------------------------
+
+
+def _conv_attrs(cfg):
+    (sh, sw), ((pt, pb), (pl, pr)), bias, relu = cfg
+    return dict(sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl),
+                pr=np.int64(pr), bias=np.int64(bias), relu=np.int64(relu))
+
+
+def _conv_out_shape(x_shape, w_shape, cfg):
+    (sh, sw), ((pt, pb), (pl, pr)), _, _ = cfg
+    n, h, w, _ = x_shape
+    kh, kw, _, o = w_shape
+    return n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o
+
+
+def _conv_fwd_call(x, w, b, cfg):
+    return _call("lightflax_conv_fwd", _sds(_conv_out_shape(x.shape, w.shape, cfg)), x, w, b, **_conv_attrs(cfg))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv(x, w, b, cfg):
+    return _conv_fwd_call(x, w, b, cfg)
+
+
+def _conv_fwd(x, w, b, cfg):
+    y = _conv_fwd_call(x.value, w.value, b.value, cfg)
+    relu = cfg[3]
+    # The pytree structure of the last residual records (statically) whether x needs a gradient.
+    need_dx = () if x.perturbed else None
+    return y, (x.value, w.value, y if relu else None, need_dx)
+
+
+def _conv_bwd(cfg, res, g):
+    x, w, y, need_dx = res
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros(g.shape, g.dtype)
+    yy = y if y is not None else g  # the ReLU mask source; unused without relu
+    o = w.shape[-1]
+    if need_dx is not None:
+        dx, dw, db = _call("lightflax_conv_bwd", (_sds(x.shape), _sds(w.shape), _sds((o,))), g, x, w, yy,
+                           **_conv_attrs(cfg))
+    else:
+        dw, db = _call("lightflax_conv_bwd_w", (_sds(w.shape), _sds((o,))), g, x, w, yy, **_conv_attrs(cfg))
+        dx = None
+    return dx, dw, db
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
+
+
+def conv2d(x: Array, w: Array, b: Optional[Array], strides: Tuple[int, int], pads: Pads, relu: bool,
+           xla: Callable[[Array, Array, Optional[Array]], Array]) -> Array:
+    """relu?(conv(x, w) + b) natively on CPU; ``xla(x, w, b)`` elsewhere."""
+    has_bias = b is not None
+    cfg = (tuple(strides), tuple(tuple(p) for p in pads), has_bias, bool(relu))
+    bb = b if has_bias else jnp.zeros((w.shape[-1],), jnp.float32)
+    return _dispatch(lambda x, w, bb: _conv(x, w, bb, cfg), lambda x, w, bb: xla(x, w, bb if has_bias else None),
+                     x, w, bb)
+
+
+# ----------------------------------------------------------------------------
+# BatchNorm over (N, H, W) per channel, float32, Keras/flax semantics
+# ----------------------------------------------------------------------------
+
+
+def _axis_size(axis_name) -> int:
+    if axis_name is None:
+        return 1
+    return int(lax.psum(1, axis_name))
+
+
+def _bn_train_fwd_impl(x, scale, bias, eps, relu, axis_name):
+    c = x.shape[-1]
+    pc = _sds(scale.shape)
+    ndev = _axis_size(axis_name)
+    if ndev == 1:
+        y, mean, var = _call("lightflax_bn_train", (_sds(x.shape), pc, pc), x, scale, bias,
+                             eps=np.float32(eps), relu=np.int64(relu))
+        return y, mean, var
+    count = float(np.prod(x.shape[-4:-1])) * ndev
+    s = _call("lightflax_bn_reduce", pc, x, scale, mode=np.int64(0))
+    mean = lax.psum(s, axis_name) / count
+    q = _call("lightflax_bn_reduce", pc, x, mean, mode=np.int64(1))
+    var = lax.psum(q, axis_name) / count
+    y = _call("lightflax_bn_apply", _sds(x.shape), x, mean, var, scale, bias, eps=np.float32(eps),
+              relu=np.int64(relu))
+    del c
+    return y, mean, var
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bn_train(x, scale, bias, eps, relu, axis_name):
+    return _bn_train_fwd_impl(x, scale, bias, eps, relu, axis_name)
+
+
+def _bn_train_fwd(x, scale, bias, eps, relu, axis_name):
+    y, mean, var = _bn_train_fwd_impl(x.value, scale.value, bias.value, eps, relu, axis_name)
+    return (y, mean, var), (x.value, y if relu else None, mean, var, scale.value)
+
+
+def _bn_train_bwd(eps, relu, axis_name, res, cts):
+    x, y, mean, var, scale = res
+    gy, gmean, gvar = cts
+    pc = _sds(scale.shape)
+    ndev = _axis_size(axis_name)
+    if isinstance(gy, SymbolicZero):
+        gy = jnp.zeros(x.shape, x.dtype)
+    yy = y if y is not None else gy
+    if ndev == 1:
+        dx, dscale, dbias = _call("lightflax_bn_bwd", (_sds(x.shape), pc, pc), gy, x, yy, mean, var, scale,
+                                  eps=np.float32(eps), relu=np.int64(relu), train=np.int64(1))
+    else:
+        count = float(np.prod(x.shape[-4:-1])) * ndev
+        dbias, dscale = _call("lightflax_bn_bwd_reduce", (pc, pc), gy, x, yy, mean, var, eps=np.float32(eps),
+                              relu=np.int64(relu))
+        sg, sgx = lax.psum((dbias, dscale), axis_name)
+        dx = _call("lightflax_bn_bwd_apply", _sds(x.shape), gy, x, yy, mean, var, scale, sg, sgx,
+                   eps=np.float32(eps), relu=np.int64(relu), train=np.int64(1), count=np.float64(count))
+    # Cotangents of the returned batch statistics (zero in training: they only feed the
+    # moving averages) through mean = sum(x) / count and var = sum((x - mean)^2) / count.
+    count = float(np.prod(x.shape[-4:-1])) * ndev
+    expand = (slice(None),) * (x.ndim - 4) + (None, None, None)
+    if not isinstance(gmean, SymbolicZero):
+        gm = lax.psum(gmean, axis_name) if ndev > 1 else gmean
+        dx = dx + (gm / count)[expand + (slice(None),)]
+    if not isinstance(gvar, SymbolicZero):
+        gv = lax.psum(gvar, axis_name) if ndev > 1 else gvar
+        dx = dx + (2.0 / count) * (x - mean[expand + (slice(None),)]) * gv[expand + (slice(None),)]
+    return dx, dscale, dbias
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _bn_infer(x, mean, var, scale, bias, eps, relu):
+    return _call("lightflax_bn_apply", _sds(x.shape), x, mean, var, scale, bias, eps=np.float32(eps),
+                 relu=np.int64(relu))
+
+
+def _bn_infer_fwd(x, mean, var, scale, bias, eps, relu):
+    y = _bn_infer(x, mean, var, scale, bias, eps, relu)
+    return y, (x, y if relu else None, mean, var, scale)
+
+
+def _bn_infer_bwd(eps, relu, res, gy):
+    x, y, mean, var, scale = res
+    pc = _sds(scale.shape)
+    yy = y if y is not None else gy
+    dx, dscale, dbias = _call("lightflax_bn_bwd", (_sds(x.shape), pc, pc), gy, x, yy, mean, var, scale,
+                              eps=np.float32(eps), relu=np.int64(relu), train=np.int64(0))
+    dmean = -dbias * scale * lax.rsqrt(var + eps)
+    dvar = -0.5 * dscale * scale / (var + eps)
+    return dx, dmean, dvar, dscale, dbias
+
+
+_bn_infer.defvjp(_bn_infer_fwd, _bn_infer_bwd)
+
+
+def batch_norm_train(x, scale, bias, eps: float, relu: bool, axis_name, xla: Callable):
+    """-> (y, batch mean, batch variance); ``xla(x, scale, bias)`` off CPU."""
+    return _dispatch(lambda x, s, b: _bn_train(x, s, b, float(eps), bool(relu), axis_name), xla, x, scale, bias)
+
+
+def batch_norm_infer(x, mean, var, scale, bias, eps: float, relu: bool, xla: Callable):
+    return _dispatch(lambda x, m, v, s, b: _bn_infer(x, m, v, s, b, float(eps), bool(relu)), xla,
+                     x, mean, var, scale, bias)
+
+
+# ----------------------------------------------------------------------------
+# 2x2 max pooling, stride 2, VALID (gradient to the first maximum, row-major)
+# ----------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _pool(x):
+    *lead, h, w, c = x.shape
+    return _call("lightflax_pool_fwd", _sds((*lead, h // 2, w // 2, c)), x)
+
+
+def _pool_fwd(x):
+    return _pool(x), x
+
+
+def _pool_bwd(x, g):
+    return (_call("lightflax_pool_bwd", _sds(x.shape), x, g),)
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
+
+
+def max_pool_2x2(x: Array, xla: Callable) -> Array:
+    return _dispatch(_pool, xla, x)

@@ -1,0 +1,373 @@
+"""lightflax.native: the oneDNN / C++ kernels through XLA FFI against lax and flax references.
+
+Native-only tests are skipped (with the reason) when the library is not built; CI builds it
+(apt-get install libdnnl-dev before pip install). The fallback tests run everywhere.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax import lax
+
+from conftest import REPO, run_python
+from lightflax import kernels, layers, native
+from lightflax.errors import UserError
+from lightflax.native import _loader
+
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"native library not loaded: {native.status()['reason']}")
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def assert_close(a, b, tol=1e-5):
+    assert np.shape(a) == np.shape(b)
+    assert rel_err(a, b) <= tol, rel_err(a, b)
+
+
+# ---------------------------------------------------------------------------
+# The switch, the status and the fallback (run with or without the library)
+# ---------------------------------------------------------------------------
+
+
+def test_status_and_switch():
+    s = native.status()
+    assert set(s) >= {"kernels", "reason", "library", "onednn", "threads"}
+    assert s["kernels"] in native.KERNELS and s["reason"]
+    with native.kernels("xla"):
+        assert not native.active() and native.status()["kernels"] == "xla"
+        assert "requested" in native.status()["reason"] or not native.available()
+    assert native.status() == s
+    with pytest.raises(UserError, match="kernels must be one of native, xla"):
+        native.set_kernels("onednn")
+    with pytest.raises(UserError, match="integer >= 1"):
+        native.set_threads(0)
+
+
+def _import_with_lib(path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_loader.ENV_LIB: str(path)})
+    code = "import lightflax.layers, lightflax.native as n; print(n.status()['kernels'])"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_a_library", "missing_symbol"])
+def test_broken_library_warns_once_and_falls_back(tmp_path, kind):
+    if kind == "missing":
+        path, problem = tmp_path / "nope.so", "cannot load nope.so"
+    elif kind == "not_a_library":
+        path, problem = tmp_path / "bogus.so", "cannot load bogus.so"
+        path.write_text("not an ELF file")
+    else:  # a real shared library without lightflax's symbols
+        import ctypes.util
+
+        path, problem = ctypes.util.find_library("m"), "lacks a symbol"
+        assert path
+    proc = _import_with_lib(path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "xla"
+    lines = [ln for ln in proc.stderr.splitlines() if "lightflax" in ln]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lightflax: native kernels disabled: ") and problem in lines[0]
+    assert lines[0].endswith("falling back to XLA's kernels")
+    assert "Traceback" not in proc.stderr
+
+
+def test_not_built_is_silent(monkeypatch):
+    monkeypatch.delenv(_loader.ENV_LIB, raising=False)
+    monkeypatch.setattr(_loader, "default_path", lambda: None)
+    lib, reason, warning = _loader.load()
+    assert lib is None and warning is None and "not built" in reason and "libdnnl-dev" in reason
+
+
+# ---------------------------------------------------------------------------
+# Convolution: values and gradients (x, w, b) against lax
+# ---------------------------------------------------------------------------
+
+# (n, h, w, c, o, k, stride, padding, bias, relu)
+CONV_CASES = [
+    (2, 9, 9, 3, 8, 3, 1, "VALID", True, True),  # xray_conv2d first layer
+    (1, 8, 8, 8, 16, 3, 1, "SAME", True, False),
+    (3, 7, 5, 5, 1, 3, 2, "SAME", True, True),  # asymmetric SAME padding (odd, stride 2)
+    (2, 6, 6, 1, 4, 1, 1, "SAME", True, False),
+    (1, 11, 10, 16, 6, 3, 2, "VALID", False, False),
+    (2, 5, 5, 32, 5, 3, 1, "SAME", True, True),  # LightLayers bottleneck widths K=1..6
+    (2, 5, 5, 4, 3, 3, 1, "SAME", True, True),
+    (2, 5, 5, 2, 64, 3, 1, "SAME", True, False),
+    (1, 6, 6, 64, 64, 1, 2, "SAME", True, True),
+    (2, 4, 4, 2, 2, 1, 1, "VALID", False, True),
+]
+
+
+def _conv_fns(stride, padding, bias, relu):
+    strides = (stride, stride)
+
+    def ref(x, w, b):
+        y = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = y + b if bias else y
+        return nn.relu(y) if relu else y
+
+    def nat(x, w, b):
+        pads = layers._explicit_padding(x.shape, w.shape[:2], strides, padding)
+        return native.conv2d(x, w, b if bias else None, strides, pads, nn.relu if relu else None,
+                             lambda x, w: layers._lax_conv2d(x, w, strides, padding))
+
+    return ref, nat
+
+
+@needs_native
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_conv_matches_lax(case):
+    n, h, w, c, o, k, stride, padding, bias, relu = case
+    ks = jax.random.split(jax.random.key(sum(case[:6])), 4)
+    x = jax.random.normal(ks[0], (n, h, w, c))
+    wt = jax.random.normal(ks[1], (k, k, c, o)) / np.sqrt(k * k * c)
+    b = jax.random.normal(ks[2], (o,))
+    ref, nat = _conv_fns(stride, padding, bias, relu)
+    native.reset_call_counts()
+    y = jax.jit(nat)(x, wt, b)
+    assert native.call_counts()["conv_fwd"] == 1
+    assert_close(y, ref(x, wt, b))
+    g = jax.random.normal(ks[3], y.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * g)  # noqa: E731
+    got = jax.jit(jax.grad(loss(nat), argnums=(0, 1, 2)))(x, wt, b)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(x, wt, b)
+    for i, (a, e) in enumerate(zip(got, want)):
+        if i == 2 and not bias:
+            continue
+        assert_close(a, e)
+    # gradients of the weights only: the backward-weights call alone (no dx), same values
+    gw = jax.jit(jax.grad(loss(nat), argnums=(1, 2)))(x, wt, b)
+    assert_close(gw[0], want[1])
+
+
+@needs_native
+def test_conv_vmap_and_unsupported_cases():
+    ref, nat = _conv_fns(1, "SAME", True, True)
+    ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(ks[0], (3, 2, 6, 6, 4))
+    w = jax.random.normal(ks[1], (3, 3, 3, 4, 5))
+    b = jax.random.normal(ks[2], (3, 5))
+    assert_close(jax.jit(jax.vmap(nat))(x, w, b), jax.vmap(ref)(x, w, b))
+    assert_close(jax.jit(jax.vmap(nat, in_axes=(0, None, None)))(x, w[0], b[0]),
+                 jax.vmap(ref, in_axes=(0, None, None))(x, w[0], b[0]))
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    got = jax.jit(jax.vmap(jax.grad(loss(nat), argnums=(0, 1, 2))))(x, w, b)
+    want = jax.vmap(jax.grad(loss(ref), argnums=(0, 1, 2)))(x, w, b)
+    for a, e in zip(got, want):
+        assert_close(a, e)
+    # bfloat16 and grouped convolutions take XLA's kernels: no native call
+    native.reset_call_counts()
+    y16 = jax.jit(nat)(x[0].astype(jnp.bfloat16), w[0].astype(jnp.bfloat16), b[0].astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    layers.conv2d(x[0], jnp.ones((3, 3, 1, 4)), (1, 1), "SAME", feature_group_count=4)
+    assert native.call_counts()["conv_fwd"] == 0
+    # second derivatives: XLA's result within tolerance or an error, never a silently wrong number
+    with pytest.raises(Exception):
+        jax.grad(lambda x: jnp.sum(jax.grad(loss(nat))(x, w[0], b[0])))(x[0])
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm (train / eval, moving statistics, ReLU fused) and max pooling
+# ---------------------------------------------------------------------------
+
+
+def _bn_apply(module, variables, x, train):
+    return module.apply(variables, x, mutable=["batch_stats"] if train else False)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(4, 6, 5, 8), (1, 3, 3, 1), (2, 7, 9, 16), (3, 4, 4, 64)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_batchnorm_matches_flax(shape, relu):
+    ks = jax.random.split(jax.random.key(shape[-1]), 4)
+    x = 3.0 + 2.0 * jax.random.normal(ks[0], shape)
+    c = shape[-1]
+    variables = {
+        "params": {"scale": 1 + 0.1 * jax.random.normal(ks[1], (c,)), "bias": 0.1 * jax.random.normal(ks[2], (c,))},
+        "batch_stats": {"mean": jnp.full((c,), 0.5), "var": jnp.full((c,), 2.0)},
+    }
+    g = jax.random.normal(ks[3], shape)
+    for train in (True, False):
+        ref_mod = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, use_fast_variance=False)
+
+        def ref(v, x):
+            out = _bn_apply(ref_mod, v, x, train)
+            y, new = out if train else (out, None)
+            return (nn.relu(y) if relu else y), new
+
+        def nat(v, x):
+            with native.kernels("native"):
+                out = _bn_apply(layers.BatchNorm(train, relu=relu), v, x, train)
+            return out if train else (out, None)
+
+        native.reset_call_counts()
+        (y1, s1), (y2, s2) = jax.jit(nat)(variables, x), ref(variables, x)
+        assert native.call_counts()["bn_fwd"] == 1
+        assert_close(y1, y2)
+        if train:
+            for k in ("mean", "var"):
+                assert_close(s1["batch_stats"][k], s2["batch_stats"][k], 1e-6)
+        loss = lambda f: lambda v, x: jnp.sum(f(v, x)[0] * g)  # noqa: E731
+        (gv1, gx1), (gv2, gx2) = jax.jit(jax.grad(loss(nat), argnums=(0, 1)))(variables, x), \
+            jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+        assert_close(gx1, gx2)
+        for k in ("scale", "bias"):
+            assert_close(gv1["params"][k], gv2["params"][k])
+        if not train:
+            for k in ("mean", "var"):
+                assert_close(gv1["batch_stats"][k], gv2["batch_stats"][k])
+
+
+@needs_native
+def test_batchnorm_init_and_variables_match_flax():
+    x = jnp.ones((2, 4, 4, 3))
+    a = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3, use_fast_variance=False).init(
+        jax.random.key(0), x)
+    b = layers.BatchNorm(True, relu=True).init(jax.random.key(0), x)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(u, v)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 4, 6, 3), (7, 5, 7, 2), (2, 9, 8, 5), (3, 2, 3, 1), (2, 16, 16, 32)])
+def test_max_pool_matches_kernels(shape):
+    x = jnp.round(2 * jax.random.normal(jax.random.key(sum(shape)), shape))  # many ties
+    g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+    nat = lambda x: native.max_pool_2x2(x, kernels.max_pool_2x2)  # noqa: E731
+    native.reset_call_counts()
+    y, vjp = jax.vjp(jax.jit(nat), x)
+    np.testing.assert_array_equal(y, kernels.max_pool_2x2(x))
+    np.testing.assert_array_equal(vjp(g)[0], jax.vjp(kernels.max_pool_2x2, x)[1](g)[0])
+    assert native.call_counts()["pool_fwd"] >= 1 and native.call_counts()["pool_bwd"] == 1
+    xs = jnp.stack([x, -x])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(nat))(xs), jax.vmap(kernels.max_pool_2x2)(xs))
+
+
+# ---------------------------------------------------------------------------
+# Whole train steps: native == XLA (one step within 1e-5, 20 steps close), vmap, shard_map
+# ---------------------------------------------------------------------------
+
+STEP_CODE = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from lightflax import data, train, steps, parallel, native
+    MODEL, KW, STEPS, SEEDS, MODE, SIZE, GRAD_TOL = {model!r}, {kw!r}, {steps}, {seeds}, {mode!r}, {size}, {grad_tol}
+    d = data.load("synthetic", synthetic_shape=(SIZE, SIZE, 1), synthetic_sizes={{"train": 64, "val": 8, "test": 8}},
+                  num_classes=2, seed=0)
+    # SGD: after one step p1 - p0 = -lr * gradient, so the step's gradients are compared directly
+    # (Adam's first step is lr * sign(g), which turns the zero gradients of the biases in front of
+    # a BatchNorm into sign noise).
+    cfg = train.RunConfig(workdir="unused", model=MODEL, model_kwargs=KW, batch_size=16, image_size=SIZE,
+                          channels=3, optimizer="sgd", learning_rate=0.01)
+    tr = train.Trainer(cfg, d)
+    rep, sh = parallel.REPLICATED, parallel.SHARDED
+    fn = steps.make_train_step(tr.model, tr.step_cfg)
+    if SEEDS > 1:
+        fn = steps.replicate_over_seeds(fn, SEEDS, (0, None, None, 0, None, 0, None), (0, 0), mode=MODE)
+
+    def run(kernels, optimize=True):
+        jax.config.update("jax_disable_most_optimizations", not optimize)
+        with native.kernels(kernels):
+            step = parallel.distribute(fn, tr.mesh, (rep,) * 6 + (sh,), (rep, rep))
+            native.reset_call_counts()
+            state = tr.init_state(); keys = tr.data_keys()
+            if SEEDS > 1:
+                state = jax.tree_util.tree_map(lambda a: jnp.stack([a] * SEEDS), state)
+                keys = jnp.stack([jax.random.fold_in(keys, i) for i in range(SEEDS)])
+            images, labels = tr.device_split("train")
+            out = [(jax.device_get(state.params), jax.device_get(state.batch_stats), None)]
+            for i in range(STEPS):
+                perm = tr.permutations(keys, jnp.int32(0)) if SEEDS == 1 else jax.vmap(
+                    lambda k: tr.permutations(k, jnp.int32(0)))(keys)
+                state, m = step(state, images, labels, perm, jnp.int32(i % 4), keys, tr.dev_ids)
+                out.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
+                            np.asarray(m["loss"], np.float64)))
+        jax.config.update("jax_disable_most_optimizations", False)
+        return out, native.call_counts()
+
+    nat, counts = run("native")
+    ref, xla_counts = run("xla")
+    # XLA against itself compiled differently: the reference's own noise (bounds the state after many steps)
+    alt, _ = run("xla", optimize=False) if STEPS > 2 else (ref, None)
+    assert sum(xla_counts.values()) == 0, xla_counts
+    assert counts["conv_fwd"] > 0 and counts["conv_bwd"] > 0 and counts["bn_fwd"] > 0 and counts["pool_bwd"] > 0, counts
+    leaves = jax.tree_util.tree_leaves
+    sub = lambda a, b: jax.tree_util.tree_map(lambda u, v: u - v, a, b)
+
+    def err(a, b):
+        # max |a - b| over all leaves relative to the largest |b| of all leaves (one scale for the whole
+        # model: a leaf whose gradient is a sum with cancellation, e.g. a bias in front of a BatchNorm,
+        # is compared on the scale of the model's gradients, not on its own tiny scale)
+        top = max(float(np.max(np.abs(v))) for v in leaves(b))
+        return max(float(np.max(np.abs(u - v))) for u, v in zip(leaves(a), leaves(b))) / max(top, 1e-30)
+
+    def rel(a, b):
+        return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+    # forward quantities of step 1: loss and the updated moving statistics, within 1e-5
+    loss_err, stats_err = rel(nat[1][2], ref[1][2]), err(nat[1][1], ref[1][1])
+    # gradients of step 1 (SGD: p1 - p0 = -lr * g), within GRAD_TOL of the model's gradient scale (see
+    # GRAD_TOL in the test module), and the state after STEPS steps within 1e-3 or three times XLA's own
+    # discrepancy (XLA compiled without optimisations against XLA: SGD amplifies last-bit differences).
+    grad = lambda o: sub(o[1][0], o[0][0])
+    grad_err, grad_noise = err(grad(nat), grad(ref)), err(grad(alt), grad(ref))
+    last_err, last_noise = err(nat[-1][0], ref[-1][0]), err(alt[-1][0], ref[-1][0])
+    print("loss", loss_err, "stats", stats_err, "grad", grad_err, "xla noise", grad_noise, "last", last_err,
+          "xla noise", last_noise, counts)
+    if __import__("os").environ.get("NO_ASSERT"):
+        raise SystemExit(0)
+    assert loss_err <= 1e-5 and stats_err <= 1e-5, (loss_err, stats_err)
+    assert grad_err <= GRAD_TOL, (grad_err, grad_noise)
+    assert last_err <= max(1e-2, 3 * last_noise), (last_err, last_noise)
+    assert rel(nat[-1][2], ref[-1][2]) <= max(1e-2, 3 * rel(alt[-1][2], ref[-1][2]))
+    print("ok")
+    """
+)
+
+
+# Gradients of one whole step agree within 1e-5 of the model's gradient scale where the model has no
+# degenerate channels. At random initialisation some have them: a channel that a ReLU zeroes everywhere
+# reaches a BatchNorm as a constant, whose output is exactly its bias natively (x - mean == 0) but carries
+# rounding noise in XLA's fusion; a later ReLU or a max-pool tie (first maximum) then routes gradient by
+# that noise. Measured (docs/native.md): xray_light k=1 (rank-1 bottleneck, dead at init) 3.2e-2, k=2 7.9e-3,
+# k=3 1.2e-5, k=4 and k=5 < 1e-5, xray_conv2d 7.9e-5; XLA against XLA compiled differently stays at 2e-6 to
+# 1.2e-5 because both make the same noise.
+GRAD_TOL = {("xray_light", 1): 5e-2, ("xray_light", 2): 2e-2, ("xray_light", 3): 2e-5, ("xray_conv2d", None): 2e-4}
+
+
+def _run_steps(model, kw, steps=20, devices=1, seeds=1, mode="vmap"):
+    size = 52 if model == "xray_conv2d" else 32  # small images (xray_conv2d's smallest input is 50x50)
+    tol = GRAD_TOL.get((model, kw.get("k")), 1e-5)
+    proc = run_python(STEP_CODE.format(model=model, kw=kw, steps=steps, seeds=seeds, mode=mode, size=size,
+                                       grad_tol=tol), devices=devices)
+    print(proc.stdout)
+    assert proc.stdout.strip().endswith("ok"), proc.stdout
+
+
+@needs_native
+@pytest.mark.parametrize("model,kw", [("xray_conv2d", {})] + [("xray_light", {"k": k}) for k in (1, 2, 3, 4, 5)])
+def test_train_steps_native_equal_xla(model, kw):
+    _run_steps(model, kw, steps=20 if kw.get("k") in (None, 5) else 2)
+
+
+@needs_native
+def test_train_steps_shard_map_8_devices():
+    _run_steps("xray_light", {"k": 3}, steps=2, devices=8)
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_train_steps_num_seeds(mode):
+    _run_steps("xray_conv2d", {}, steps=3, seeds=2, mode=mode)
