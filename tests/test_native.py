@@ -262,36 +262,28 @@ def test_max_pool_matches_kernels(shape):
 STEP_CODE = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
-    from lightflax import data, train, steps, parallel, native
+    from lightflax import data, train, native
+    from lightflax.config import RunConfig
     MODEL, KW, STEPS, SEEDS, MODE, SIZE, GRAD_TOL = {model!r}, {kw!r}, {steps}, {seeds}, {mode!r}, {size}, {grad_tol}
     d = data.load("synthetic", synthetic_shape=(SIZE, SIZE, 1), synthetic_sizes={{"train": 64, "val": 8, "test": 8}},
                   num_classes=2, seed=0)
     # SGD: after one step p1 - p0 = -lr * gradient, so the step's gradients are compared directly
     # (Adam's first step is lr * sign(g), which turns the zero gradients of the biases in front of
     # a BatchNorm into sign noise).
-    cfg = train.RunConfig(workdir="unused", model=MODEL, model_kwargs=KW, batch_size=16, image_size=SIZE,
-                          channels=3, optimizer="sgd", learning_rate=0.01)
-    tr = train.Trainer(cfg, d)
-    rep, sh = parallel.REPLICATED, parallel.SHARDED
-    fn = steps.make_train_step(tr.model, tr.step_cfg)
-    if SEEDS > 1:
-        fn = steps.replicate_over_seeds(fn, SEEDS, (0, None, None, 0, None, 0, None), (0, 0), mode=MODE)
+    cfg = RunConfig(workdir="unused", model=MODEL, model_kwargs=KW, batch_size=16, image_size=SIZE,
+                    channels=3, optimizer="sgd", learning_rate=0.01, num_seeds=SEEDS, replica_mode=MODE)
 
     def run(kernels, optimize=True):
         jax.config.update("jax_disable_most_optimizations", not optimize)
         with native.kernels(kernels):
-            step = parallel.distribute(fn, tr.mesh, (rep,) * 6 + (sh,), (rep, rep))
+            tr = train.Trainer(cfg, d)  # the trainer's own distributed step, traced under these kernels
             native.reset_call_counts()
             state = tr.init_state(); keys = tr.data_keys()
-            if SEEDS > 1:
-                state = jax.tree_util.tree_map(lambda a: jnp.stack([a] * SEEDS), state)
-                keys = jnp.stack([jax.random.fold_in(keys, i) for i in range(SEEDS)])
             images, labels = tr.device_split("train")
+            perm = tr.permutations(0)
             out = [(jax.device_get(state.params), jax.device_get(state.batch_stats), None)]
             for i in range(STEPS):
-                perm = tr.permutations(keys, jnp.int32(0)) if SEEDS == 1 else jax.vmap(
-                    lambda k: tr.permutations(k, jnp.int32(0)))(keys)
-                state, m = step(state, images, labels, perm, jnp.int32(i % 4), keys, tr.dev_ids)
+                state, m = tr.train_step(state, images, labels, perm, keys, tr.dev_ids)
                 out.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
                             np.asarray(m["loss"], np.float64)))
         jax.config.update("jax_disable_most_optimizations", False)
