@@ -81,6 +81,7 @@ class Bar:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._bar.refresh()  # the final count, rate and loss (a bar with leave=False then clears)
             self._bar.close()
             self._bar = None
 

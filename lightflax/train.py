@@ -489,10 +489,8 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
     results = report.build_results(cfg, data, outcome, extra)
     if jax.process_index() == 0:
         report.write_run(cfg.workdir, results, history, select_split=cfg.select_split,
-                         title=f"{cfg.experiment} ({cfg.model})")
-    print(f"wrote {os.path.join(cfg.workdir, 'results.json')}: test_accuracy={results.get('test_accuracy')} "
-          f"{cfg.select_split}_accuracy={results['select_metrics'].get('accuracy')} "
-          f"time_per_epoch_s={results.get('time_per_epoch_s')}", flush=True)
+                         title=cfg.experiment)
+    print(f"wrote {os.path.join(cfg.workdir, 'results.json')}: {report.summary_line(results)}", flush=True)
     return results
 
 
