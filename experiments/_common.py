@@ -280,6 +280,10 @@ def configure_output() -> None:
     if not FLAGS["progress"].present and FLAGS["verbosity"].present and FLAGS.verbosity < 0:
         mode = "epochs" if FLAGS.verbosity == -1 else "quiet"
     progress.set_mode(mode)
+    if not progress.bars_enabled():  # TFDS's own preparation bars (chest_xray) follow the same rule
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
 
 
 def run_training(experiment: str, model: str, model_kwargs: Dict[str, Any], *, channels: int,
