@@ -96,6 +96,20 @@ def bar(total: Optional[int], desc: str, unit: str = "step") -> Iterator[Bar]:
 
 
 @contextlib.contextmanager
+def phase(total: Optional[int], desc: str, unit: str = "step") -> Iterator[Bar]:
+    """A long phase (feature extraction): a bar on a terminal; otherwise a line when it starts
+    and one when it ends, so a log is never silent for minutes."""
+    quiet_log = not bars_enabled() and epoch_lines_enabled()
+    t0 = time.perf_counter()
+    if quiet_log:
+        print(f"{desc}: {total} {unit}es ..." if unit.endswith("ch") else f"{desc}: {total} {unit}s ...", flush=True)
+    with bar(total, desc, unit) as b:
+        yield b
+    if quiet_log:
+        print(f"{desc}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+@contextlib.contextmanager
 def task(desc: str) -> Iterator[None]:
     """A phase without steps (data loading, preparation): '<desc> ...' then '<desc>: N.N s' on a terminal."""
     if not bars_enabled():

@@ -169,3 +169,22 @@ def test_tables_take_one_run_folder_and_reject_unknown_metrics(tmp_path, capsys)
     assert tables.main([str(run), "--metrics=test_acuracy"]) == 2
     err = capsys.readouterr().err
     assert "unknown metric test_acuracy" in err and "test_accuracy" in err
+
+
+def test_a_long_phase_is_never_silent_in_a_log(capsys):
+    from lightflax import progress
+
+    before = progress.mode()
+    try:
+        progress.set_mode("auto")  # stdout is captured here: not a terminal
+        with progress.phase(4, "inception_v3 features of 100 images", unit="batch") as bar:
+            for _ in range(4):
+                bar.update()
+        progress.set_mode("quiet")
+        with progress.phase(4, "silent", unit="batch"):
+            pass
+    finally:
+        progress.set_mode(before)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "inception_v3 features of 100 images: 4 batches ..."
+    assert re.fullmatch(r"inception_v3 features of 100 images: done in \d+\.\d s", lines[1]) and len(lines) == 2

@@ -59,7 +59,7 @@ def compute(backbone: Backbone, images: np.ndarray, batch_size: int = 32) -> np.
     fn = backbone.features_from_pixels
     n = images.shape[0]
     out = []
-    with progress.bar(-(-n // batch_size), f"{backbone.name} features", unit="batch") as bar:
+    with progress.phase(-(-n // batch_size), f"{backbone.name} features of {n} images", unit="batch") as bar:
         for start in range(0, n, batch_size):
             batch = np.asarray(images[start:start + batch_size])
             real = batch.shape[0]
