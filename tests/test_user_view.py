@@ -188,3 +188,13 @@ def test_a_long_phase_is_never_silent_in_a_log(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "inception_v3 features of 100 images: 4 batches ..."
     assert re.fullmatch(r"inception_v3 features of 100 images: done in \d+\.\d s", lines[1]) and len(lines) == 2
+
+
+def test_profile_trace_lands_in_the_run_folder(tmp_path):
+    wd = tmp_path / "run"
+    run_launch(["--experiment=xray_light", "--k=1", "--dataset=synthetic", "--synthetic_size=16", "--image_size=16",
+                "--batch_size=4", "--epochs=1", "--profile", "--profile_start_step=1", "--profile_steps=1",
+                f"--workdir={wd}"], check=0)
+    assert list((wd / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert list(wd.glob("events.out.tfevents.*"))
+    assert json.loads((wd / "results.json").read_text())["config"]["profile_dir"] == str(wd)
