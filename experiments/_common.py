@@ -121,7 +121,7 @@ def explicit_data_choice() -> bool:
     return any(FLAGS[name].present for name in ("dataset", "data_dir", "manual_dir"))
 
 
-def resolve_dataset(xray: bool = True) -> Tuple[str, Optional[str]]:
+def resolve_dataset() -> Tuple[str, Optional[str]]:
     """(dataset name, the one console line saying why) after the up-front checks: the X-ray
     experiments' default chest_xray becomes the embedded real PneumoniaMNIST when its folders
     are not found; an explicit choice must be present (UserError otherwise)."""
@@ -131,15 +131,13 @@ def resolve_dataset(xray: bool = True) -> Tuple[str, Optional[str]]:
                         f"use --data_dir for {name}")
     if name == "synthetic":
         return name, None
-    stored = None if name != "chest_xray" else 299
-    if xray and name == XRAY_DEFAULT and not explicit_data_choice() and not data_lib.available(name):
+    if name == XRAY_DEFAULT and not explicit_data_choice() and not data_lib.available(name):
         return XRAY_EMBEDDED, (
             "data: no chest_xray folder found (pass --manual_dir=FOLDER for the study's Kaggle images); "
             "training on the embedded real PneumoniaMNIST chest X-rays (28x28, MedMNIST v2, train 4,708 / "
             "val 524, no test split)")
     given = [f"--{n}={FLAGS[n].value}" for n in ("data_dir", "manual_dir") if FLAGS[n].present]
-    if given and not data_lib.available(name, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                                        stored_size=stored if name == "chest_xray" else None):
+    if given and not data_lib.available(name, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir):
         if name == "chest_xray" and FLAGS.data_dir and not FLAGS.manual_dir:
             return name, None  # a prepared copy in --data_dir: load() checks it
         raise UserError(f"{' '.join(given)} holds no {name} data; pass the folder that holds it "
