@@ -1,7 +1,7 @@
 """Layer benchmark for the default-impl decision (issue: layers).
 
     python benchmarks/bench_layers.py                      # batch 64, 299x299x3 -> 8, k = 1..5
-    python benchmarks/bench_layers.py --size=128 --rounds=5 --csv=/tmp/layers.csv
+    python benchmarks/bench_layers.py --size=128 --rounds=5 --csv=layers.csv
 
 Forward and forward+backward time of LightConv2D (impl conv and einsum),
 LowRankConv2D (materialised) and Conv2D at the X-ray model's first-block sizes,

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightflax import pretrained
+from lightflax import pretrained, timing
 from lightflax.errors import CheckpointError
 from lightflax.pretrained import backbone as bbmod
 
@@ -43,15 +43,11 @@ def _backbone(name: str):
 
 
 def _time(fn, rounds: int):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return first, times
+    """(first call s, [measured call s]) through the trainer's StepTimer (the first call compiles)."""
+    timer = timing.StepTimer(warmup=1)
+    for _ in range(rounds + 1):
+        timer.run(fn)
+    return timer.durations[0], timer.measured
 
 
 def _row(label, weights, batch, res, first, times):

@@ -91,15 +91,13 @@ def worker_mode(argv):
 
     v = speed.model_variant(MODEL, _kwargs(), batch=BATCH, size=SIZE)
     args = list(v.args)
-    out = timing.sync(v.compiled.compiled(*args))  # warm-up
-    args[0] = out[0]
-    times, losses = [], []
-    for _ in range(ROUNDS):
-        t0 = time.perf_counter()
-        out = timing.sync(v.compiled.compiled(*args))
-        times.append(time.perf_counter() - t0)
+    timer, losses = timing.StepTimer(warmup=1), []  # the trainer's step timer; the first call warms up
+    for i in range(ROUNDS + 1):
+        out = timer.run(v.compiled.compiled, *args)
         args[0] = out[0]
-        losses.append(float(np.asarray(out[1]["loss"]).reshape(-1)[0]))
+        if i:
+            losses.append(float(np.asarray(out[1]["loss"]).reshape(-1)[0]))
+    times = timer.measured
     if process_id == 0:
         print("RESULT " + json.dumps({"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
                                       "max_ms": 1e3 * max(times), "devices": jax.device_count(),

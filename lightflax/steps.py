@@ -70,7 +70,8 @@ def create_state(model, tx, rng: Array, input_shape: Tuple[int, ...], init_varia
         given = {c: init_variables.get(c, {}) for c in ("params", "batch_stats")}
         problem = checkpoints.first_mismatch(checkpoints.leaf_specs(expected), checkpoints.leaf_specs(given))
         if problem:
-            raise CheckpointError(f"initial variables do not fit model {getattr(model, 'model_name', model)}: {problem}")
+            name = getattr(model, "model_name", model)
+            raise CheckpointError(f"initial variables do not fit model {name}: {problem}")
         variables = jax.tree_util.tree_map(jnp.asarray, given)
     return TrainState.create(
         apply_fn=model.apply,
