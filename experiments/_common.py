@@ -11,31 +11,44 @@ own flags (``--k``, ``--method``, ...) and may change defaults with
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Dict, Optional
+import contextlib
+import dataclasses
+import os
+import shutil
+from typing import Any, Dict, Optional, Tuple
 
-from absl import flags, logging
+from absl import flags
 
 from experiments import default_workdir
-from lightflax import data as data_lib, models, parallel, train
+from lightflax import data as data_lib, models, parallel, progress, train
 from lightflax.config import RunConfig
 from lightflax.data import DATASETS, pipeline
 from lightflax.errors import UserError
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, results.json, history.csv, curves.png). "
-                    "Default: runs/<experiment>-<UTC time>.")
-flags.DEFINE_enum("dataset", "chest_xray", list(DATASETS), "Dataset to train on.")
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, results.json, history.csv, curves.png, "
+                    "TensorBoard events). Default: runs/<experiment>-k<K>-<size>px-<UTC time>.")
+flags.DEFINE_enum("dataset", "chest_xray", list(DATASETS), "Dataset to train on. X-ray experiments: "
+                  "without --dataset/--manual_dir/--data_dir and without the study's chest_xray folders, the "
+                  "real PneumoniaMNIST X-rays embedded in the package; synthetic only when asked for.")
 flags.DEFINE_string("data_dir", None, "Folder of prepared data / downloaded files (or an npz for pneumonia_mnist).")
 flags.DEFINE_string("manual_dir", None, "Folder holding chest_xray/ (or chest_xray/ itself) for --dataset=chest_xray.")
-flags.DEFINE_integer("image_size", 299, "Model input resolution (images are resized on device).", lower_bound=1)
+flags.DEFINE_integer("image_size", 299, "Model input resolution (images are resized on device). Default: 299 "
+                     "on chest_xray (the study's); on PneumoniaMNIST a size that fits each model (28, or 64 for "
+                     "Conv2D).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "Global batch size (split across devices).", lower_bound=1)
 flags.DEFINE_integer("epochs", 20, "Training epochs.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("seed", 0, "Random seed (initialisation and data order).")
 flags.DEFINE_boolean("resume", False, "Continue the run in --workdir exactly where it stopped.")
-flags.DEFINE_string("profile_dir", None, "Write a JAX profiler trace of a window of training steps here.")
+flags.DEFINE_boolean("profile", False, "Write a JAX profiler trace of a window of training steps into the "
+                     "workdir (TensorBoard's Profile tab: tensorboard --logdir runs/).")
+flags.DEFINE_string("profile_dir", None, "Write the profiler trace here instead of the workdir (implies --profile).")
+flags.DEFINE_enum("progress", "auto", ["auto", "bars", "epochs", "quiet"], "Console progress: auto (a per-step "
+                  "bar with steps/s, ETA and running loss when stdout is a terminal, else one line per epoch), "
+                  "bars, epochs (one line per epoch), quiet (no epoch lines). --verbosity=-1 (or lower) without "
+                  "--progress means epochs, -2 or lower quiet.")
 flags.DEFINE_integer("profile_start_step", 3, "First profiled step (after warm-up).", lower_bound=0)
 flags.DEFINE_integer("profile_steps", 3, "Number of profiled steps.", lower_bound=1)
 flags.DEFINE_integer("num_seeds", 1, "Independently initialised replicas (seeds seed..seed+N-1) trained together "
@@ -87,32 +100,122 @@ def initialize_distributed() -> None:
 
 
 def flags_record(experiment: str) -> Dict[str, Any]:
-    """results.json's ``flags`` entry: every flag's value, as the command line set it."""
-    return {"flags": dict(FLAGS.flag_values_dict(), experiment=experiment)}
+    """results.json's ``flags`` entry: the experiment's own and the common flags (absl's logging
+    flags left out), as the command line set them."""
+    ours = {}
+    for module, module_flags in FLAGS.flags_by_module_dict().items():
+        if module.split(".")[0] in ("experiments", "launch") or module == "__main__":
+            ours.update({f.name: f.value for f in module_flags})
+    return {"flags": dict(ours, experiment=experiment)}
 
 
-def load_data(*, num_classes: Optional[int] = None, synthetic_shape=None, allow_fallback: bool = True,
-              holdout: bool = True):
-    """Loads --dataset; falls back to labelled synthetic data when the DEFAULT
-    dataset is not found (an explicitly requested dataset must exist). ``holdout``:
-    see ``lightflax.data.load``."""
+# The X-ray experiments' default when the study's Kaggle folders are absent: the real
+# PneumoniaMNIST X-rays embedded in the package (synthetic data only on --dataset=synthetic).
+XRAY_DEFAULT = "chest_xray"
+XRAY_EMBEDDED = "pneumonia_mnist"
+STANDARD_SIZES = (64, 128, 224, 299)
+
+
+def explicit_data_choice() -> bool:
+    """--dataset, --data_dir or --manual_dir on the command line: the user chose the data."""
+    return any(FLAGS[name].present for name in ("dataset", "data_dir", "manual_dir"))
+
+
+def resolve_dataset() -> Tuple[str, Optional[str]]:
+    """(dataset name, the one console line saying why) after the up-front checks: the X-ray
+    experiments' default chest_xray becomes the embedded real PneumoniaMNIST when its folders
+    are not found; an explicit choice must be present (UserError otherwise)."""
     name = FLAGS.dataset
+    if FLAGS.manual_dir is not None and name != "chest_xray":
+        raise UserError(f"--manual_dir applies to --dataset=chest_xray only (got --dataset={name}); "
+                        f"use --data_dir for {name}")
+    if name == "synthetic":
+        return name, None
+    if name == XRAY_DEFAULT and not explicit_data_choice() and not data_lib.available(name):
+        return XRAY_EMBEDDED, (
+            "data: no chest_xray folder found (pass --manual_dir=FOLDER for the study's Kaggle images); "
+            "training on the embedded real PneumoniaMNIST chest X-rays (28x28, MedMNIST v2, train 4,708 / "
+            "val 524, no test split)")
+    given = [f"--{n}={FLAGS[n].value}" for n in ("data_dir", "manual_dir") if FLAGS[n].present]
+    if given and not data_lib.available(name, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir):
+        if name == "chest_xray" and FLAGS.data_dir and not FLAGS.manual_dir:
+            return name, None  # a prepared copy in --data_dir: load() checks it
+        raise UserError(f"{' '.join(given)} holds no {name} data; pass the folder that holds it "
+                        f"(see README, Data) or leave the flag out")
+    return name, None
+
+
+def fitting_image_size(model: str, model_kwargs: Dict[str, Any], dataset: str) -> int:
+    """--image_size when given (or when the data is the study's chest_xray); otherwise, for the
+    small stored datasets, their stored size if the model takes it, else the smallest standard size
+    (64, 128, ...) that it takes: 28 for LightLayers, 64 for Conv2D on PneumoniaMNIST."""
+    if FLAGS["image_size"].present or dataset != XRAY_EMBEDDED:
+        return FLAGS.image_size
+    need = min_input_size(model, model_kwargs)
+    return 28 if need <= 28 else next((s for s in STANDARD_SIZES if s >= need), STANDARD_SIZES[-1])
+
+
+def min_input_size(model: str, model_kwargs: Dict[str, Any]) -> int:
+    return models.create(model, num_classes=models.info(model).num_classes or 2, **model_kwargs).min_input_size()
+
+
+def check_image_size(label: str, model: str, model_kwargs: Dict[str, Any], size: int) -> None:
+    """A row's input size, checked before any data preparation or training."""
+    need = min_input_size(model, model_kwargs)
+    if size < need:
+        raise UserError(f"--image_size={size} is too small for {label} ({model}): it needs at least "
+                        f"{need}x{need}; pass --image_size={next(s for s in STANDARD_SIZES if s >= need)} "
+                        f"or leave --image_size out (each row then gets a size that fits)")
+
+
+def check_workdir(path: str) -> None:
+    """The run folder: not an existing file, not a finished or running run unless --resume, and
+    creatable (its nearest existing parent is a writable folder). Nothing is created here."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir {path} is an existing file; choose a folder")
+    if os.path.isdir(os.path.join(path, "checkpoints")) and os.listdir(os.path.join(path, "checkpoints")) \
+            and not FLAGS.resume:
+        raise UserError(f"--workdir {path} already holds a run; pass --resume to continue it or choose "
+                        f"another --workdir")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir {path} cannot be created ({parent} is not a writable folder); "
+                        f"choose a writable folder")
+
+
+@contextlib.contextmanager
+def no_empty_folder_on_error(path: str):
+    """Removes ``path`` again when the block fails and it holds nothing but the run lock (and empty
+    folders): an early error leaves no empty run folder behind."""
+    existed = os.path.exists(path)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(path):
+            leftovers = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+            if all(os.path.basename(f) == ".lock" for f in leftovers):
+                shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def load_data(*, num_classes: Optional[int] = None, synthetic_shape=None, holdout: bool = True,
+              name: Optional[str] = None, note: Optional[str] = None):
+    """Loads the dataset ``name`` (default: :func:`resolve_dataset`'s); ``note`` is printed once
+    and recorded in the data's notes (results.json). ``holdout``: see ``lightflax.data.load``."""
+    if name is None:
+        name, note = resolve_dataset()
     if name == "synthetic":
         return _synthetic(num_classes, synthetic_shape)
-    try:
-        return data_lib.load(name, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, seed=FLAGS.seed,
+    with progress.task(f"loading {name}"):
+        data = data_lib.load(name, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, seed=FLAGS.seed,
                              on_corrupt=FLAGS.on_corrupt, stored_size=_stored_resolution(name, FLAGS.image_size),
                              holdout=holdout)
-    except UserError as e:
-        if FLAGS["dataset"].present or not allow_fallback:
-            raise
-        msg = (f"{name} data not found ({str(e).splitlines()[0]}); running on SYNTHETIC data instead - the "
-               f"results are labelled synthetic and say nothing about real accuracy")
-        logging.warning(msg)
-        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-        data = _synthetic(num_classes, synthetic_shape)
-        data.notes.append(msg)
-        return data
+    if note:
+        print(note, flush=True)
+        data.notes.insert(0, note)
+    return data
 
 
 def _stored_resolution(name: str, image_size: int) -> Optional[int]:
@@ -139,15 +242,17 @@ def _mean(data, channels: int):
 
 def build_config(experiment: str, model: str, model_kwargs: Dict[str, Any], data, *, channels: int,
                  workdir: Optional[str] = None, **fields) -> RunConfig:
-    """The run's one RunConfig from the flags (``fields`` override flag values, e.g. the paper protocol's)."""
+    """The run's one RunConfig from the flags (``fields`` override flag values, e.g. the paper protocol's).
+    ``data`` may be None (the mean of --mean_subtraction is then added after loading)."""
     kwargs = dict(model_kwargs)
     if FLAGS.impl is not None:
         kwargs["impl"] = FLAGS.impl
     if FLAGS.dropout:
         kwargs["dropout"] = FLAGS.dropout
+    workdir = workdir or FLAGS.workdir or default_workdir(experiment, run_tags(model_kwargs, FLAGS.image_size))
     values = dict(
-        workdir=workdir or FLAGS.workdir or default_workdir(experiment), model=model, model_kwargs=kwargs,
-        experiment=experiment, channels=channels, mean=_mean(data, channels),
+        workdir=workdir, model=model, model_kwargs=kwargs, experiment=experiment, channels=channels,
+        mean=_mean(data, channels) if data is not None else None,
         l2=FLAGS.l2 if FLAGS.l2 is not None else models.info(model).reference_l2,
     )
     for name in ("batch_size", "epochs", "learning_rate", "seed", "num_seeds", "replica_mode", "parallel", "dtype",
@@ -155,20 +260,55 @@ def build_config(experiment: str, model: str, model_kwargs: Dict[str, Any], data
                  "reduce_lr_patience", "reduce_lr_factor", "steps_per_epoch", "profile_dir", "profile_start_step",
                  "profile_steps", "resume"):
         values[name] = FLAGS[name].value
+    if FLAGS.profile and not FLAGS.profile_dir:
+        values["profile_dir"] = workdir  # the trace lands next to the TensorBoard scalars
     values.update(fields)
     return RunConfig(**values)
 
 
+def run_tags(model_kwargs: Dict[str, Any], image_size: Optional[int]) -> list:
+    """What varies between runs, for the default run folder name: k5, 28px."""
+    tags = [f"k{model_kwargs['k']}"] if "k" in model_kwargs else []
+    return tags + ([f"{image_size}px"] if image_size else [])
+
+
+def configure_output() -> None:
+    """--progress (or --verbosity) -> lightflax.progress's mode."""
+    mode = FLAGS.progress
+    if not FLAGS["progress"].present and FLAGS["verbosity"].present and FLAGS.verbosity < 0:
+        mode = "epochs" if FLAGS.verbosity == -1 else "quiet"
+    progress.set_mode(mode)
+    if not progress.bars_enabled():  # TFDS's own preparation bars (chest_xray) follow the same rule
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
+
+
 def run_training(experiment: str, model: str, model_kwargs: Dict[str, Any], *, channels: int,
                  stored_channels: int = 1, num_classes: Optional[int] = None, workdir: Optional[str] = None,
-                 data=None, **fields) -> Dict[str, Any]:
-    """The whole run of a training experiment; returns results.json's content."""
+                 data=None, label: Optional[str] = None, **fields) -> Dict[str, Any]:
+    """The whole run of a training experiment; returns results.json's content. Every flag, the
+    input size, the workdir and the data's presence are checked before any data preparation or
+    training; an early error leaves no run folder."""
     initialize_distributed()
+    configure_output()
+    name, note = (data.name, None) if data is not None else resolve_dataset()
+    size = fields.pop("image_size", None) or fitting_image_size(model, model_kwargs, name)
+    check_image_size(label or model, model, model_kwargs, size)
+    workdir = workdir or FLAGS.workdir or default_workdir(experiment, run_tags(model_kwargs, size))
+    check_workdir(workdir)
+    cfg = build_config(experiment, model, model_kwargs, None, channels=channels, workdir=workdir,
+                       image_size=size, **fields)
     if data is None:
         data = load_data(num_classes=num_classes or models.info(model).num_classes,
-                         synthetic_shape=(FLAGS.image_size, FLAGS.image_size, stored_channels))
-    cfg = build_config(experiment, model, model_kwargs, data, channels=channels, workdir=workdir, **fields)
-    return train.train_and_evaluate(cfg, data, extra=flags_record(experiment))
+                         synthetic_shape=(size, size, stored_channels), name=name, note=note)
+    if FLAGS.mean_subtraction:
+        cfg = dataclasses.replace(cfg, mean=_mean(data, channels))
+    extra = flags_record(experiment)
+    if note:
+        extra["data_default"] = note
+    with no_empty_folder_on_error(workdir):
+        return train.train_and_evaluate(cfg, data, extra=extra)
 
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ a lower learning rate, fed with the cached activations of the frozen trunk
 from absl import flags
 
 from experiments import _common as common
+from experiments import default_workdir
 
 BACKBONE = flags.DEFINE_enum("backbone", "inception_v3", ["inception_v3", "efficientnet_lite0"],
                              "ImageNet backbone (frozen).")
@@ -49,5 +50,10 @@ def run(backbone, data, workdir=None):
 def main(argv):
     del argv
     common.initialize_distributed()
-    data = common.load_data(num_classes=2, synthetic_shape=(64, 64, 1))
-    run(BACKBONE.value, data)
+    common.configure_output()
+    name, note = common.resolve_dataset()
+    workdir = flags.FLAGS.workdir or default_workdir("xray_transfer", [BACKBONE.value])
+    common.check_workdir(workdir)
+    with common.no_empty_folder_on_error(workdir):
+        data = common.load_data(num_classes=2, synthetic_shape=(64, 64, 1), name=name, note=note)
+        run(BACKBONE.value, data, workdir)

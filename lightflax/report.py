@@ -7,7 +7,13 @@ segments), time_per_epoch_s (total_time_s / epochs; the median epoch is
 time_per_epoch_median_s); plus test_loss, compile_time_s, images_per_s,
 flops_per_step and, for binary tasks, sensitivity, specificity and roc_auc.
 With --num_seeds > 1 each metric is the mean over replicas, ``<key>_std`` the
-sample standard deviation (ddof=1), and ``replicas`` holds every replica's own numbers.
+sample standard deviation (ddof=1), and ``replicas`` holds every replica's own numbers;
+a single-seed run has no ``*_std`` keys (there is no spread to report).
+``memory`` holds XLA's memory analysis of the compiled train step
+(``xla_peak_memory_in_bytes``: XLA's own estimate, not a measured peak) and the
+process's measured peak resident memory (``process_peak_rss_bytes``).
+``majority_baseline`` is the accuracy of always predicting the training split's
+most frequent class, per evaluated split.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from lightflax import files, tables
+from lightflax import files, metrics, tables
 
 STUDY_COLUMNS = ("total_params", "trainable_params", "size_bytes", "test_accuracy", "total_time_s",
                  "time_per_epoch_s")
@@ -76,8 +82,8 @@ def _jsonable(value):
 
 
 def summarize_replicas(per_replica: Optional[List[Dict[str, Any]]]) -> Dict[str, Any]:
-    """Mean and sample standard deviation (ddof=1, as ``lightflax.tables``; 0 for one
-    replica) over replicas for every numeric metric."""
+    """Mean and sample standard deviation (ddof=1, as ``lightflax.tables``) over replicas for
+    every numeric metric; one replica gives the values alone (no ``_std``)."""
     out: Dict[str, Any] = {}
     if not per_replica or per_replica[0] is None:
         return out
@@ -85,7 +91,8 @@ def summarize_replicas(per_replica: Optional[List[Dict[str, Any]]]) -> Dict[str,
         vals = [r[key] for r in per_replica if r.get(key) is not None]
         if len(vals) == len(per_replica):
             out[key] = float(np.mean(vals))
-            out[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            if len(vals) > 1:
+                out[key + "_std"] = float(np.std(vals, ddof=1))
     return out
 
 
@@ -137,8 +144,27 @@ def _speed_section(cfg, o: RunOutcome) -> Dict[str, Any]:
         "flops_per_step": flops,
         "bytes_accessed_per_step": accessed,
         "achieved_flops_per_s": (flops / median) if (flops and median) else None,
-        "memory": o.compiled.memory,
+        "memory": _memory(o.compiled.memory),
     }
+
+
+def _memory(xla: Optional[Dict[str, int]]) -> Dict[str, Any]:
+    """XLA's analysis (its 'peak' renamed: it is an estimate of the executable's buffers) and the
+    process's real peak resident set size."""
+    out = {("xla_peak_memory_in_bytes" if k == "peak_bytes" else f"xla_{k}"): v for k, v in (xla or {}).items()}
+    try:
+        import resource
+
+        out["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    except (ImportError, OSError):  # pragma: no cover - not on Linux
+        out["process_peak_rss_bytes"] = None
+    return out
+
+
+def _majority_baseline(data, splits: Sequence[str]) -> Dict[str, Optional[float]]:
+    train = data.splits["train"].labels
+    return {s: metrics.majority_class_accuracy(train, data.splits[s].labels) for s in splits
+            if data.splits.get(s) is not None}
 
 
 def _replica_section(cfg, o: RunOutcome) -> Dict[str, Any]:
@@ -193,6 +219,7 @@ def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = No
         "test_metrics": test or None,
         "select_split": cfg.select_split,
         "select_metrics": summarize_replicas(o.select_metrics),
+        "majority_baseline": _majority_baseline(data, [cfg.select_split, "test"]),
         "best_epoch": o.best_epoch if cfg.num_seeds > 1 else o.best_epoch[0],
         "epochs_run": len(o.history),
         **_speed_section(cfg, o),
@@ -205,6 +232,19 @@ def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = No
         **(extra or {}),
     }
     return _jsonable(results)
+
+
+def summary_line(results: Dict[str, Any]) -> str:
+    """What a user reads at the end of a run: the selection split's accuracy and ROC AUC, the
+    test figures (or that there is no test split), time per epoch."""
+    def num(v, fmt="{:.4f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    split, sel = results.get("select_split", "val"), results.get("select_metrics") or {}
+    test = (f"test_accuracy={num(results.get('test_accuracy'))} test_roc_auc={num(results.get('roc_auc'))}"
+            if results.get("test_metrics") else "no test split")
+    return (f"{split}_accuracy={num(sel.get('accuracy'))} {split}_roc_auc={num(sel.get('roc_auc'))} {test} "
+            f"time_per_epoch_s={num(results.get('time_per_epoch_s'), '{:.2f}')}")
 
 
 def write_history_csv(path: str, history: List[Dict[str, Any]], select_split: str = "val") -> None:
@@ -223,25 +263,53 @@ def write_history_csv(path: str, history: List[Dict[str, Any]], select_split: st
                 w.writerow(values if n == 1 else [r] + values)
 
 
-def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "", select_split: str = "val") -> None:
-    """Accuracy and loss curves (train and selection split) per epoch, as the study plotted."""
+def run_title(results: Dict[str, Any]) -> str:
+    """'xray_light K=5, 28 px, pneumonia_mnist (val)': what a figure of this run shows."""
+    cfg = results.get("config") or {}
+    kwargs = results.get("model_kwargs") or {}
+    dataset = results.get("dataset") or {}
+    parts = [str(results.get("model", "")) + (f" K={kwargs['k']}" if "k" in kwargs else "")]
+    size = cfg.get("image_size") or (dataset.get("stored_shape") or [None])[0]
+    if size:
+        parts.append(f"{size} px")
+    if dataset.get("name"):
+        parts.append(f"{dataset['name']}{' (SYNTHETIC)' if results.get('synthetic') else ''}")
+    return ", ".join(parts)
+
+
+def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "", select_split: str = "val",
+                synthetic: bool = False, best_epoch: Any = None) -> None:
+    """Accuracy and loss curves per epoch, as the study plotted: train and the selection split in
+    distinct colours (one shade per seed), integer epoch ticks, the selected (best) epoch marked,
+    and a SYNTHETIC banner when the data were random images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
     epochs = [r["epoch"] for r in history]
+    best = best_epoch if isinstance(best_epoch, list) else [best_epoch]
     for ax, metric in zip(axes, ("accuracy", "loss")):
-        for split, label, style in (("train", "train", "-"), ("select", select_split, "--")):
+        for split, label, colour, style in (("train", "train", "tab:blue", "-"),
+                                            ("select", select_split, "tab:orange", "--")):
             vals = np.array([r[f"{split}_{metric}"] for r in history], dtype=float)
             for r in range(vals.shape[1]):
-                ax.plot(epochs, vals[:, r], style, color=f"C{r}",
-                        label=label + (f" seed {r}" if vals.shape[1] > 1 else ""))
+                ax.plot(epochs, vals[:, r], style, color=colour, marker="o", markersize=3,
+                        alpha=1.0 if r == 0 else 0.6, label=label + (f" seed {r}" if vals.shape[1] > 1 else ""))
+        for i, e in enumerate(b for b in best if b):
+            ax.axvline(e, color="tab:green", linestyle=":", label="selected epoch" if i == 0 else None)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
-        ax.set_title(f"{title} {metric}".strip())
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    if synthetic:
+        fig.text(0.5, 0.5, "SYNTHETIC DATA - accuracy is meaningless", ha="center", va="center", fontsize=20,
+                 color="red", alpha=0.35, rotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -257,67 +325,146 @@ def write_run(workdir: str, results: Dict[str, Any], history: List[Dict[str, Any
     write_json(os.path.join(workdir, "results.json"), results)
     write_history_csv(os.path.join(workdir, "history.csv"), history, select_split)
     if history:
-        plot_curves(os.path.join(workdir, "curves.png"), history, title, select_split)
+        title = f"{title}: {run_title(results)}" if title else run_title(results)
+        plot_curves(os.path.join(workdir, "curves.png"), history, title, select_split,
+                    synthetic=bool(results.get("synthetic")), best_epoch=results.get("best_epoch"))
 
 
 # ----------------------------------------------------------------------------
 # The study's comparison table
 # ----------------------------------------------------------------------------
 
+# (row key, header, format, where it comes from: a results.json key or "select.<metric>")
 COMPARISON_COLUMNS = [
-    ("total_params", "total params", "{:,}"),
-    ("trainable_params", "trainable", "{:,}"),
-    ("size_bytes", "size MB", None),
-    ("test_accuracy", "test acc", "{:.4f}"),
-    ("select_accuracy", "val acc", "{:.4f}"),
-    ("total_time_s", "total s", "{:.1f}"),
-    ("time_per_epoch_s", "s/epoch", "{:.2f}"),
-    ("images_per_s", "img/s", "{:.0f}"),
-    ("compile_time_s", "compile s", "{:.2f}"),
+    ("total_params", "total params", "{:,}", "total_params"),
+    ("trainable_params", "trainable", "{:,}", "trainable_params"),
+    ("size_kb", "size KB", "{:,.1f}", "size_bytes"),
+    ("test_accuracy", "test acc", "{:.4f}", "test_accuracy"),
+    ("test_roc_auc", "test AUC", "{:.4f}", "roc_auc"),
+    ("select_accuracy", "val acc", "{:.4f}", "select.accuracy"),
+    ("select_roc_auc", "val AUC", "{:.4f}", "select.roc_auc"),
+    ("select_sensitivity", "val sens", "{:.4f}", "select.sensitivity"),
+    ("select_specificity", "val spec", "{:.4f}", "select.specificity"),
+    ("majority_baseline", "val majority", "{:.4f}", "majority"),
+    ("total_time_s", "total s", "{:.1f}", "total_time_s"),
+    ("time_per_epoch_s", "s/epoch", "{:.2f}", "time_per_epoch_s"),
+    ("images_per_s", "img/s", "{:.0f}", "images_per_s"),
+    ("compile_time_s", "compile s", "{:.2f}", "compile_time_s"),
 ]
+# The combined figure's panels: (row key, title)
+FIGURE_PANELS = [("accuracy", "accuracy"), ("roc_auc", "ROC AUC"), ("total_params", "parameters"),
+                 ("size_kb", "size (KB)"), ("time_per_epoch_s", "s / epoch")]
 
 
-def _fmt(key, fmt, value):
-    if value is None:
-        return "null"
-    if key == "size_bytes":
-        return f"{value / 1e6:.3f}"
-    return fmt.format(value)
+def _column_value(r: Dict[str, Any], source: str):
+    """(value, std or None) of one column in one results.json."""
+    if source == "majority":
+        split = r.get("select_split", "val")
+        return (r.get("majority_baseline") or {}).get(split), None
+    if source.startswith("select."):
+        sel, name = r.get("select_metrics") or {}, source.split(".", 1)[1]
+        return sel.get(name), sel.get(name + "_std")
+    std_key = {"test_accuracy": "test_accuracy_std", "roc_auc": None}.get(source)
+    value = r.get(source)
+    if source == "size_bytes" and value is not None:
+        value = value / 1024
+    test_std = (r.get("test_metrics") or {}).get("roc_auc_std") if source == "roc_auc" else None
+    return value, r.get(std_key) if std_key else test_std
 
 
 def comparison_rows(results: Sequence[Dict[str, Any]], labels: Sequence[str]) -> List[Dict[str, Any]]:
+    """One row per run: every column's value and, over seeds, its ``<key>_std``; plus the split
+    the accuracy figures come from and ``accuracy``/``roc_auc`` (test when there is one, else
+    the selection split) for the combined figure."""
     rows = []
     for label, r in zip(labels, results):
-        row = {"model": label}
-        for key, _, _ in COMPARISON_COLUMNS:
-            row[key] = r.get("select_metrics", {}).get("accuracy") if key == "select_accuracy" else r.get(key)
+        row: Dict[str, Any] = {"model": label, "select_split": r.get("select_split", "val")}
+        for key, _, _, source in COMPARISON_COLUMNS:
+            row[key], std = _column_value(r, source)
+            if std is not None:
+                row[key + "_std"] = std
+        on_test = row["test_accuracy"] is not None
+        row["figure_split"] = "test" if on_test else row["select_split"]
+        for name in ("accuracy", "roc_auc"):
+            key = f"{'test' if on_test else 'select'}_{name}"
+            row[name], row[name + "_std"] = row[key], row.get(key + "_std")
         rows.append(row)
     return rows
 
 
+def _fmt(fmt: str, value, std=None) -> str:
+    if value is None:
+        return "null"
+    return fmt.format(value) + (f" ± {fmt.format(std)}" if std is not None else "")
+
+
 def comparison_markdown(rows: List[Dict[str, Any]], note: str = "") -> str:
-    table = tables.markdown_table(["model"] + [h for _, h, _ in COMPARISON_COLUMNS],
-                                  [[row["model"]] + [_fmt(k, f, row[k]) for k, _, f in COMPARISON_COLUMNS]
-                                   for row in rows])
+    """The study's table; ``val`` columns are the checkpoint-selection split's, ``val majority``
+    the accuracy of always predicting the training split's most frequent class."""
+    select = rows[0]["select_split"] if rows else "val"
+    header = ["model"] + [h.replace("val ", f"{select} ") for _, h, _, _ in COMPARISON_COLUMNS]
+    table = tables.markdown_table(header, [[row["model"]] + [_fmt(f, row[k], row.get(k + "_std"))
+                                                             for k, _, f, _ in COMPARISON_COLUMNS] for row in rows])
     return (note + "\n\n" if note else "") + table
 
 
-def comparison_bar_charts(path_prefix: str, rows: List[Dict[str, Any]]) -> List[str]:
-    """One bar chart per column, as the study did; returns the written paths."""
+def comparison_figure(path: str, rows: List[Dict[str, Any]], title: str, synthetic: bool = False) -> str:
+    """One figure of the comparison: accuracy, ROC AUC, parameters, size in KB and s/epoch, every
+    bar labelled with its value (and error bar over seeds); ``title`` names the dataset and split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["model"] for r in rows]
+    fig, axes = plt.subplots(1, len(FIGURE_PANELS), figsize=(3.2 * len(FIGURE_PANELS), 3.8 + 0.1 * len(rows)))
+    for ax, (key, name) in zip(axes, FIGURE_PANELS):
+        vals = [r.get(key) for r in rows]
+        stds = [r.get(key + "_std") or 0.0 for r in rows]
+        height = [v if v is not None else 0.0 for v in vals]
+        bars = ax.bar(range(len(rows)), height, yerr=stds if any(stds) else None, capsize=3,
+                      color=[f"C{i}" for i in range(len(rows))])
+        for bar, v in zip(bars, vals):
+            text = "n/a" if v is None else (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}")
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+        split = rows[0]["figure_split"] if rows and key in ("accuracy", "roc_auc") else ""
+        ax.set_title(f"{name}{f' ({split})' if split else ''}", fontsize=9)
+        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
+        ax.margins(y=0.15)
+    fig.suptitle(title, fontsize=10)
+    if synthetic:
+        fig.text(0.5, 0.5, "SYNTHETIC DATA", ha="center", va="center", fontsize=28, color="red", alpha=0.3,
+                 rotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def comparison_bar_charts(path_prefix: str, rows: List[Dict[str, Any]], title: str = "",
+                          synthetic: bool = False) -> List[str]:
+    """One bar chart per column, as the study did (each bar labelled); returns the written paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for key, header, _ in COMPARISON_COLUMNS:
+    for key, header, fmt, _ in COMPARISON_COLUMNS:
         vals = [row[key] for row in rows]
         if all(v is None for v in vals):
             continue
-        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 3.5))
-        ax.bar([r["model"] for r in rows], [v if v is not None else 0 for v in vals], color="C0")
-        ax.set_title(header)
+        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 3.8))
+        stds = [row.get(key + "_std") or 0.0 for row in rows]
+        bars = ax.bar([r["model"] for r in rows], [v if v is not None else 0 for v in vals],
+                      yerr=stds if any(stds) else None, capsize=3, color="C0")
+        for bar, v in zip(bars, vals):
+            ax.annotate("n/a" if v is None else fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax.set_title(f"{header}{' - ' + title if title else ''}{' - SYNTHETIC' if synthetic else ''}", fontsize=9)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.margins(y=0.15)
         fig.tight_layout()
         path = f"{path_prefix}_{key}.png"
         fig.savefig(path, dpi=100)

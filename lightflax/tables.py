@@ -2,13 +2,15 @@
 
     python -m lightflax.tables RUNS_DIR [--metrics=test_accuracy,test_loss] [--chart=PREFIX]
 
-Every sub-directory of RUNS_DIR holding a results.json is one run; runs named
+Every sub-directory of RUNS_DIR holding a results.json is one run (RUNS_DIR may also be
+a single run folder, holding results.json itself); runs named
 ``<row>_s<seed>`` are grouped into the row ``<row>`` (any other name is a row
 of its own). A run trained with ``--num_seeds=N`` contributes its N replicas.
 Metrics are results.json keys (``test_accuracy``, ``time_per_epoch_s``...) or
 ``select.<name>`` for the checkpoint-selection split's metrics
 (``select.accuracy``, ``select.roc_auc``...). Standard deviations are the
-sample standard deviation (ddof=1) over seeds.
+sample standard deviation (ddof=1) over seeds. A metric that no run has is an error
+naming the metrics that exist.
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ def collect(runs_dir: str) -> Dict[str, List[Dict[str, Any]]]:
     if not os.path.isdir(runs_dir):
         raise UserError(f"{runs_dir} is not a directory: pass the folder that holds the run directories")
     rows: Dict[str, List[Dict[str, Any]]] = {}
-    for name in sorted(os.listdir(runs_dir)):
-        path = os.path.join(runs_dir, name, "results.json")
+    single = os.path.isfile(os.path.join(runs_dir, "results.json"))
+    parent = os.path.dirname(os.path.abspath(runs_dir)) if single else runs_dir
+    names = [os.path.basename(os.path.abspath(runs_dir))] if single else sorted(os.listdir(runs_dir))
+    for name in names:
+        path = os.path.join(parent, name, "results.json")
         if not os.path.isfile(path):
             continue
         try:
@@ -88,8 +93,18 @@ def summarize(values: Sequence[Optional[float]]) -> Dict[str, Any]:
             "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": vals}
 
 
+def check_metrics(rows: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str]) -> None:
+    """UserError (one line, with the metrics that exist) for a metric no run has."""
+    known = {k for reps in rows.values() for r in reps for k, v in r.items()
+             if not k.startswith("_") and (v is None or isinstance(v, (int, float)))}
+    unknown = [m for m in metrics if m not in known]
+    if unknown:
+        raise UserError(f"unknown metric {', '.join(unknown)}; the runs have: {', '.join(sorted(known))}")
+
+
 def table(rows: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str],
           extra: Sequence[str] = ("total_params",)) -> List[Dict[str, Any]]:
+    check_metrics(rows, list(metrics) + list(extra))
     out = []
     for row, reps in rows.items():
         entry: Dict[str, Any] = {"row": row, "seeds": len(reps), "runs": sorted({r["_run"] for r in reps})}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import checkpoints, files, metrics as metrics_lib, models, parallel, report, steps, summary, timing
+from lightflax import (checkpoints, files, metrics as metrics_lib, models, parallel, progress, report, steps,
+                       summaries, summary, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
 from lightflax.errors import CheckpointError, UserError
@@ -127,8 +129,14 @@ class Trainer:
     def init_state(self):
         """The replica-stacked initial state (replica r from seed + r), on every device."""
         shape = (1, *self.input_shape)
-        states = [steps.create_state(self.model, self.tx, jax.random.key(int(s)), shape,
-                                     init_variables=self.init_variables) for s in self.seeds]
+        if self.init_variables is not None:
+            create = functools.partial(steps.create_state, self.model, self.tx, input_shape=shape,
+                                       init_variables=self.init_variables)
+        else:  # compiled once at XLA's lowest level: eager or fully optimised, the X-ray models'
+            # initialiser costs ~20 s of compilation on 2 CPU cores; this ~3 s (values within 1 ulp)
+            create = jax.jit(lambda key: steps.create_state(self.model, self.tx, key, shape)).lower(
+                jax.random.key(0)).compile(compiler_options={"xla_backend_optimization_level": 0})
+        states = [create(jax.random.key(int(s))) for s in self.seeds]
         return parallel.replicate(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states), self.mesh)
 
     def _build(self):
@@ -180,9 +188,11 @@ class Trainer:
         """Metrics of every replica on a device-resident split."""
         images, labels = split_arrays
         lps, ys, masks = [], [], []
-        for start in range(0, images.shape[0], self.cfg.batch_size):
-            lp, y, m = self.eval_step(state, images, labels, jnp.int32(start), self.dev_ids)
-            lps.append(lp), ys.append(y), masks.append(m)
+        with progress.bar(-(-images.shape[0] // self.cfg.batch_size), "eval", unit="batch") as bar:
+            for start in range(0, images.shape[0], self.cfg.batch_size):
+                lp, y, m = self.eval_step(state, images, labels, jnp.int32(start), self.dev_ids)
+                lps.append(lp), ys.append(y), masks.append(m)
+                bar.update()
         if jax.process_count() > 1:  # sharded outputs span processes: gather them everywhere
             from jax.experimental import multihost_utils
 
@@ -339,8 +349,9 @@ def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer):
 
 
 def run_epoch(trainer: Trainer, compiled, state, epoch: int, train_arrays, keys, step_timer: timing.StepTimer,
-              profile: timing.ProfileWindow, hook: Optional[Callable[[int], None]]):
-    """One epoch of train steps; returns (state, mean loss (replicas,), mean accuracy (replicas,))."""
+              profile: timing.ProfileWindow, hook: Optional[Callable[[int], None]], bar=None):
+    """One epoch of train steps; returns (state, mean loss (replicas,), mean accuracy (replicas,)).
+    ``bar``: a :class:`lightflax.progress.Bar`, given the running loss (read only when it redraws)."""
     images, labels = train_arrays
     perm = timing.sync(trainer.permutations(epoch))
     step_metrics = []
@@ -351,6 +362,8 @@ def run_epoch(trainer: Trainer, compiled, state, epoch: int, train_arrays, keys,
         step_metrics.append(m)
         if hook is not None:
             hook(global_step)
+        if bar is not None:  # the step is already synchronised: its loss is ready
+            bar.update(loss=lambda: float(np.mean([np.mean(np.asarray(x["loss"])) for x in step_metrics])))
     loss = np.mean(np.stack([np.asarray(m["loss"]) for m in step_metrics]), axis=0)
     accuracy = np.mean(np.stack([np.asarray(m["accuracy"]) for m in step_metrics]), axis=0)
     if not np.all(np.isfinite(loss)):
@@ -383,13 +396,11 @@ def export_models(trainer: Trainer, best_state) -> List[int]:
 
 def _print_epoch(cfg: RunConfig, row: Dict[str, Any], steps_per_epoch: int, improved: bool) -> None:
     select = cfg.select_split
-    print(
+    progress.epoch_line(
         f"epoch {row['epoch']}/{cfg.epochs}  {steps_per_epoch / row['train_s']:.2f} steps/s  "
         f"loss {np.mean(row['train_loss']):.4f}  acc {np.mean(row['train_accuracy']):.4f}  "
         f"{select}_loss {np.mean(row['select_loss']):.4f}  {select}_acc {np.mean(row['select_accuracy']):.4f}  "
-        f"{row['epoch_s']:.2f} s" + ("  *" if improved else ""),
-        flush=True,
-    )
+        f"{row['epoch_s']:.2f} s" + ("  *" if improved else ""))
 
 
 def _compile(trainer: Trainer, state, train_arrays, keys, first_epoch: int, select_arrays):
@@ -440,14 +451,16 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
     compiled, eval_compile_s = _compile(trainer, state, train_arrays, keys, first_epoch, select_arrays)
     step_timer, hook = timing.StepTimer(warmup=1), fault_hook()
     profile = timing.ProfileWindow(cfg.profile_dir, cfg.profile_start_step, cfg.profile_steps)
+    tb = summaries.Writer(cfg.workdir, enabled=jax.process_index() == 0)
     times.start()
-    with profile:
+    with profile, tb:
         for epoch in range(first_epoch, cfg.epochs):
             if tracker.all_stopped:
                 break
-            t0 = time.perf_counter()
-            state, train_loss, train_acc = run_epoch(trainer, compiled, state, epoch, train_arrays, keys,
-                                                     step_timer, profile, hook)
+            t0, n_timed = time.perf_counter(), len(step_timer.durations)
+            with progress.bar(trainer.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
+                state, train_loss, train_acc = run_epoch(trainer, compiled, state, epoch, train_arrays, keys,
+                                                         step_timer, profile, hook, bar)
             train_s = time.perf_counter() - t0
             selected = trainer.evaluate(state, select_arrays)
             times.epoch_s.append(time.perf_counter() - t0)
@@ -463,6 +476,9 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
             history.append(row)
             _save(ckpt, cfg, state, best_state if improved.any() else None, epoch, history, tracker, times)
             _print_epoch(cfg, row, trainer.steps_per_epoch, bool(improved.any()))
+            tb.epoch((epoch + 1) * trainer.steps_per_epoch, summaries.epoch_scalars(
+                row, selected, cfg.select_split, float(np.median(step_timer.durations[n_timed:])),
+                trainer.steps_per_epoch * cfg.batch_size * cfg.num_seeds))
     test = trainer.evaluate(best_state, trainer.device_split("test")) if data.splits.get("test") else None
     outcome = report.RunOutcome(
         counts=counts, size_bytes=export_models(trainer, best_state), compiled=compiled,
@@ -473,10 +489,8 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
     results = report.build_results(cfg, data, outcome, extra)
     if jax.process_index() == 0:
         report.write_run(cfg.workdir, results, history, select_split=cfg.select_split,
-                         title=f"{cfg.experiment} ({cfg.model})")
-    print(f"wrote {os.path.join(cfg.workdir, 'results.json')}: test_accuracy={results.get('test_accuracy')} "
-          f"{cfg.select_split}_accuracy={results['select_metrics'].get('accuracy')} "
-          f"time_per_epoch_s={results.get('time_per_epoch_s')}", flush=True)
+                         title=cfg.experiment)
+    print(f"wrote {os.path.join(cfg.workdir, 'results.json')}: {report.summary_line(results)}", flush=True)
     return results
 
 

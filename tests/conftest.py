@@ -11,7 +11,7 @@ def shared_dir() -> Path:
     return Path(os.environ.get("LIGHTFLAX_SHARED_DIR", REPO.parent / "shared"))
 
 
-def run_launch(args, *, devices: int = 1, env=None, timeout=600, check=None):
+def run_launch(args, *, devices: int = 1, env=None, timeout=600, check=None, cwd=None):
     """Runs launch.py in a fresh process (flags are process-global)."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -22,7 +22,7 @@ def run_launch(args, *, devices: int = 1, env=None, timeout=600, check=None):
     e.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     if env:
         e.update(env)
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=e,
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd or REPO, env=e,
                           capture_output=True, text=True, timeout=timeout)
     if check is not None and proc.returncode != check:
         raise AssertionError(f"exit {proc.returncode} (expected {check})\nstdout:\n{proc.stdout[-4000:]}\n"

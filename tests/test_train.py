@@ -311,3 +311,27 @@ def test_sigterm_ends_with_exit_130_and_the_run_resumes(tmp_path):
     done = run_launch(["--experiment=xray_light", "--k=1", *TINY, "--epochs=2", f"--workdir={wd}", "--resume"],
                       check=0)
     assert "resumed" in done.stdout
+
+
+def test_compiled_initialiser_equals_eager_init_within_rounding():
+    """Trainer.init_state compiles the initialiser at XLA's lowest level (fast to compile); the
+    plain reference is the eager steps.create_state with the same key, replica by replica: equal
+    up to float32 rounding of the uniform's scaling (2 ulp at 1.0; every glorot limit here is < 2)."""
+    import jax
+
+    from lightflax import data, steps, train
+    from lightflax.config import RunConfig
+
+    d = data.load("synthetic", synthetic_shape=(8, 8, 1), synthetic_sizes={"train": 8, "val": 4, "test": 4},
+                  num_classes=2, seed=0)
+    cfg = RunConfig(workdir="unused", model="mnist_light", model_kwargs={"k": 2}, batch_size=4, image_size=28,
+                    channels=1, num_seeds=2, seed=7)
+    tr = train.Trainer(cfg, d)
+    state = tr.init_state()
+    fast = jax.tree_util.tree_leaves((state.params, state.batch_stats))
+    for r in range(2):
+        ref = steps.create_state(tr.model, tr.tx, jax.random.key(7 + r), (1, 28, 28, 1))
+        for a, b in zip(fast, jax.tree_util.tree_leaves((ref.params, ref.batch_stats))):
+            a, b = np.asarray(a)[r], np.asarray(b)
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=0, atol=2 * np.spacing(np.float32(1.0)))

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from lightflax import files
+from lightflax import files, progress
 from lightflax.pretrained.backbone import Backbone, check_images
 
 FORMAT_VERSION = 1
@@ -59,12 +59,14 @@ def compute(backbone: Backbone, images: np.ndarray, batch_size: int = 32) -> np.
     fn = backbone.features_from_pixels
     n = images.shape[0]
     out = []
-    for start in range(0, n, batch_size):
-        batch = np.asarray(images[start:start + batch_size])
-        real = batch.shape[0]
-        if real < batch_size and n > batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
-        out.append(np.asarray(fn(backbone.variables, jnp.asarray(batch)))[:real])
+    with progress.phase(-(-n // batch_size), f"{backbone.name} features of {n} images", unit="batch") as bar:
+        for start in range(0, n, batch_size):
+            batch = np.asarray(images[start:start + batch_size])
+            real = batch.shape[0]
+            if real < batch_size and n > batch_size:
+                batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+            out.append(np.asarray(fn(backbone.variables, jnp.asarray(batch)))[:real])
+            bar.update()
     if not out:
         return np.zeros((0, *backbone.output_shape), np.float32)
     return np.concatenate(out).astype(np.float32)

@@ -1,0 +1,123 @@
+"""Console progress: a per-step bar on a terminal, one line per epoch elsewhere.
+
+    progress.set_mode("auto")                  # the entry layer, once (--progress, --verbosity)
+    with progress.bar(steps, "epoch 3/20") as b:
+        for ...:
+            b.update(loss=lambda: float(m["loss"].mean()))   # read only when the bar redraws
+    progress.epoch_line("epoch 3/20 ...")        # printed in every mode but quiet
+
+Modes: ``auto`` (bars when stdout is a terminal, else epoch lines only), ``bars``
+(always, e.g. a test that reads them), ``epochs`` (epoch lines only), ``quiet``
+(neither). The environment variable ``LIGHTFLAX_PROGRESS`` sets the initial mode.
+The bars are tqdm's (steps/s, ETA); the running loss is a callable so that a
+value on the device is copied to the host only when the bar is redrawn (at most a
+few times a second), never once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from typing import Callable, Iterator, Optional, Union
+
+MODES = ("auto", "bars", "epochs", "quiet")
+_mode = os.environ.get("LIGHTFLAX_PROGRESS", "auto")
+
+
+def set_mode(mode: str) -> None:
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
+    _mode = mode
+
+
+def mode() -> str:
+    return _mode
+
+
+def bars_enabled() -> bool:
+    if _mode == "bars":
+        return True
+    return _mode == "auto" and sys.stdout.isatty()
+
+
+def epoch_lines_enabled() -> bool:
+    return _mode != "quiet"
+
+
+def epoch_line(text: str) -> None:
+    """One line per epoch (and other per-phase lines); kept clear of a running bar."""
+    if epoch_lines_enabled():
+        print(text, flush=True)
+
+
+Loss = Union[None, float, Callable[[], float]]
+
+
+class Bar:
+    """A tqdm bar, or nothing when bars are off (every method is then a no-op)."""
+
+    def __init__(self, total: Optional[int], desc: str, unit: str = "step", min_redraw_s: float = 0.25):
+        self._bar = None
+        self._min_redraw_s = min_redraw_s
+        self._last = 0.0
+        if bars_enabled():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stdout, dynamic_ncols=True,
+                             mininterval=min_redraw_s, smoothing=0.1)
+
+    def update(self, n: int = 1, loss: Loss = None) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(n)
+        now = time.monotonic()
+        if loss is not None and (now - self._last >= self._min_redraw_s or self._bar.n == self._bar.total):
+            self._last = now
+            value = loss() if callable(loss) else loss
+            self._bar.set_postfix_str(f"loss {value:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.refresh()  # the final count, rate and loss (a bar with leave=False then clears)
+            self._bar.close()
+            self._bar = None
+
+
+@contextlib.contextmanager
+def bar(total: Optional[int], desc: str, unit: str = "step") -> Iterator[Bar]:
+    b = Bar(total, desc, unit)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@contextlib.contextmanager
+def phase(total: Optional[int], desc: str, unit: str = "step") -> Iterator[Bar]:
+    """A long phase (feature extraction): a bar on a terminal; otherwise a line when it starts
+    and one when it ends, so a log is never silent for minutes."""
+    quiet_log = not bars_enabled() and epoch_lines_enabled()
+    t0 = time.perf_counter()
+    if quiet_log:
+        print(f"{desc}: {total} {unit}es ..." if unit.endswith("ch") else f"{desc}: {total} {unit}s ...", flush=True)
+    with bar(total, desc, unit) as b:
+        yield b
+    if quiet_log:
+        print(f"{desc}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+@contextlib.contextmanager
+def task(desc: str) -> Iterator[None]:
+    """A phase without steps (data loading, preparation): '<desc> ...' then '<desc>: N.N s' on a terminal."""
+    if not bars_enabled():
+        yield
+        return
+    print(f"{desc} ...", end="", flush=True)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        print(f" {time.perf_counter() - t0:.1f} s", flush=True)
