@@ -57,6 +57,9 @@ flags.DEFINE_enum("replica_mode", "vmap", ["vmap", "loop"], "How --num_seeds rep
                   "vmap (vectorised) or loop (one after the other, unrolled; plain convolutions, faster on CPU).")
 flags.DEFINE_enum("parallel", "shard_map", ["shard_map", "pmap"], "Data-parallel wrapper of the shared step.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
+flags.DEFINE_enum("kernels", "native", ["native", "xla"], "CPU kernels for convolution, BatchNorm and max "
+                  "pooling: native (oneDNN through XLA FFI, where the library was built; else XLA's, said in the "
+                  "log and results.json) or xla. GPUs/TPUs always use XLA's.")
 flags.DEFINE_enum("impl", None, ["conv", "einsum"], "LightConv2D/Conv2D implementation: conv (XLA's "
                   "convolution, the default) or einsum (patches + one GEMM).")
 flags.DEFINE_float("l2", None, "L2 penalty on LightConv2D kernels (default: the reference's 1e-4 for "
@@ -258,7 +261,7 @@ def build_config(experiment: str, model: str, model_kwargs: Dict[str, Any], data
     for name in ("batch_size", "epochs", "learning_rate", "seed", "num_seeds", "replica_mode", "parallel", "dtype",
                  "image_size", "augment", "eval_image_size", "select_split", "early_stopping_patience",
                  "reduce_lr_patience", "reduce_lr_factor", "steps_per_epoch", "profile_dir", "profile_start_step",
-                 "profile_steps", "resume"):
+                 "profile_steps", "resume", "kernels"):
         values[name] = FLAGS[name].value
     if FLAGS.profile and not FLAGS.profile_dir:
         values["profile_dir"] = workdir  # the trace lands next to the TensorBoard scalars

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import (checkpoints, files, metrics as metrics_lib, models, parallel, progress, report, steps,
+from lightflax import (checkpoints, files, metrics as metrics_lib, models, native, parallel, progress, report, steps,
                        summaries, summary, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
@@ -435,8 +435,8 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
         raise UserError(f"--workdir {cfg.workdir} cannot be created ({e.strerror}); choose a writable folder") \
             from None
     lock = files.workdir_lock(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        return _train(cfg, data, init_variables, extra)
+    with lock, native.kernels(cfg.kernels):  # read when the steps are traced, inside _train
+        return _train(cfg, data, init_variables, dict(extra or {}, kernels=native.status()))
 
 
 def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
@@ -515,3 +515,5 @@ def _announce(cfg: RunConfig, data) -> None:
         print("NOTE: training on SYNTHETIC data (random images); accuracy figures are meaningless.", flush=True)
     print(f"{cfg.experiment}: model {cfg.model} {cfg.model_kwargs}, dataset {data.name} "
           f"({'synthetic' if data.synthetic else data.source}), workdir {cfg.workdir}", flush=True)
+    k = native.status()
+    print(f"kernels: {k['kernels']} ({k['reason']})", flush=True)
