@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_launch
-from lightflax import report, summaries, tables
+from lightflax import native, report, summaries, tables
 
 FEW = ["--epochs=2", "--steps_per_epoch=3", "--batch_size=16"]
 
@@ -66,6 +66,8 @@ def test_main_command_results_json(main_run):
     assert r["majority_baseline"]["val"] == pytest.approx(390 / 524, abs=0.01)
     assert r["memory"]["process_peak_rss_bytes"] > 10 ** 7 and "peak_bytes" not in r["memory"]
     assert "logtostderr" not in r["flags"] and "verbosity" not in r["flags"] and r["flags"]["k"] == 5
+    # which kernels ran, and why: native where the library is built (CI builds it), else XLA with the reason
+    assert r["kernels"]["kernels"] == ("native" if native.available() else "xla") and r["kernels"]["reason"]
 
 
 def test_main_command_figures_and_tensorboard(main_run):
