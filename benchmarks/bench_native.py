@@ -19,12 +19,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from lightflax import layers, native, speed, timing  # noqa: E402
+from lightflax import layers, native, speed, timing
 
 SIZES = [int(s) for s in os.environ.get("SIZES", "128").split(",")]
 BATCH = int(os.environ.get("BATCH", "64"))
@@ -136,11 +134,11 @@ def ops():
             x = jax.random.normal(key, (BATCH, h, h, c))
             w = jax.random.normal(key, (k, k, c, o)) * 0.1
             b = jnp.zeros((o,))
-            pads = layers._explicit_padding(x.shape, (k, k), (1, 1), padding)
+            pads = layers.explicit_padding(x.shape, (k, k), (1, 1), padding)
 
             def make(padding=padding, relu=relu, pads=pads):
                 return lambda x, w, b: native.conv2d(x, w, b, (1, 1), pads, jax.nn.relu if relu else None,
-                                                     lambda x, w: layers._lax_conv2d(x, w, (1, 1), padding))
+                                                     lambda x, w: layers.lax_conv2d(x, w, (1, 1), padding))
 
             group = f"{label} {h}²x{c}->{o}"
             vs = _op_variants(group, make, (x, w, b), (0, 1, 2))

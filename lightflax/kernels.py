@@ -4,7 +4,7 @@ XLA:CPU lowers the gradient of ``lax.reduce_window`` max pooling
 (``select_and_scatter_add``) into a variadic reduce-window that carries four
 int32 iota tensors of the full input size (argmax bookkeeping) plus a scatter:
 for the X-ray Conv2D model at 128x128 that machinery took ~35 % of the train
-step (BUILD_NOTES.d/speed.md). :func:`max_pool_2x2` computes the same values
+step (docs/speed.md). :func:`max_pool_2x2` computes the same values
 and the same gradients with a reshape, a max and, in the backward pass, one
 elementwise fusion.
 

@@ -145,7 +145,7 @@ def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _explicit_padding(
+def explicit_padding(
     shape: Sequence[int], kernel: Tuple[int, int], strides: Tuple[int, int], padding: str
 ) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     if padding == "VALID":
@@ -203,9 +203,9 @@ def _bias_and_activation(m: nn.Module, y: Optional[Array], conv: Optional[tuple]
 def _native_conv(x: Array, w: Array, strides, padding: str, precision: Any, b: Optional[Array],
                  activation) -> Array:
     """activation(conv(x, w) + b): native kernels when active (CPU, float32), else XLA's convolution."""
-    pads = _explicit_padding(x.shape, w.shape[:2], strides, padding)
+    pads = explicit_padding(x.shape, w.shape[:2], strides, padding)
     return native.conv2d(x, w, None if b is None else b.astype(x.dtype), strides, pads, activation,
-                         lambda x, w: _lax_conv2d(x, w, strides, padding, precision=precision))
+                         lambda x, w: lax_conv2d(x, w, strides, padding, precision=precision))
 
 
 def conv2d(
@@ -220,10 +220,10 @@ def conv2d(
     """Plain NHWC/HWIO convolution: native kernels when active (no groups), else ``lax.conv_general_dilated``."""
     if feature_group_count == 1 and native.active():
         return _native_conv(x, w, strides, padding, precision, None, None)
-    return _lax_conv2d(x, w, strides, padding, feature_group_count=feature_group_count, precision=precision)
+    return lax_conv2d(x, w, strides, padding, feature_group_count=feature_group_count, precision=precision)
 
 
-def _lax_conv2d(x: Array, w: Array, strides, padding: str, *, feature_group_count: int = 1,
+def lax_conv2d(x: Array, w: Array, strides, padding: str, *, feature_group_count: int = 1,
                 precision: Any = None) -> Array:
     return lax.conv_general_dilated(
         x,
@@ -239,7 +239,7 @@ def _lax_conv2d(x: Array, w: Array, strides, padding: str, *, feature_group_coun
 def tap_slices(x: Array, kernel: Tuple[int, int], strides: Tuple[int, int], padding: str):
     """The kh*kw strided slices (B, Ho, Wo, C) of the padded input, tap (0, 0) first, row-major."""
     kh, kw = kernel
-    (pt, pb), (pl, pr) = _explicit_padding(x.shape, kernel, strides, padding)
+    (pt, pb), (pl, pr) = explicit_padding(x.shape, kernel, strides, padding)
     if pt or pb or pl or pr:
         x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     ho = (x.shape[1] - kh) // strides[0] + 1
@@ -556,7 +556,7 @@ def max_pool_2x2(x: Array) -> Array:
     lightflax.kernels.max_pool_2x2: the same values and gradients as
     ``nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')`` (ties included,
     tests/test_kernels.py) without XLA:CPU's select-and-scatter machinery
-    (8-9 % of the X-ray train steps, BUILD_NOTES "Train-step speed on XLA:CPU").
+    (8-9 % of the X-ray train steps, docs/speed.md).
     """
     from lightflax import kernels
 

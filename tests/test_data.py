@@ -226,11 +226,11 @@ def test_pneumonia_mnist_missing_default(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTFLAX_SHARED_DIR", str(tmp_path / "noshared"))
     assert data.available("pneumonia_mnist")
     assert data.load("pneumonia_mnist").source.startswith("embedded")
-    assert not data.available("pneumonia_mnist", image_size=64)
+    assert not data.available("pneumonia_mnist", stored_size=64)
     with pytest.raises(DataError, match="offline test: not downloading"):
-        data.load("pneumonia_mnist", image_size=64)
+        data.load("pneumonia_mnist", stored_size=64)
     with pytest.raises(DataError, match=r"PneumoniaMNIST not found \(looked in .*--dataset=synthetic"):
-        data.load("pneumonia_mnist", image_size=64, download=False)
+        data.load("pneumonia_mnist", stored_size=64, download=False)
 
 
 @pytest.mark.skipif(not SHARED_NPZ.is_file(), reason=f"real PneumoniaMNIST not present at {SHARED_NPZ}")

@@ -243,7 +243,7 @@ def test_chest_xray_all_images_corrupt_is_one_line_and_cleaned_up(tmp_path):
             (root / split / cls).mkdir(parents=True)
             (root / split / cls / "a.jpeg").write_bytes(b"\xff\xd8 not an image")
     with pytest.raises(DataError, match="no readable example") as e:
-        data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), image_size=64)
+        data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), stored_size=64)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "prep").exists() and _tree(tmp_path / "systmp") == []
 
@@ -342,7 +342,7 @@ def test_16bit_pngs_through_the_builder(tmp_path):
         for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
             (root / split / cls).mkdir(parents=True)
             _png(root / split / cls / "a.png", (g.astype(np.uint16) * 257) if label else g)
-    d = data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), image_size=64)
+    d = data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), stored_size=64)
     imgs = d.splits["train"].images[..., 0]
     np.testing.assert_array_equal(imgs[0], imgs[1])  # the 16-bit copy decodes like the 8-bit one
     assert _tree(tmp_path / "systmp") == []
@@ -357,7 +357,7 @@ def test_tiny_images_and_empty_class_folders_warn(tmp_path, capsys):
             if not (split == "val" and cls == "NORMAL"):
                 _png(root / split / cls / "a.png", g)
     _png(root / "train" / "NORMAL" / "dot.png", np.zeros((1, 1), np.uint8))
-    d = data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), image_size=64)
+    d = data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), stored_size=64)
     out = capsys.readouterr().out
     assert "WARNING: 1 image(s) in" in out and "smaller than 32x32" in out and "dot.png (1x1)" in out
     assert "WARNING:" in out and "NORMAL holds no images: that split has a single class" in out
@@ -377,8 +377,8 @@ def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
         raise OSError("network unreachable (test)")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(DataError, match="could not download .*network unreachable"):
-        data.load("pneumonia_mnist", image_size=64)
+    with pytest.raises(DataError, match="(could not|cannot) download .*network unreachable"):
+        data.load("pneumonia_mnist", stored_size=64)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "home").exists()
 
 

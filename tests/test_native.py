@@ -118,9 +118,9 @@ def _conv_fns(stride, padding, bias, relu):
         return nn.relu(y) if relu else y
 
     def nat(x, w, b):
-        pads = layers._explicit_padding(x.shape, w.shape[:2], strides, padding)
+        pads = layers.explicit_padding(x.shape, w.shape[:2], strides, padding)
         return native.conv2d(x, w, b if bias else None, strides, pads, nn.relu if relu else None,
-                             lambda x, w: layers._lax_conv2d(x, w, strides, padding))
+                             lambda x, w: layers.lax_conv2d(x, w, strides, padding))
 
     return ref, nat
 

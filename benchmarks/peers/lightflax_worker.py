@@ -3,12 +3,7 @@
     python lightflax_worker.py --model=xray_light --k=5 --size=128 --batch=64 [--impl=einsum] [--kernels=xla]
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from worker_protocol import parse_args, serve  # noqa: E402
+from worker_protocol import parse_args, serve  # lightflax itself: the installed package
 
 
 def main():

@@ -1,13 +1,13 @@
 """Datasets as the study and the paper use them, one way to name them.
 
     data = lightflax.data.load("chest_xray", manual_dir=...)  # Kaggle/Mendeley JPEG folders
-    data = lightflax.data.load("pneumonia_mnist")             # shared train/val file, or MedMNIST+ npz
+    data = lightflax.data.load("pneumonia_mnist")             # embedded real train/val copy, or a MedMNIST npz
     data = lightflax.data.load("fashion_mnist")               # Debian's IDX files
     data = lightflax.data.load("synthetic", synthetic_shape=(64, 64, 1), num_classes=2)
 
 Every loader returns :class:`DatasetSplits`: uint8 NHWC images and int32 labels per
 split ('train', 'val', 'test'; None when a dataset has no such split, e.g. the
-shared PneumoniaMNIST file has no test split), plus provenance and notes. File
+embedded PneumoniaMNIST copy has no test split), plus provenance and notes. File
 datasets are TFDS builders (GeneratorBasedBuilder -> array_record -> read back with
 ``tfds.data_source``) that need no TensorFlow; they are prepared once under
 ``<cache>/tfds/`` and reused. Resizing to the model's resolution, gray->RGB,
@@ -15,8 +15,8 @@ scaling and mean subtraction happen on device (:mod:`lightflax.data.pipeline`).
 
 Where data is looked for: ``--data_dir``/``--manual_dir``; env ``LIGHTFLAX_DATA_DIR``
 (else ``$XDG_CACHE_HOME/lightflax/data``, default ``~/.cache/lightflax/data``); for
-pneumonia_mnist the shared folder (env ``LIGHTFLAX_SHARED_DIR``, default
-``<repo>/../shared``)``/data/pneumoniamnist``; for fashion_mnist
+pneumonia_mnist at 28x28 the copy embedded in the package (``lightflax/data/embedded``,
+sha256-checked); for fashion_mnist
 ``/usr/share/datasets/fashion-mnist``. A missing dataset raises
 :class:`lightflax.errors.DataError` with one line saying where it looked and how
 to get the data; :func:`available` checks without raising or downloading.

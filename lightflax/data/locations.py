@@ -2,31 +2,24 @@
 
 Search order (see the package docstring): an explicit ``--data_dir`` /
 ``--manual_dir``; env ``LIGHTFLAX_DATA_DIR``; ``$XDG_CACHE_HOME/lightflax/data``
-(default ``~/.cache/lightflax/data``); dataset-specific places (the shared
-PneumoniaMNIST folder, Debian's Fashion-MNIST package).
+(default ``~/.cache/lightflax/data``); dataset-specific places (the PneumoniaMNIST
+copy embedded in the package, Debian's Fashion-MNIST package).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterable, Optional
 
 from lightflax import files
 from lightflax.files import download, file_digest  # noqa: F401  (the one downloader, used by the loaders)
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cache_root() -> Path:
     """Root of lightflax's data cache (downloads, prepared TFDS files): ``files.cache_dir("data")``."""
     return Path(files.cache_dir("data"))
-
-
-def shared_dir() -> Path:
-    """The project's shared folder (env LIGHTFLAX_SHARED_DIR, default <repo>/../shared)."""
-    return Path(os.environ.get("LIGHTFLAX_SHARED_DIR") or REPO.parent / "shared").expanduser()
 
 
 def fingerprint(parts: Iterable[object]) -> str:
