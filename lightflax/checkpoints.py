@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import re
@@ -380,16 +381,48 @@ def export_variables(path: str, variables: Any) -> int:
     """Writes ``variables`` (e.g. ``{'params', 'batch_stats'}``) to ``path`` as msgpack, atomically.
 
     Written with ``files.atomic_write``: an interrupted export leaves the old file intact.
-    Returns the file size in bytes (the model's size on disk).
+    Its sha256 goes to ``path + '.sha256'`` (``sha256sum -c`` format), which
+    :func:`load_exported` verifies. Returns the file size in bytes (the model's size on disk).
     """
     data = serialization.to_bytes(jax.device_get(variables))
+    line = f"{hashlib.sha256(data).hexdigest()}  {os.path.basename(path)}\n"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         files.atomic_write(path, lambda f: f.write(data))
+        files.atomic_write(digest_path(path), lambda f: f.write(line), mode="w")
     except OSError as e:
         raise CheckpointError(f"could not write {path} ({e.strerror}); check free disk space and permissions") \
             from None
     return len(data)
+
+
+def digest_path(path: str) -> str:
+    """The sha256 sidecar of an exported model file."""
+    return path + ".sha256"
+
+
+def _verify_digest(path: str, data: bytes) -> None:
+    """Compares ``data`` (the bytes of ``path``) with the sha256 written beside it at export.
+
+    A file exported before the sidecar existed is read with a one-line warning."""
+    sidecar = digest_path(path)
+    if not os.path.exists(sidecar):
+        print(f"WARNING: {sidecar} not found; {path} cannot be checked for damage (export it again by "
+              f"re-running the training to get one)", file=sys.stderr, flush=True)
+        return
+    try:
+        with open(sidecar) as f:
+            want = f.read().split()[0].lower()
+    except (OSError, UnicodeDecodeError, IndexError):
+        want = ""
+    if len(want) != 64:
+        raise CheckpointError(f"{sidecar} is damaged (no sha256 in it); export the model again by re-running "
+                              f"the training")
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise CheckpointError(f"{path} is damaged: its sha256 {got[:12]}... differs from the {want[:12]}... "
+                              f"recorded at export in {os.path.basename(sidecar)}; restore the file or re-run "
+                              f"the training")
 
 
 def load_exported(path: str, target: Any) -> Any:
@@ -404,6 +437,7 @@ def load_exported(path: str, target: Any) -> Any:
         raise CheckpointError(f"{path} does not exist; train the model first or check --workdir")
     with open(path, "rb") as f:
         data = f.read()
+    _verify_digest(path, data)
     try:
         state = serialization.msgpack_restore(data)
     except Exception as e:
