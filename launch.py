@@ -86,6 +86,7 @@ def main(argv) -> None:
 
             logging.set_verbosity(logging.WARNING)
         try:
+            _check_flags()
             module.main(args)
         except KeyboardInterrupt:
             _die("interrupted; resume with --resume", code=130)
@@ -100,6 +101,16 @@ def main(argv) -> None:
 
     signal.signal(signal.SIGTERM, _interrupt)  # a polite kill ends like Ctrl-C
     app.run(run, argv=_strip_experiment(argv), flags_parser=parse)
+
+
+def _check_flags() -> None:
+    """Flags that data loading reads before the RunConfig checks them (--seed, --image_size, ...)."""
+    from absl import flags
+
+    from lightflax.config import check_flag_values
+
+    names = ("seed", "image_size", "eval_image_size", "learning_rate")
+    check_flag_values(**{n: flags.FLAGS[n].value for n in names if n in flags.FLAGS})
 
 
 def _interrupt(signum, frame):
