@@ -37,6 +37,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -152,6 +153,16 @@ def _reason(e: BaseException) -> str:
     return _one_line(e)
 
 
+def _write_reason(e: BaseException) -> str:
+    """One line saying why a save failed; a full disk is named as such, whatever layer noticed it."""
+    seen = e
+    while seen is not None:
+        if getattr(seen, "errno", None) == 28 or "No space left on device" in str(seen):
+            return "No space left on device"
+        seen = seen.__cause__ or seen.__context__
+    return _one_line(e)
+
+
 def _is_failed_read_leftover(unraisable: Any) -> bool:
     exc = unraisable.exc_value
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
@@ -184,6 +195,28 @@ def _silence_failed_read_leftovers() -> None:
     if not isinstance(sys.unraisablehook, _UnraisableFilter):
         sys.unraisablehook = _UnraisableFilter(sys.unraisablehook)
     gc.collect()
+
+
+class _DropAbandonedTasks(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" reports (with their tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in str(record.msg).split("\n", 1)[0]
+
+
+def _silence_failed_write_leftovers() -> None:
+    """Keeps a failed save (disk full, permissions) to our one line.
+
+    Orbax writes each array in its own asyncio task; when one write fails the
+    others are abandoned, and asyncio logs each one's exception with a traceback
+    when it is garbage collected ("Future exception was never retrieved"), dozens
+    of them after our one-line error. This filters exactly that message from the
+    asyncio logger (once) and collects the abandoned tasks now.
+    """
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedTasks) for f in log.filters):
+        log.addFilter(_DropAbandonedTasks())
+    _silence_failed_read_leftovers()
 
 
 @contextlib.contextmanager
@@ -259,15 +292,19 @@ class Checkpointer:
             return False
         directory = os.path.join(manager.directory, str(step))
         try:
-            with _quiet():
+            # Orbax's writer threads log every failed write with a traceback (disk full: dozens);
+            # our CheckpointError below is the one line the user sees.
+            with _quiet(absl_logging.FATAL):
                 saved = manager.save(step, args=ocp.args.Composite(
                     **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta_blob)}))
                 manager.wait_until_finished()
         except Exception as e:
+            _silence_failed_write_leftovers()
             with contextlib.suppress(OSError):
                 remove_tmp_dirs(str(manager.directory))
+            kept = "the previous one is kept" if existing is not None else "there is no earlier one"
             raise CheckpointError(
-                f"could not write the {which} checkpoint {directory} ({_one_line(e)}); the previous one is kept; "
+                f"could not write the {which} checkpoint {directory} ({_write_reason(e)}); {kept}; "
                 f"check free disk space and permissions"
             ) from None
         return bool(saved)

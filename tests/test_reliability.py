@@ -193,3 +193,21 @@ def test_eval_image_size_on_a_transfer_head_warns(capsys):
     transfer.warn_ignored_flags(RunConfig(workdir="unused", model="linear_head"))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--eval_image_size 64 is ignored" in err[0]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 96 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_disk_full_is_one_line(tiny_disk):
+    proc = run_launch([*TINY, "--epochs=3", f"--workdir={tiny_disk / 'w'}"], check=2)
+    _one_line_error(proc, "could not write", "No space left on device")
