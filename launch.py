@@ -6,9 +6,10 @@
 
 Only the named experiment's module is imported (absl flags are global). Exit
 status: 2 with one line for bad input (an unknown experiment, a wrong flag value,
-missing data, a damaged checkpoint, a workdir in use); 1 with one line for a
-non-finite training loss; 130 with "interrupted; resume with --resume" on Ctrl-C
-(SIGINT) or SIGTERM (every finished epoch is already checkpointed).
+missing data, a damaged checkpoint or model file, a workdir in use); 1 with one line
+for a non-finite training loss; 1 with a traceback for a bug in lightflax; 130 with
+"interrupted; resume with --resume" on Ctrl-C (SIGINT) or SIGTERM (every finished
+epoch is already checkpointed). README: "Errors and exit codes".
 """
 
 import os
