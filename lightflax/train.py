@@ -451,6 +451,8 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
     """
     if data.splits.get(cfg.select_split) is None:
         raise UserError(f"dataset {data.name} has no {cfg.select_split} split to select the best checkpoint on")
+    if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
+        raise UserError(f"--workdir {cfg.workdir} is a file, not a folder; choose another --workdir")
     try:
         os.makedirs(cfg.workdir, exist_ok=True)
     except OSError as e:
