@@ -6,9 +6,10 @@
 
 Only the named experiment's module is imported (absl flags are global). Exit
 status: 2 with one line for bad input (an unknown experiment, a wrong flag value,
-missing data, a damaged checkpoint, a workdir in use); 1 with one line for a
-non-finite training loss; 130 with "interrupted; resume with --resume" on Ctrl-C
-(SIGINT) or SIGTERM (every finished epoch is already checkpointed).
+missing data, a damaged checkpoint or model file, a workdir in use); 1 with one line
+for a non-finite training loss; 1 with a traceback for a bug in lightflax; 130 with
+"interrupted; resume with --resume" on Ctrl-C (SIGINT) or SIGTERM (every finished
+epoch is already checkpointed). README: "Errors and exit codes".
 """
 
 import os
@@ -86,6 +87,7 @@ def main(argv) -> None:
 
             logging.set_verbosity(logging.WARNING)
         try:
+            _check_flags()
             module.main(args)
         except KeyboardInterrupt:
             _die("interrupted; resume with --resume", code=130)
@@ -100,6 +102,16 @@ def main(argv) -> None:
 
     signal.signal(signal.SIGTERM, _interrupt)  # a polite kill ends like Ctrl-C
     app.run(run, argv=_strip_experiment(argv), flags_parser=parse)
+
+
+def _check_flags() -> None:
+    """Flags that data loading reads before the RunConfig checks them (--seed, --image_size, ...)."""
+    from absl import flags
+
+    from lightflax.config import check_flag_values
+
+    names = ("seed", "image_size", "eval_image_size", "learning_rate")
+    check_flag_values(**{n: flags.FLAGS[n].value for n in names if n in flags.FLAGS})
 
 
 def _interrupt(signum, frame):

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -151,6 +153,16 @@ def _reason(e: BaseException) -> str:
     return _one_line(e)
 
 
+def _write_reason(e: BaseException) -> str:
+    """One line saying why a save failed; a full disk is named as such, whatever layer noticed it."""
+    seen = e
+    while seen is not None:
+        if getattr(seen, "errno", None) == 28 or "No space left on device" in str(seen):
+            return "No space left on device"
+        seen = seen.__cause__ or seen.__context__
+    return _one_line(e)
+
+
 def _is_failed_read_leftover(unraisable: Any) -> bool:
     exc = unraisable.exc_value
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
@@ -183,6 +195,28 @@ def _silence_failed_read_leftovers() -> None:
     if not isinstance(sys.unraisablehook, _UnraisableFilter):
         sys.unraisablehook = _UnraisableFilter(sys.unraisablehook)
     gc.collect()
+
+
+class _DropAbandonedTasks(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" reports (with their tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in str(record.msg).split("\n", 1)[0]
+
+
+def _silence_failed_write_leftovers() -> None:
+    """Keeps a failed save (disk full, permissions) to our one line.
+
+    Orbax writes each array in its own asyncio task; when one write fails the
+    others are abandoned, and asyncio logs each one's exception with a traceback
+    when it is garbage collected ("Future exception was never retrieved"), dozens
+    of them after our one-line error. This filters exactly that message from the
+    asyncio logger (once) and collects the abandoned tasks now.
+    """
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedTasks) for f in log.filters):
+        log.addFilter(_DropAbandonedTasks())
+    _silence_failed_read_leftovers()
 
 
 @contextlib.contextmanager
@@ -258,15 +292,19 @@ class Checkpointer:
             return False
         directory = os.path.join(manager.directory, str(step))
         try:
-            with _quiet():
+            # Orbax's writer threads log every failed write with a traceback (disk full: dozens);
+            # our CheckpointError below is the one line the user sees.
+            with _quiet(absl_logging.FATAL):
                 saved = manager.save(step, args=ocp.args.Composite(
                     **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta_blob)}))
                 manager.wait_until_finished()
         except Exception as e:
+            _silence_failed_write_leftovers()
             with contextlib.suppress(OSError):
                 remove_tmp_dirs(str(manager.directory))
+            kept = "the previous one is kept" if existing is not None else "there is no earlier one"
             raise CheckpointError(
-                f"could not write the {which} checkpoint {directory} ({_one_line(e)}); the previous one is kept; "
+                f"could not write the {which} checkpoint {directory} ({_write_reason(e)}); {kept}; "
                 f"check free disk space and permissions"
             ) from None
         return bool(saved)
@@ -380,16 +418,48 @@ def export_variables(path: str, variables: Any) -> int:
     """Writes ``variables`` (e.g. ``{'params', 'batch_stats'}``) to ``path`` as msgpack, atomically.
 
     Written with ``files.atomic_write``: an interrupted export leaves the old file intact.
-    Returns the file size in bytes (the model's size on disk).
+    Its sha256 goes to ``path + '.sha256'`` (``sha256sum -c`` format), which
+    :func:`load_exported` verifies. Returns the file size in bytes (the model's size on disk).
     """
     data = serialization.to_bytes(jax.device_get(variables))
+    line = f"{hashlib.sha256(data).hexdigest()}  {os.path.basename(path)}\n"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         files.atomic_write(path, lambda f: f.write(data))
+        files.atomic_write(digest_path(path), lambda f: f.write(line), mode="w")
     except OSError as e:
         raise CheckpointError(f"could not write {path} ({e.strerror}); check free disk space and permissions") \
             from None
     return len(data)
+
+
+def digest_path(path: str) -> str:
+    """The sha256 sidecar of an exported model file."""
+    return path + ".sha256"
+
+
+def _verify_digest(path: str, data: bytes) -> None:
+    """Compares ``data`` (the bytes of ``path``) with the sha256 written beside it at export.
+
+    A file exported before the sidecar existed is read with a one-line warning."""
+    sidecar = digest_path(path)
+    if not os.path.exists(sidecar):
+        print(f"WARNING: {sidecar} not found; {path} cannot be checked for damage (export it again by "
+              f"re-running the training to get one)", file=sys.stderr, flush=True)
+        return
+    try:
+        with open(sidecar) as f:
+            want = f.read().split()[0].lower()
+    except (OSError, UnicodeDecodeError, IndexError):
+        want = ""
+    if len(want) != 64:
+        raise CheckpointError(f"{sidecar} is damaged (no sha256 in it); export the model again by re-running "
+                              f"the training")
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise CheckpointError(f"{path} is damaged: its sha256 {got[:12]}... differs from the {want[:12]}... "
+                              f"recorded at export in {os.path.basename(sidecar)}; restore the file or re-run "
+                              f"the training")
 
 
 def load_exported(path: str, target: Any) -> Any:
@@ -404,6 +474,7 @@ def load_exported(path: str, target: Any) -> Any:
         raise CheckpointError(f"{path} does not exist; train the model first or check --workdir")
     with open(path, "rb") as f:
         data = f.read()
+    _verify_digest(path, data)
     try:
         state = serialization.msgpack_restore(data)
     except Exception as e:

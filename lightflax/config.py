@@ -14,6 +14,7 @@ Why a frozen dataclass and not an ml_collections ConfigDict: docs/design.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, Optional, Tuple
 
 from lightflax.errors import UserError
@@ -73,8 +74,8 @@ class RunConfig:
                 _check_int(name, getattr(self, name), 1)
         for name in ("seed", "early_stopping_patience", "reduce_lr_patience", "profile_start_step"):
             _check_int(name, getattr(self, name), 0)
-        if not self.learning_rate > 0:
-            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate!r}")
+        check_flag_values(seed=self.seed, image_size=self.image_size, eval_image_size=self.eval_image_size,
+                          learning_rate=self.learning_rate)
         if not self.l2 >= 0:
             raise UserError(f"--l2 must be >= 0, got {self.l2!r}")
         if not 0.0 <= self.reduce_lr_factor <= 1.0:
@@ -90,6 +91,24 @@ class RunConfig:
     def to_json(self) -> Dict[str, Any]:
         """The config as results.json records it (``predict`` reads it back)."""
         return dataclasses.asdict(self)
+
+
+MAX_IMAGE_SIZE = 2048  # one 2048x2048 RGB float32 image is 48 MiB; the study's largest input is 299
+
+
+def check_flag_values(**values: Any) -> None:
+    """Checks the flags that are used before a RunConfig exists (data loading uses --seed and
+    --image_size): launch.py calls it right after parsing, RunConfig again. None = not given."""
+    if values.get("seed") is not None:
+        _check_int("seed", values["seed"], 0)
+    for name in ("image_size", "eval_image_size"):
+        size = values.get(name)
+        if size is not None and isinstance(size, int) and size > MAX_IMAGE_SIZE:
+            raise UserError(f"--{name} {size} is larger than {MAX_IMAGE_SIZE}, the largest input lightflax "
+                            f"accepts; use a smaller --{name}")
+    lr = values.get("learning_rate")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"--learning_rate must be a finite number > 0, got {lr!r}")
 
 
 def _check_int(name: str, value: Any, lowest: int) -> None:

@@ -23,24 +23,49 @@ def load_run(workdir: str, seed_index: int = 0):
     try:
         with open(path) as f:
             results = json.load(f)
-        cfg = results["config"]
-    except (json.JSONDecodeError, KeyError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is damaged ({e}); re-run the training or restore the file") from None
-    n = results.get("num_seeds", 1)
+    try:
+        cfg, n, input_shape, model_kwargs = _run_shape(results)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} does not have the shape of a lightflax results.json ({type(e).__name__}: {e}); "
+                        f"re-run the training or restore the file") from None
     if seed_index >= n:
         raise UserError(f"--seed_index {seed_index} is out of range: the run trained {n} replica(s)")
     suffix = f"_seed{seed_index}" if n > 1 else ""
-    model_kwargs = dict(cfg.get("model_kwargs") or {})
     module = models.create(cfg["model"], num_classes=results["dataset"]["num_classes"], **model_kwargs)
-    if results.get("backbone"):  # transfer run: the head (or tail) sees backbone outputs
-        input_shape = tuple(results["dataset"]["stored_shape"])
-    else:
-        hw = cfg.get("image_size") or results["dataset"]["stored_shape"][0]
-        input_shape = (hw, hw, cfg["channels"])
     target = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
     path = os.path.join(workdir, results.get("model_path") or f"model{suffix}.msgpack")
     variables = checkpoints.load_exported(path, target)
     return module, variables, results
+
+
+def _run_shape(results):
+    """(config, replicas, model input shape, model kwargs) of a results.json; KeyError/TypeError/...
+    when it does not have the expected shape."""
+    cfg, dataset = results["config"], results["dataset"]
+    if not isinstance(cfg, dict) or not isinstance(dataset, dict) or not isinstance(cfg["model"], str):
+        raise TypeError("'config' and 'dataset' must be objects and config.model a name")
+    n = int(results.get("num_seeds", 1))
+    int(dataset["num_classes"])
+    stored = [int(d) for d in dataset["stored_shape"]]
+    if results.get("backbone"):  # transfer run: the head (or tail) sees backbone outputs
+        input_shape = tuple(stored)
+    else:
+        hw = int(cfg.get("image_size") or stored[0])
+        input_shape = (hw, hw, int(cfg["channels"]))
+    return cfg, n, input_shape, dict(cfg.get("model_kwargs") or {})
+
+
+def _check_output(path: str) -> None:
+    """--output_npz must be a file path in an existing, writable folder (checked before any work)."""
+    if os.path.isdir(path):
+        raise UserError(f"--output_npz {path} is a directory; give a file name such as {os.path.join(path, 'p.npz')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--output_npz {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--output_npz {path}: the folder {folder} is not writable; choose another path")
 
 
 def _backbone_inputs(results, images: np.ndarray) -> np.ndarray:
@@ -118,9 +143,14 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
                 seed_index: int = 0) -> np.ndarray:
     if not output_npz:
         raise UserError("--output_npz is required: where to write the probabilities")
+    _check_output(output_npz)
     images = load_images(input_npz)
     module, variables, results = load_run(workdir, seed_index)
     p = predict_probabilities(module, variables, results, images, batch_size)
-    files.atomic_write(output_npz, lambda f: np.savez(f, probabilities=p.astype(np.float32)))
+    try:
+        files.atomic_write(output_npz, lambda f: np.savez(f, probabilities=p.astype(np.float32)))
+    except OSError as e:  # atomic_write leaves neither a temporary file nor a partial output
+        raise UserError(f"--output_npz {output_npz} cannot be written ({e.strerror or e}); check free disk space "
+                        f"and permissions") from None
     print(f"wrote {output_npz}: probabilities {p.shape}", flush=True)
     return p

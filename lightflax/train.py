@@ -45,7 +45,8 @@ FAULT_KILL_ENV = "LIGHTFLAX_FAULT_KILL_AFTER_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss (the last good checkpoint is kept)."""
+    """Training produced a NaN/inf loss. The message says what was kept: after good epochs the
+    best checkpoint, and model.msgpack/results.json written from it."""
 
 
 def _first_replica(tree: Any) -> Any:
@@ -80,6 +81,38 @@ def _check_model_input(model, cfg: RunConfig, stored_shape: Tuple[int, ...]) -> 
             f"--eval_image_size {cfg.eval_image_size} is too small for {cfg.model}: it needs at least {min_size}"
         )
     return (h, w, cfg.channels)
+
+
+def available_memory_bytes(device=None) -> Optional[int]:
+    """Memory of one device: an accelerator's own limit, else the host's physical memory (None: unknown)."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_lower_bound(trainer) -> int:
+    """Bytes one device needs at least: per replica four float32 copies of the variables (parameters,
+    gradients, Adam's two moments) plus one float32 batch of inputs and of the first layer's outputs."""
+    shapes = jax.eval_shape(lambda: trainer.model.init(jax.random.key(0), jnp.zeros((1, *trainer.input_shape)),
+                                                       train=False))
+    n_vars = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes))
+    batch = trainer.local_batch * int(np.prod(trainer.input_shape)) * 4 * 2
+    return trainer.num_seeds * (16 * n_vars + batch)
+
+
+def check_memory(trainer) -> None:
+    """Refuses (one line) a --num_seeds whose lower-bound estimate exceeds the device's memory."""
+    need, have = memory_lower_bound(trainer), available_memory_bytes()
+    if have and need > have:
+        per = need / trainer.num_seeds
+        raise UserError(f"--num_seeds {trainer.num_seeds} needs at least {need / 2**30:.1f} GiB "
+                        f"({per / 2**20:.0f} MiB per replica) but the device has {have / 2**30:.1f} GiB; use "
+                        f"--num_seeds={max(1, int(have // per))} or fewer, or a smaller --batch_size")
 
 
 def _state_tree(state: steps.TrainState) -> Dict[str, Any]:
@@ -122,6 +155,7 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
         self.tx = steps.make_optimizer(cfg.learning_rate, cfg.optimizer)
         self.num_seeds = cfg.num_seeds
+        check_memory(self)
         self.seeds = np.arange(cfg.seed, cfg.seed + cfg.num_seeds)
         self.dev_ids = parallel.device_ids(self.mesh)
         self._build()
@@ -330,6 +364,8 @@ def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer):
             f"to continue it or choose another --workdir"
         )
     if latest is None:
+        if cfg.resume:
+            print(f"--resume: {cfg.workdir} holds no checkpoint yet; starting a fresh run there", flush=True)
         return state, jax.tree_util.tree_map(jnp.copy, state), 0, [], _tracker(cfg), RunTimes()
     check_resume_settings(cfg, (ckpt.latest_meta() or {}).get("progress", {}).get("config"))
     restored, meta = ckpt.restore_latest(_state_tree(state))
@@ -367,10 +403,7 @@ def run_epoch(trainer: Trainer, compiled, state, epoch: int, train_arrays, keys,
     loss = np.mean(np.stack([np.asarray(m["loss"]) for m in step_metrics]), axis=0)
     accuracy = np.mean(np.stack([np.asarray(m["accuracy"]) for m in step_metrics]), axis=0)
     if not np.all(np.isfinite(loss)):
-        raise NonFiniteLossError(
-            f"non-finite training loss {loss.tolist()} in epoch {epoch + 1}; stopped, the last good "
-            f"checkpoint in {trainer.cfg.workdir} is kept (try a lower --learning_rate)"
-        )
+        raise NonFiniteLossError(f"non-finite training loss {loss.tolist()} in epoch {epoch + 1}")
     return state, loss, accuracy
 
 
@@ -429,6 +462,8 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
     """
     if data.splits.get(cfg.select_split) is None:
         raise UserError(f"dataset {data.name} has no {cfg.select_split} split to select the best checkpoint on")
+    if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
+        raise UserError(f"--workdir {cfg.workdir} is a file, not a folder; choose another --workdir")
     try:
         os.makedirs(cfg.workdir, exist_ok=True)
     except OSError as e:
@@ -451,8 +486,31 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
     compiled, eval_compile_s = _compile(trainer, state, train_arrays, keys, first_epoch, select_arrays)
     step_timer, hook = timing.StepTimer(warmup=1), fault_hook()
     profile = timing.ProfileWindow(cfg.profile_dir, cfg.profile_start_step, cfg.profile_steps)
-    tb = summaries.Writer(cfg.workdir, enabled=jax.process_index() == 0)
     times.start()
+    best = {"state": best_state}  # the epoch loop keeps it current, also when it stops on a NaN
+    loop = (trainer, ckpt, compiled, state, best, first_epoch, history, tracker, times, keys, train_arrays,
+            select_arrays, step_timer, profile, hook)
+    try:
+        _epochs(*loop)
+    except NonFiniteLossError as e:
+        if not history:
+            raise NonFiniteLossError(f"{e}; stopped before the first checkpoint, nothing was kept "
+                                     f"(try a lower --learning_rate)") from None
+        _finish(cfg, data, trainer, best["state"], counts, compiled, eval_compile_s, step_timer, times, history,
+                tracker, select_arrays, extra)
+        raise NonFiniteLossError(f"{e}; stopped: the best checkpoint (epoch {max(tracker.best_epoch)}) is kept in "
+                                 f"{cfg.workdir} and model.msgpack/results.json were written from it (try a lower "
+                                 f"--learning_rate)") from None
+    return _finish(cfg, data, trainer, best["state"], counts, compiled, eval_compile_s, step_timer, times, history,
+                   tracker, select_arrays, extra)
+
+
+def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first_epoch: int, history, tracker,
+            times, keys, train_arrays, select_arrays, step_timer, profile, hook) -> None:
+    """The epoch loop. ``best['state']``, ``history``, ``tracker`` and ``times`` are updated in place
+    (a NonFiniteLossError leaves them at the last saved epoch)."""
+    cfg = trainer.cfg
+    tb = summaries.Writer(cfg.workdir, enabled=jax.process_index() == 0)
     with profile, tb:
         for epoch in range(first_epoch, cfg.epochs):
             if tracker.all_stopped:
@@ -469,16 +527,21 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
             improved, new_lrs = tracker.update(epoch + 1, select_loss, lrs)
             state = _set_learning_rates(trainer, state, new_lrs)
             if improved.any():
-                best_state = _select(jnp.asarray(improved), state, best_state)
+                best["state"] = _select(jnp.asarray(improved), state, best["state"])
             row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),
                    "select_loss": select_loss.tolist(), "select_accuracy": [m["accuracy"] for m in selected],
                    "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": times.epoch_s[-1]}
             history.append(row)
-            _save(ckpt, cfg, state, best_state if improved.any() else None, epoch, history, tracker, times)
+            _save(ckpt, cfg, state, best["state"] if improved.any() else None, epoch, history, tracker, times)
             _print_epoch(cfg, row, trainer.steps_per_epoch, bool(improved.any()))
             tb.epoch((epoch + 1) * trainer.steps_per_epoch, summaries.epoch_scalars(
                 row, selected, cfg.select_split, float(np.median(step_timer.durations[n_timed:])),
                 trainer.steps_per_epoch * cfg.batch_size * cfg.num_seeds))
+
+
+def _finish(cfg: RunConfig, data, trainer: Trainer, best_state, counts, compiled, eval_compile_s, step_timer,
+            times, history, tracker, select_arrays, extra) -> Dict[str, Any]:
+    """Tests the best state, exports it and writes results.json and the run's report."""
     test = trainer.evaluate(best_state, trainer.device_split("test")) if data.splits.get("test") else None
     outcome = report.RunOutcome(
         counts=counts, size_bytes=export_models(trainer, best_state), compiled=compiled,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -24,6 +25,13 @@ from lightflax.errors import UserError
 def default_cache_dir() -> str:
     """Feature cache: $LIGHTFLAX_CACHE_DIR/features, else the user cache's lightflax/features."""
     return files.cache_dir("features")
+
+
+def warn_ignored_flags(cfg: RunConfig) -> None:
+    """One console line for settings a head on backbone outputs cannot use."""
+    if cfg.eval_image_size:
+        print(f"WARNING: --eval_image_size {cfg.eval_image_size} is ignored: the transfer head sees backbone "
+              f"outputs computed at the backbone's own resolution", file=sys.stderr, flush=True)
 
 
 def _on_features(cfg: RunConfig, **fields) -> RunConfig:
@@ -71,6 +79,7 @@ def run_transfer(backbone: str, data, cfg: RunConfig, *, pretrained_path: Option
     from flax import serialization
 
     workdir = cfg.workdir
+    warn_ignored_flags(cfg)
     bb = pretrained.load(backbone, path=pretrained_path, include_top=False)
     names = bb.block_names()
     if not 0 <= finetune_blocks < len(names):

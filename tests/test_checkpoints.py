@@ -309,7 +309,7 @@ def test_export_round_trip(tmp_path, trained):
     path = str(tmp_path / "model.msgpack")
     size = checkpoints.export_variables(path, variables)
     assert size == os.path.getsize(path) > 0
-    assert os.listdir(tmp_path) == ["model.msgpack"]  # no tmp file left
+    assert sorted(os.listdir(tmp_path)) == ["model.msgpack", "model.msgpack.sha256"]  # no tmp file left
     target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)), train=False))
     loaded = checkpoints.load_exported(path, target)
     _assert_bitwise_equal(variables, loaded)
@@ -331,6 +331,23 @@ def test_damaged_export_names_the_file(tmp_path, trained, how):
     with pytest.raises(CheckpointError) as e:
         checkpoints.load_exported(path, variables)
     assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_flipped_byte_in_an_export_is_caught_by_its_sha256(tmp_path, trained, capsys):
+    _, state = trained
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    path = str(tmp_path / "model.msgpack")
+    checkpoints.export_variables(path, variables)
+    data = bytearray(_read(path))
+    data[-3] ^= 0x01  # inside the last float: msgpack still decodes, the value changes
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256") as e:
+        checkpoints.load_exported(path, variables)
+    assert path in str(e.value) and "\n" not in str(e.value)
+    os.remove(path + ".sha256")  # an export without a sidecar (older runs): read with a warning
+    checkpoints.load_exported(path, variables)
+    assert "cannot be checked" in capsys.readouterr().err
 
 
 def test_export_mismatch_names_the_leaf(tmp_path, trained):
@@ -356,4 +373,4 @@ def test_failed_export_keeps_the_old_file(tmp_path, trained, monkeypatch):
     with pytest.raises(CheckpointError, match="could not write"):
         checkpoints.export_variables(path, {"params": jax.tree_util.tree_map(jnp.zeros_like, state["params"])})
     assert _read(path) == before
-    assert os.listdir(tmp_path) == ["model.msgpack"]
+    assert sorted(os.listdir(tmp_path)) == ["model.msgpack", "model.msgpack.sha256"]

@@ -13,6 +13,7 @@ split to select on, the data layer only provides them.)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -149,6 +150,19 @@ def split_holdout(full: Split, use_holdout: bool) -> Tuple[Dict[str, Optional[Sp
             f"default_rng({VAL_SEED}) permutation), train = the other {len(tr)}")
 
 
+def _prepared_root(data_dir: Optional[str]) -> Optional[str]:
+    """Where the TFDS copy goes: ``<data_dir>/tfds`` when --data_dir is given and writable (nothing
+    is written outside it), else the cache (``$LIGHTFLAX_DATA_DIR``)."""
+    if not data_dir:
+        return None
+    folder = Path(data_dir).expanduser()
+    if os.access(folder, os.W_OK | os.X_OK):
+        return str(folder)
+    print(f"NOTE: --data_dir {data_dir} is not writable; its prepared copy goes to {locations.cache_root()} "
+          f"(set LIGHTFLAX_DATA_DIR to move it)", flush=True)
+    return None
+
+
 def load(name: str, data_dir: Optional[str] = None, download_ok: bool = True, holdout: bool = True) -> DatasetSplits:
     if name not in NAMES:
         raise DataError(f"unknown IDX dataset {name!r}; use one of {NAMES}")
@@ -160,7 +174,7 @@ def load(name: str, data_dir: Optional[str] = None, download_ok: bool = True, ho
         raise DataError(f"{name} IDX files not found (looked in {', '.join(looked)}); pass --data_dir=FOLDER with "
                         f"train-/t10k-{{images-idx3,labels-idx1}}-ubyte.gz{hint}, or use --dataset=synthetic")
     key = locations.fingerprint([locations.file_fingerprint(folder / f) for p in FILES.values() for f in p])
-    target = locations.prepared_dir(None, name, key)
+    target = locations.prepared_dir(_prepared_root(data_dir), name, key)
     builder = tfds_util.prepare(BUILDERS[name], data_dir=target, source_path=str(folder))
     arrays = tfds_util.read_all(builder, ("train", "test"))
     splits, note = split_holdout(Split(*arrays["train"][:2]), holdout)

