@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import zlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -219,6 +220,44 @@ def _silence_failed_write_leftovers() -> None:
     _silence_failed_read_leftovers()
 
 
+class _CapturedStderr:
+    """Captures file descriptor 2 (also C++ threads' prints) while active; what was captured
+    is passed on to stderr at the end unless :meth:`drop` was called (a failed save, whose
+    one-line error replaces the noise). Re-entrant in sequence, not nested."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile()
+        self._dropped = False
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved_fd = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        if not self._dropped and exc[0] is None:
+            self._replay()
+        else:
+            self._file.seek(0), self._file.truncate()
+        return False
+
+    def _replay(self):
+        self._file.seek(0)
+        text = self._file.read()
+        self._file.seek(0), self._file.truncate()
+        if text:
+            sys.stderr.write(text.decode(errors="replace"))
+            sys.stderr.flush()
+
+    def drop(self):
+        """From now on, what is captured is discarded."""
+        self._dropped = True
+
+
 @contextlib.contextmanager
 def _quiet(level: int = absl_logging.WARNING) -> Iterator[None]:
     """Raises absl's verbosity to ``level`` while Orbax runs (it logs every save at INFO).
@@ -291,15 +330,19 @@ class Checkpointer:
                                  which, step, existing)
             return False
         directory = os.path.join(manager.directory, str(step))
+        noise = _CapturedStderr()
         try:
-            # Orbax's writer threads log every failed write with a traceback (disk full: dozens);
-            # our CheckpointError below is the one line the user sees.
-            with _quiet(absl_logging.FATAL):
+            # Orbax's writer threads log every failed write with a traceback (disk full: dozens),
+            # and tensorstore's C++ threads print "Event loop is closed" tracebacks straight to
+            # file descriptor 2; our CheckpointError below is the one line the user sees.
+            with _quiet(absl_logging.FATAL), noise:
                 saved = manager.save(step, args=ocp.args.Composite(
                     **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta_blob)}))
                 manager.wait_until_finished()
         except Exception as e:
-            _silence_failed_write_leftovers()
+            noise.drop()
+            with noise:
+                _silence_failed_write_leftovers()
             with contextlib.suppress(OSError):
                 remove_tmp_dirs(str(manager.directory))
             kept = "the previous one is kept" if existing is not None else "there is no earlier one"
