@@ -163,13 +163,8 @@ class Trainer:
     def init_state(self):
         """The replica-stacked initial state (replica r from seed + r), on every device."""
         shape = (1, *self.input_shape)
-        if self.init_variables is not None:
-            create = functools.partial(steps.create_state, self.model, self.tx, input_shape=shape,
-                                       init_variables=self.init_variables)
-        else:  # compiled once at XLA's lowest level: eager or fully optimised, the X-ray models'
-            # initialiser costs ~20 s of compilation on 2 CPU cores; this ~3 s (values within 1 ulp)
-            create = jax.jit(lambda key: steps.create_state(self.model, self.tx, key, shape)).lower(
-                jax.random.key(0)).compile(compiler_options={"xla_backend_optimization_level": 0})
+        create = functools.partial(steps.create_state, self.model, self.tx, input_shape=shape,
+                                   init_variables=self.init_variables)
         states = [create(jax.random.key(int(s))) for s in self.seeds]
         return parallel.replicate(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states), self.mesh)
 

@@ -40,6 +40,13 @@ def assert_close(a, b, tol=1e-5):
 # ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _native_kernels():
+    """The per-kernel tests below trace with the native kernels (XLA is the library default)."""
+    with native.kernels("native"):
+        yield
+
+
 def test_status_and_switch():
     s = native.status()
     assert set(s) >= {"kernels", "reason", "library", "onednn", "threads"}

@@ -313,10 +313,10 @@ def test_sigterm_ends_with_exit_130_and_the_run_resumes(tmp_path):
     assert "resumed" in done.stdout
 
 
-def test_compiled_initialiser_equals_eager_init_within_rounding():
-    """Trainer.init_state compiles the initialiser at XLA's lowest level (fast to compile); the
-    plain reference is the eager steps.create_state with the same key, replica by replica: equal
-    up to float32 rounding of the uniform's scaling (2 ulp at 1.0; every glorot limit here is < 2)."""
+def test_initial_replicas_equal_plain_init_of_their_seeds():
+    """Trainer.init_state's replica r is steps.create_state with key seed + r, exactly. (A faster,
+    compiled initialiser was tried and dropped: its values differ by 1 ulp, which moved the
+    native-vs-XLA whole-step comparisons past their tolerances; see BUILD_NOTES.)"""
     import jax
 
     from lightflax import data, steps, train
@@ -334,4 +334,4 @@ def test_compiled_initialiser_equals_eager_init_within_rounding():
         for a, b in zip(fast, jax.tree_util.tree_leaves((ref.params, ref.batch_stats))):
             a, b = np.asarray(a)[r], np.asarray(b)
             assert a.shape == b.shape
-            np.testing.assert_allclose(a, b, rtol=0, atol=2 * np.spacing(np.float32(1.0)))
+            np.testing.assert_array_equal(a, b)

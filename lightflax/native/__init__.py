@@ -56,11 +56,13 @@ def _default_kernels() -> str:
     env = os.environ.get(ENV_KERNELS, "").strip().lower()
     if env:
         return _check_kernels(env)
-    return "native"
+    # XLA until the native path agrees across device counts as XLA does (BUILD_NOTES, "Native CPU
+    # kernels"): opt in with set_kernels("native") / --kernels=native / $LIGHTFLAX_KERNELS=native.
+    return "xla"
 
 
 def requested() -> str:
-    """The kernels asked for (set_kernels / kernels() / $LIGHTFLAX_KERNELS / default 'native')."""
+    """The kernels asked for (set_kernels / kernels() / $LIGHTFLAX_KERNELS / default 'xla')."""
     local = getattr(_state, "kernels", None)
     if local is not None:
         return local
@@ -75,7 +77,7 @@ def active() -> bool:
 
 
 def set_kernels(name: str) -> None:
-    """Process-wide: 'native' (default when available) or 'xla'. Read at trace time.
+    """Process-wide: 'native' or 'xla' (the default). Read at trace time.
 
     'native' without the library falls back to XLA (status() says why).
     """
