@@ -39,3 +39,22 @@ def run_python(code: str, *, devices: int = 1, timeout=600):
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def idx_folder(folder: Path, n_train: int = 30, n_test: int = 8, seed: int = 3):
+    """Writes a tiny MNIST-layout IDX folder (random 28x28 images, labels 0..9 cycling) and returns
+    {'train': (images, labels), 'test': (images, labels)}."""
+    import numpy as np
+
+    from lightflax.data import idx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        idx.write(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        idx.write(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        out[split] = (images, labels)
+    return out

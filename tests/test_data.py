@@ -1,6 +1,5 @@
 """Data layer: TFDS builders prepared from generated fixtures, load(), errors."""
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from lightflax import data
 from lightflax.errors import DataError
 
-from conftest import shared_dir
+from conftest import idx_folder, shared_dir
 
 SHARED_NPZ = shared_dir() / "data" / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
 
@@ -249,24 +248,9 @@ def test_real_pneumonia_mnist_from_shared_equals_embedded():
 # ----------------------------------------------------------------------------
 
 
-def _idx_folder(folder: Path, n_train=30, n_test=8):
-    from lightflax.data import idx
-
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(3)
-    out = {}
-    for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        idx.write(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        idx.write(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-        out[split] = (images, labels)
-    return out
-
-
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
 def test_idx_builders(tmp_path, name):
-    raw = _idx_folder(tmp_path / "idx")
+    raw = idx_folder(tmp_path / "idx")
     d = data.load(name, data_dir=str(tmp_path / "idx"))
     assert d.num_classes == 10 and len(d.class_names) == 10
     assert (d.class_names[0] == "T-shirt/top") == (name == "fashion_mnist")
@@ -286,7 +270,7 @@ def test_idx_builders(tmp_path, name):
 
 def test_idx_without_holdout_keeps_the_whole_training_set(tmp_path):
     """holdout=False (--paper_protocol): all official training images, stored order, no val."""
-    raw = _idx_folder(tmp_path / "idx")
+    raw = idx_folder(tmp_path / "idx")
     d = data.load("fashion_mnist", data_dir=str(tmp_path / "idx"), holdout=False)
     assert d.splits["val"] is None
     np.testing.assert_array_equal(d.splits["train"].images[..., 0], raw["train"][0])

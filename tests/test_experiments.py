@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_launch
+from conftest import REPO, idx_folder, run_launch
 from lightflax import parallel
 
 TINY = ["--dataset=synthetic", "--synthetic_size=32", "--batch_size=8", "--epochs=1", "--steps_per_epoch=2"]
@@ -141,14 +141,8 @@ def test_multi_seed_run_reports_every_replica_and_predicts_each(tmp_path):
 def test_paper_protocol_trains_on_everything_in_order_and_selects_on_test(tmp_path):
     """--paper_protocol: no hold-out (train = every official training image), no
     shuffling, selection on the test split; said in results.json."""
-    from lightflax.data import idx
-
     folder = tmp_path / "idx"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 40), ("t10k", 16)):
-        idx.write(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        idx.write(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    idx_folder(folder, n_train=40, n_test=16, seed=0)
     wd = tmp_path / "paper"
     run_launch(["--experiment=fashion_mnist", "--method=light", "--k=2", f"--data_dir={folder}", "--batch_size=8",
                 "--epochs=2", "--paper_protocol", f"--workdir={wd}"], check=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_launch, run_python
+from conftest import idx_folder, run_launch, run_python
 
 TINY = ["--experiment=xray_light", "--k=1", "--dataset=synthetic", "--image_size=16", "--synthetic_size=32",
         "--batch_size=8", "--epochs=1", "--steps_per_epoch=2"]
@@ -141,16 +141,11 @@ def test_nan_in_the_first_epoch_promises_nothing(tmp_path):
 
 def test_mnist_prepares_under_its_data_dir(tmp_path, monkeypatch):
     from lightflax import data
-    from lightflax.data import idx
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("LIGHTFLAX_DATA_DIR", str(cache))
     folder = tmp_path / "idx"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 20), ("t10k", 6)):
-        idx.write(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        idx.write(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    idx_folder(folder, n_train=20, n_test=6, seed=0)
     d = data.load("mnist", data_dir=str(folder))
     assert len(d.splits["test"]) == 6
     assert any(Path(folder, "tfds").iterdir())
