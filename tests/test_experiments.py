@@ -140,7 +140,7 @@ def test_multi_seed_run_reports_every_replica_and_predicts_each(tmp_path):
 
 def test_paper_protocol_trains_on_everything_in_order_and_selects_on_test(tmp_path):
     """--paper_protocol: no hold-out (train = every official training image), no
-    shuffling, selection on the test split; said in results.json."""
+    shuffling, the callbacks on the test split, the LAST epoch's weights reported; said in results.json."""
     folder = tmp_path / "idx"
     idx_folder(folder, n_train=40, n_test=16, seed=0)
     wd = tmp_path / "paper"
@@ -152,6 +152,7 @@ def test_paper_protocol_trains_on_everything_in_order_and_selects_on_test(tmp_pa
     assert r["steps_per_epoch"] == 5 and r["epochs_run"] == 2
     assert any("paper protocol" in n for n in r["notes"])
     assert r["select_metrics"]["accuracy"] == r["test_accuracy"]
+    assert r["kept_checkpoint"] == "last" and r["kept_epoch"] == 2
     proc = run_launch(["--experiment=fashion_mnist", f"--data_dir={folder}", "--paper_protocol", "--select_split=val",
                        f"--workdir={tmp_path / 'x'}"], check=2)
     assert "--paper_protocol selects on the test split" in proc.stderr and "Traceback" not in proc.stderr
