@@ -5,7 +5,7 @@
 Paper protocol: Adam 1e-3, 10 epochs, batch 64, ReduceLROnPlateau(0.1, patience 3),
 EarlyStopping(10); checkpoint selection on a 5,000-image hold-out of train here.
 --paper_protocol reproduces the paper's own choices: all 60,000 training images in
-stored order, selection (and the LR/early-stopping callbacks) on the test split.
+stored order, the LR/early-stopping callbacks on the test split, the last epoch's weights.
 """
 
 from experiments import _common as common

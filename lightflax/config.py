@@ -24,6 +24,7 @@ REPLICA_MODES = ("vmap", "loop")  # how --num_seeds replicas share one step (lig
 DTYPES = ("float32", "bfloat16")
 AUGMENTS = ("none", "study")
 SELECT_SPLITS = ("val", "test")
+KEEPS = ("best", "last")  # weights reported and exported: the best by the selection split's loss, or the last
 OPTIMIZERS = ("adam", "sgd")
 KERNELS = ("native", "xla")  # convolution/BatchNorm/pooling kernels on CPU (lightflax.native where built)
 
@@ -52,6 +53,7 @@ class RunConfig:
     augment: str = "none"  # "study": the study's ImageDataGenerator, on device
     eval_image_size: Optional[int] = None  # FixRes: evaluate at another resolution
     select_split: str = "val"  # split that chooses the best checkpoint and drives the callbacks
+    keep: str = "best"  # "last": report/export each replica's last epoch (the LightLayers reference's checkpoint)
     shuffle: bool = True  # False: every epoch in the stored order (the LightLayers paper's protocol)
     early_stopping_patience: int = 0  # 0 = off
     reduce_lr_patience: int = 0  # 0 = off
@@ -82,7 +84,7 @@ class RunConfig:
             raise UserError(f"--reduce_lr_factor must be in [0, 1], got {self.reduce_lr_factor!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("replica_mode", REPLICA_MODES),
                               ("parallel", PARALLEL_MODES), ("dtype", DTYPES), ("augment", AUGMENTS),
-                              ("select_split", SELECT_SPLITS), ("kernels", KERNELS)):
+                              ("select_split", SELECT_SPLITS), ("keep", KEEPS), ("kernels", KERNELS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.mean is not None and len(self.mean) not in (1, self.channels):

@@ -1,9 +1,23 @@
-"""Scoring a saved model on external images (the `predict` experiment)."""
+"""Scoring a finished run on external images (the `predict` experiment).
+
+    p, y = predict.predict_npz("runs/a", "in.npz", "out.npz")   # every replica, averaged
+    p, y = predict.predict_npz("runs/a", "in.npz", "out.npz", seed_index=1)   # one replica
+
+A multi-seed run (``--num_seeds`` R) is scored as the ensemble of its R replicas: the mean of
+their class probabilities. The predicted class follows the run's decision rule, results.json's
+``decision`` entry: ``{"rule": "argmax" | "prior_corrected", "threshold": float | null,
+"train_prior": [...], "target_prior": [...] | null}``. With a threshold (binary tasks) class 1
+is predicted when p(class 1) > threshold; ``prior_corrected`` without one takes the argmax of
+p(c) * target_prior(c) / train_prior(c) (a uniform target prior when it is null); a run
+without the entry (older runs) uses the argmax. ``probabilities`` are written as the models
+output them (averaged, not prior-corrected).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +28,14 @@ from lightflax.errors import CheckpointError, DataError, UserError
 
 
 def load_run(workdir: str, seed_index: int = 0):
-    """(module, variables, results) of a finished run's best model."""
+    """(module, variables, results) of one replica of a finished run (its exported model)."""
+    module, variables, results, _ = load_replicas(workdir, seed_index)
+    return module, variables[0], results
+
+
+def load_replicas(workdir: str, seed_index: Optional[int] = None):
+    """(module, [variables of each replica used], results, replica indices) of a finished run:
+    every replica when ``seed_index`` is None, else that one."""
     if not workdir:
         raise UserError("--workdir is required: the directory of a finished training run")
     path = os.path.join(workdir, "results.json")
@@ -30,14 +51,67 @@ def load_run(workdir: str, seed_index: int = 0):
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path} does not have the shape of a lightflax results.json ({type(e).__name__}: {e}); "
                         f"re-run the training or restore the file") from None
-    if seed_index >= n:
-        raise UserError(f"--seed_index {seed_index} is out of range: the run trained {n} replica(s)")
-    suffix = f"_seed{seed_index}" if n > 1 else ""
+    if seed_index is not None and not 0 <= seed_index < n:
+        raise UserError(f"--seed_index {seed_index} is out of range: the run trained {n} replica(s); use 0 to "
+                        f"{n - 1}, or leave it out to average them all")
+    decision_rule(results, path)  # a damaged decision entry stops here, before any work
     module = models.create(cfg["model"], num_classes=results["dataset"]["num_classes"], **model_kwargs)
     target = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
-    path = os.path.join(workdir, results.get("model_path") or f"model{suffix}.msgpack")
-    variables = checkpoints.load_exported(path, target)
-    return module, variables, results
+    indices = list(range(n)) if seed_index is None else [seed_index]
+    variables = []
+    for r in indices:
+        name = (results.get("model_path") if n == 1 else None) or f"model{f'_seed{r}' if n > 1 else ''}.msgpack"
+        variables.append(checkpoints.load_exported(os.path.join(workdir, name), target))
+    return module, variables, results, indices
+
+
+def decision_rule(results, path: str = "results.json") -> Dict[str, Any]:
+    """The run's decision entry, checked: {"rule", "threshold", "train_prior", "target_prior"}
+    (``{"rule": "argmax", ...None}`` for runs without one)."""
+    d = results.get("decision")
+    if d is None:
+        return {"rule": "argmax", "threshold": None, "train_prior": None, "target_prior": None}
+    c = int(results["dataset"]["num_classes"])
+    try:
+        rule, threshold = d["rule"], d.get("threshold")
+        if rule not in ("argmax", "prior_corrected"):
+            raise ValueError(f"rule {rule!r} is not argmax or prior_corrected")
+        if threshold is not None:
+            threshold = float(threshold)
+            if c != 2 or not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"threshold {threshold} needs a binary task and a value in [0, 1]")
+        priors = {}
+        for key in ("train_prior", "target_prior"):
+            v = d.get(key)
+            priors[key] = None if v is None else np.asarray(v, np.float64)
+            if v is not None and (priors[key].shape != (c,) or not np.all(priors[key] > 0)):
+                raise ValueError(f"{key} must hold {c} positive numbers")
+        if rule == "prior_corrected" and threshold is None and priors["train_prior"] is None:
+            raise ValueError("prior_corrected without a threshold needs train_prior")
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise UserError(f"{path}: its decision entry is damaged ({e}); re-run the training or restore the "
+                        f"file") from None
+    return {"rule": rule, "threshold": threshold, **priors}
+
+
+def apply_rule(probabilities: np.ndarray, decision: Dict[str, Any]) -> np.ndarray:
+    """Predicted classes (N,) int64 of (N, C) probabilities under :func:`decision_rule`'s rule."""
+    p = np.asarray(probabilities, np.float64)
+    if decision["threshold"] is not None:
+        return (p[:, 1] > decision["threshold"]).astype(np.int64)
+    if decision["rule"] == "prior_corrected":
+        target = decision["target_prior"]
+        target = np.full(p.shape[1], 1.0 / p.shape[1]) if target is None else target
+        p = p * (target / decision["train_prior"])
+    return np.argmax(p, axis=1).astype(np.int64)
+
+
+def _describe_rule(decision: Dict[str, Any]) -> str:
+    if decision["threshold"] is not None:
+        return f"{decision['rule']} (class 1 when p(class 1) > {decision['threshold']:.4g})"
+    if decision["rule"] == "prior_corrected":
+        return "prior_corrected (argmax of p * target prior / train prior)"
+    return "argmax"
 
 
 def _run_shape(results):
@@ -109,7 +183,10 @@ def load_images(path: str) -> np.ndarray:
 
 
 def predict_probabilities(module, variables, results, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, C) probabilities of one model (``variables``), or the mean over several (a list)."""
     from lightflax.data import pipeline
+
+    replicas = variables if isinstance(variables, list) else [variables]
 
     cfg = results["config"]
     stored_c = results["dataset"]["stored_shape"][-1]
@@ -124,33 +201,47 @@ def predict_probabilities(module, variables, results, images: np.ndarray, batch_
         images = _backbone_inputs(results, images)
 
     @jax.jit
-    def probs(x):
+    def probs(v, x):
         if not transfer:  # backbone outputs are already the head's inputs
             x = pipeline.preprocess(x, out_size=size, channels=cfg["channels"], mean=mean)
-        return jax.nn.softmax(module.apply(variables, x, train=False).astype(jnp.float32), axis=-1)
+        return jax.nn.softmax(module.apply(v, x, train=False).astype(jnp.float32), axis=-1)
 
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        out.append(np.asarray(probs(chunk))[: batch_size - pad])
-    return np.concatenate(out)
+    total = None
+    for v in replicas:  # one compiled function for every replica (same shapes)
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            pad = batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            out.append(np.asarray(probs(v, chunk))[: batch_size - pad])
+        p = np.concatenate(out).astype(np.float64)
+        total = p if total is None else total + p
+    return (total / len(replicas)).astype(np.float32)
 
 
 def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int = 64,
-                seed_index: int = 0) -> np.ndarray:
+                seed_index: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Writes ``probabilities`` (N, C) float32 and ``predictions`` (N,) int64 to ``output_npz``
+    and prints one line; returns both. ``seed_index`` None: the mean over every replica."""
     if not output_npz:
         raise UserError("--output_npz is required: where to write the probabilities")
     _check_output(output_npz)
     images = load_images(input_npz)
-    module, variables, results = load_run(workdir, seed_index)
+    module, variables, results, indices = load_replicas(workdir, seed_index)
+    decision = decision_rule(results)
     p = predict_probabilities(module, variables, results, images, batch_size)
+    y = apply_rule(p, decision)
     try:
-        files.atomic_write(output_npz, lambda f: np.savez(f, probabilities=p.astype(np.float32)))
+        files.atomic_write(output_npz, lambda f: np.savez(f, probabilities=p, predictions=y))
     except OSError as e:  # atomic_write leaves neither a temporary file nor a partial output
         raise UserError(f"--output_npz {output_npz} cannot be written ({e.strerror or e}); check free disk space "
                         f"and permissions") from None
-    print(f"wrote {output_npz}: probabilities {p.shape}", flush=True)
-    return p
+    names = list(results["dataset"].get("class_names") or [])
+    names = names if len(names) == p.shape[1] else [str(c) for c in range(p.shape[1])]
+    counts = {names[c]: int(np.sum(y == c)) for c in range(p.shape[1])}
+    models_used = (f"ensemble of {len(indices)} replicas" if seed_index is None and len(indices) > 1
+                   else f"replica {indices[0]}")
+    print(f"wrote {output_npz}: {len(y)} images, {models_used}, rule {_describe_rule(decision)}, "
+          f"predicted class counts {counts}", flush=True)
+    return p, y

@@ -11,6 +11,13 @@ Metrics are results.json keys (``test_accuracy``, ``time_per_epoch_s``...) or
 (``select.accuracy``, ``select.roc_auc``...). Standard deviations are the
 sample standard deviation (ddof=1) over seeds. A metric that no run has is an error
 naming the metrics that exist.
+
+Every row shows what its figures rest on: ``synthetic`` (random images: meaningless
+accuracies), ``select_split`` (``test``: the checkpoint or the callbacks saw the test split,
+so the test figures are optimistic) and ``checkpoint`` (the ``best`` epoch by the selection
+split's loss, or the ``last`` epoch; runs from before that entry kept the best). A row whose
+runs differ in any of the three is refused (one line naming the runs): they measure
+different things and their mean would be neither.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from lightflax.errors import UserError
 
 DEFAULT_METRICS = ("test_accuracy", "test_loss")
+# Per-row settings shown in every table and never averaged across (results.json keys -> column).
+PROVENANCE = (("synthetic", "synthetic"), ("select_split", "select_split"), ("kept_checkpoint", "checkpoint"))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -41,6 +50,7 @@ def _replicas(r: Dict[str, Any]) -> List[Dict[str, Any]]:
     base = {k: v for k, v in r.items() if not isinstance(v, (dict, list)) and not k.endswith("_std")}
     if isinstance(per, list) and per and isinstance(per[0], dict):
         select = (r.get("config") or {}).get("select_split", "val")
+        base.update(_provenance(r))
         out = []
         for rep in per:
             d = dict(base)
@@ -51,11 +61,39 @@ def _replicas(r: Dict[str, Any]) -> List[Dict[str, Any]]:
                 d[f"select.{k}"] = v
             out.append(d)
         return out
-    d = dict(base)
+    d = dict(base, **_provenance(r))
     for k, v in (r.get("select_metrics") or {}).items():
         if not k.endswith("_std"):
             d[f"select.{k}"] = v
     return [d]
+
+
+def _provenance(r: Dict[str, Any]) -> Dict[str, Any]:
+    """synthetic, select_split and kept_checkpoint of a results.json (None: not recorded; runs
+    from before kept_checkpoint existed kept the best checkpoint)."""
+    dataset = r.get("dataset") if isinstance(r.get("dataset"), dict) else {}
+    synthetic = r.get("synthetic", dataset.get("synthetic"))
+    select = r.get("select_split") or (r.get("config") or {}).get("select_split")
+    return {"synthetic": synthetic, "select_split": select, "kept_checkpoint": r.get("kept_checkpoint") or "best"}
+
+
+def check_comparable(rows: Dict[str, List[Dict[str, Any]]]) -> None:
+    """UserError (one line) for a row whose runs differ in synthetic, select_split or kept_checkpoint."""
+    for row, reps in rows.items():
+        for key, _ in PROVENANCE:
+            seen: Dict[Any, List[str]] = {}
+            for r in reps:
+                runs = seen.setdefault(r.get(key), [])
+                if r["_run"] not in runs:
+                    runs.append(r["_run"])
+            if len(seen) > 1:
+                parts = "; ".join(f"{key}={_cell(v)} in {', '.join(runs)}" for v, runs in seen.items())
+                raise UserError(f"row {row!r} mixes runs that differ in {key} ({parts}); their mean would be "
+                                f"neither's: move or rename those run folders so that each row holds one setting")
+
+
+def _cell(value: Any) -> str:
+    return "?" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def collect(runs_dir: str) -> Dict[str, List[Dict[str, Any]]]:
@@ -96,7 +134,7 @@ def summarize(values: Sequence[Optional[float]]) -> Dict[str, Any]:
 def check_metrics(rows: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str]) -> None:
     """UserError (one line, with the metrics that exist) for a metric no run has."""
     known = {k for reps in rows.values() for r in reps for k, v in r.items()
-             if not k.startswith("_") and (v is None or isinstance(v, (int, float)))}
+             if not k.startswith("_") and (v is None or isinstance(v, (int, float)) and not isinstance(v, bool))}
     unknown = [m for m in metrics if m not in known]
     if unknown:
         raise UserError(f"unknown metric {', '.join(unknown)}; the runs have: {', '.join(sorted(known))}")
@@ -105,9 +143,11 @@ def check_metrics(rows: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str])
 def table(rows: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str],
           extra: Sequence[str] = ("total_params",)) -> List[Dict[str, Any]]:
     check_metrics(rows, list(metrics) + list(extra))
+    check_comparable(rows)
     out = []
     for row, reps in rows.items():
         entry: Dict[str, Any] = {"row": row, "seeds": len(reps), "runs": sorted({r["_run"] for r in reps})}
+        entry.update({key: reps[0].get(key) for key, _ in PROVENANCE})
         for key in extra:
             entry[key] = reps[0].get(key)
         for key in metrics:
@@ -126,10 +166,11 @@ def _pm(s: Dict[str, Any], digits: int) -> str:
 
 def markdown(entries: List[Dict[str, Any]], metrics: Sequence[str], extra: Sequence[str] = ("total_params",),
              digits: int = 4) -> str:
-    head = ["row", "seeds", *extra, *metrics, "per seed (" + metrics[0] + ")"] if metrics else ["row", "seeds"]
+    shown = ["row", "seeds", *(column for _, column in PROVENANCE)]
+    head = [*shown, *extra, *metrics, "per seed (" + metrics[0] + ")"] if metrics else shown
     rows = []
     for e in entries:
-        cells = [e["row"], str(e["seeds"])]
+        cells = [e["row"], str(e["seeds"]), *(_cell(e.get(key)) for key, _ in PROVENANCE)]
         cells += [f"{e[k]:,}" if isinstance(e[k], int) else str(e[k]) for k in extra]
         cells += [_pm(e[k], digits) for k in metrics]
         if metrics:

@@ -5,7 +5,8 @@
 One compiled train step (lightflax.steps, wrapped once by lightflax.parallel)
 reads batches from the device-resident dataset; compilation is ahead-of-time
 and timed apart; every step is synchronised before the clock is read; the
-best checkpoint by the selection split's loss and the latest are kept with
+best checkpoint by the selection split's loss (or, with ``keep="last"``, each
+replica's last epoch, in the same slot) and the latest are kept with
 Orbax and a run resumes exactly (parameters, optimiser state, step, RNG, data
 order). Every state carries a leading replica axis (``num_seeds``, also 1).
 
@@ -402,6 +403,15 @@ def run_epoch(trainer: Trainer, compiled, state, epoch: int, train_arrays, keys,
     return state, loss, accuracy
 
 
+def kept_epochs(cfg: RunConfig, tracker: PlateauTracker, epochs_run: int) -> List[int]:
+    """The epoch whose weights each replica reports and exports: its best (``keep="best"``) or its
+    last (``keep="last"``: the epoch early stopping stopped it, best + patience, else the last run)."""
+    if cfg.keep == "best":
+        return list(tracker.best_epoch)
+    return [min(b + cfg.early_stopping_patience, epochs_run) if stopped else epochs_run
+            for b, stopped in zip(tracker.best_epoch, tracker.stopped)]
+
+
 def _set_learning_rates(trainer: Trainer, state, lrs: np.ndarray):
     hyper = dict(state.opt_state.hyperparams,
                  learning_rate=parallel.replicate(jnp.asarray(lrs, jnp.float32), trainer.mesh))
@@ -493,7 +503,8 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
                                      f"(try a lower --learning_rate)") from None
         _finish(cfg, data, trainer, best["state"], counts, compiled, eval_compile_s, step_timer, times, history,
                 tracker, select_arrays, extra)
-        raise NonFiniteLossError(f"{e}; stopped: the best checkpoint (epoch {max(tracker.best_epoch)}) is kept in "
+        raise NonFiniteLossError(f"{e}; stopped: the {cfg.keep} checkpoint (epoch "
+                                 f"{max(kept_epochs(cfg, tracker, len(history)))}) is kept in "
                                  f"{cfg.workdir} and model.msgpack/results.json were written from it (try a lower "
                                  f"--learning_rate)") from None
     return _finish(cfg, data, trainer, best["state"], counts, compiled, eval_compile_s, step_timer, times, history,
@@ -519,15 +530,17 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
             times.epoch_s.append(time.perf_counter() - t0)
             select_loss = np.array([m["loss"] for m in selected])
             lrs = np.asarray(state.opt_state.hyperparams["learning_rate"], float)
+            active = ~np.array(tracker.stopped)  # the replicas that trained this epoch
             improved, new_lrs = tracker.update(epoch + 1, select_loss, lrs)
             state = _set_learning_rates(trainer, state, new_lrs)
-            if improved.any():
-                best["state"] = _select(jnp.asarray(improved), state, best["state"])
+            kept = improved if cfg.keep == "best" else active  # keep=last: the "best" slot holds the last epoch
+            if kept.any():
+                best["state"] = _select(jnp.asarray(kept), state, best["state"])
             row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),
                    "select_loss": select_loss.tolist(), "select_accuracy": [m["accuracy"] for m in selected],
                    "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": times.epoch_s[-1]}
             history.append(row)
-            _save(ckpt, cfg, state, best["state"] if improved.any() else None, epoch, history, tracker, times)
+            _save(ckpt, cfg, state, best["state"] if kept.any() else None, epoch, history, tracker, times)
             _print_epoch(cfg, row, trainer.steps_per_epoch, bool(improved.any()))
             tb.epoch((epoch + 1) * trainer.steps_per_epoch, summaries.epoch_scalars(
                 row, selected, cfg.select_split, float(np.median(step_timer.durations[n_timed:])),
@@ -544,6 +557,8 @@ def _finish(cfg: RunConfig, data, trainer: Trainer, best_state, counts, compiled
         total_s=times.loop_s, checkpoint_s=times.checkpoint_s, history=history, best_epoch=tracker.best_epoch,
         select_metrics=trainer.evaluate(best_state, select_arrays), test_metrics=test, n_devices=trainer.n_devices,
         steps_per_epoch=trainer.steps_per_epoch)
+    epochs = kept_epochs(cfg, tracker, len(history))
+    extra = dict(extra, kept_checkpoint=cfg.keep, kept_epoch=epochs if cfg.num_seeds > 1 else epochs[0])
     results = report.build_results(cfg, data, outcome, extra)
     if jax.process_index() == 0:
         report.write_run(cfg.workdir, results, history, select_split=cfg.select_split,

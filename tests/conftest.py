@@ -58,3 +58,23 @@ def idx_folder(folder: Path, n_train: int = 30, n_test: int = 8, seed: int = 3):
         idx.write(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
         out[split] = (images, labels)
     return out
+
+
+def separable_npz(path: Path, sizes=(("train", 96), ("val", 48), ("test", 48)), seed: int = 0):
+    """Writes a PneumoniaMNIST-layout npz (28x28 uint8, labels (N, 1)) that a model can learn in a few
+    steps: class 1 images carry a bright 10x10 square at a random place on the noise that both
+    classes share. Returns {split: (images, labels)}."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out, arrays = {}, {}
+    for split, n in sizes:
+        images = rng.integers(0, 120, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 2).astype(np.uint8)
+        for i in np.flatnonzero(labels):
+            y, x = rng.integers(0, 19, 2)
+            images[i, y:y + 10, x:x + 10] = rng.integers(200, 256, (10, 10), dtype=np.uint8)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+        out[split] = (images, labels)
+    np.savez(path, **arrays)
+    return out

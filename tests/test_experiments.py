@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, idx_folder, run_launch
-from lightflax import parallel
+from conftest import REPO, idx_folder, run_launch, separable_npz
+from lightflax import metrics, parallel
 
 TINY = ["--dataset=synthetic", "--synthetic_size=32", "--batch_size=8", "--epochs=1", "--steps_per_epoch=2"]
 
@@ -75,22 +75,41 @@ def test_xray_compare_writes_the_study_table(tmp_path):
     assert json.loads((wd / "comparison.json").read_text())["rows"][0]["total_params"] == 2_753
 
 
-def test_predict_scores_external_npz(tmp_path):
+def test_a_live_model_learns_and_predict_scores_new_images(tmp_path):
+    """xray_light K=2 (alive at initialisation, unlike K=1 with seed 0) learns a separable task end to
+    end, and predict scores new images of that task as well as the run's own test split."""
+    separable_npz(tmp_path / "task.npz")
     wd = tmp_path / "run"
-    run_launch(["--experiment=xray_light", "--k=1", "--image_size=16", *TINY, f"--workdir={wd}"], check=0)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "in.npz", images=rng.integers(0, 256, size=(11, 28, 28), dtype=np.uint8))
+    run_launch(["--experiment=xray_light", "--k=2", "--dataset=pneumonia_mnist", f"--data_dir={tmp_path / 'task.npz'}",
+                "--batch_size=16", "--epochs=4", f"--workdir={wd}"], check=0)
+    r = _results(wd)
+    assert r["synthetic"] is False and r["dataset"]["splits"] == {"train": 96, "val": 48, "test": 48}
+    assert r["select_metrics"]["roc_auc"] > 0.8 and r["roc_auc"] > 0.8, (r["select_metrics"], r["test_metrics"])
+    images, labels = separable_npz(tmp_path / "new.npz", sizes=(("new", 40),), seed=5)["new"]
+    np.savez(tmp_path / "in.npz", images=images)
     out = tmp_path / "out.npz"
     run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'in.npz'}",
                 f"--output_npz={out}"], check=0)
     p = np.load(out)["probabilities"]
-    assert p.shape == (11, 2)
+    assert p.shape == (40, 2)
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
-    # RGB input of another size works too, and agrees with its grayscale version
-    np.savez(tmp_path / "rgb.npz", images=rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
-    run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'rgb.npz'}",
-                f"--output_npz={out}"], check=0)
-    assert np.load(out)["probabilities"].shape == (3, 2)
+    assert metrics.roc_auc(p[:, 1], labels) > 0.8
+    rng = np.random.default_rng(0)
+    # RGB input of another size works too, and scores as its grayscale version (ITU-R 601-2 luma, Pillow's
+    # "L"): the run trained on 1-channel images
+    from lightflax import predict
+
+    rgb = rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8)
+    gray = np.clip(np.round(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)), 0, 255)
+    np.savez(tmp_path / "rgb.npz", images=rgb)
+    np.savez(tmp_path / "gray.npz", images=gray.astype(np.uint8))
+    p_rgb, _ = predict.predict_npz(str(wd), str(tmp_path / "rgb.npz"), str(tmp_path / "rgb_out.npz"))
+    p_gray, _ = predict.predict_npz(str(wd), str(tmp_path / "gray.npz"), str(tmp_path / "gray_out.npz"))
+    assert p_rgb.shape == (3, 2)
+    np.testing.assert_array_equal(p_rgb, p_gray)
+    module, variables, results = predict.load_run(str(wd))
+    results["dataset"]["stored_shape"][-1] = 3  # as if the run had trained on RGB: no conversion
+    assert not np.allclose(predict.predict_probabilities(module, variables, results, rgb), p_gray, rtol=0, atol=1e-6)
     # bad input: one line, exit 2
     np.savez(tmp_path / "bad.npz", pictures=np.zeros((2, 8, 8), np.uint8))
     proc = run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'bad.npz'}",
@@ -104,7 +123,8 @@ def test_predict_scores_external_npz(tmp_path):
 def test_multi_seed_run_reports_every_replica_and_predicts_each(tmp_path):
     """--num_seeds=2 end to end in both replica modes: results.json holds each replica's
     own numbers, the mean and sample std over them; both modes train the same replicas;
-    predict scores any replica with --seed_index and refuses one that does not exist."""
+    predict scores any replica with --seed_index, their mean by default, and refuses a replica that does not
+    exist."""
     runs = {}
     for mode in ("vmap", "loop"):
         wd = tmp_path / mode
@@ -134,13 +154,17 @@ def test_multi_seed_run_reports_every_replica_and_predicts_each(tmp_path):
         assert probs[-1].shape == (5, 2)
     assert not np.allclose(probs[0], probs[1])
     proc = run_launch(["--experiment=predict", f"--workdir={tmp_path / 'loop'}", f"--input_npz={tmp_path / 'in.npz'}",
+                       f"--output_npz={tmp_path / 'ens.npz'}"], check=0)  # default: the replicas' mean
+    np.testing.assert_allclose(np.load(tmp_path / "ens.npz")["probabilities"], np.mean(probs, axis=0), rtol=1e-6)
+    assert "5 images, ensemble of 2 replicas" in proc.stdout
+    proc = run_launch(["--experiment=predict", f"--workdir={tmp_path / 'loop'}", f"--input_npz={tmp_path / 'in.npz'}",
                        f"--output_npz={tmp_path / 'x.npz'}", "--seed_index=2"], check=2)
     assert "--seed_index 2 is out of range" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_paper_protocol_trains_on_everything_in_order_and_selects_on_test(tmp_path):
     """--paper_protocol: no hold-out (train = every official training image), no
-    shuffling, selection on the test split; said in results.json."""
+    shuffling, the callbacks on the test split, the LAST epoch's weights reported; said in results.json."""
     folder = tmp_path / "idx"
     idx_folder(folder, n_train=40, n_test=16, seed=0)
     wd = tmp_path / "paper"
@@ -152,6 +176,7 @@ def test_paper_protocol_trains_on_everything_in_order_and_selects_on_test(tmp_pa
     assert r["steps_per_epoch"] == 5 and r["epochs_run"] == 2
     assert any("paper protocol" in n for n in r["notes"])
     assert r["select_metrics"]["accuracy"] == r["test_accuracy"]
+    assert r["kept_checkpoint"] == "last" and r["kept_epoch"] == 2
     proc = run_launch(["--experiment=fashion_mnist", f"--data_dir={folder}", "--paper_protocol", "--select_split=val",
                        f"--workdir={tmp_path / 'x'}"], check=2)
     assert "--paper_protocol selects on the test split" in proc.stderr and "Traceback" not in proc.stderr
@@ -235,7 +260,9 @@ def test_helpfull_lists_common_and_experiment_flags():
 def test_two_processes_through_jax_distributed(tmp_path):
     """Two CPU processes on localhost train one model (1 device each) like one process with 2 devices."""
     port = parallel.free_local_port()
-    args = ["--experiment=xray_light", "--k=1", "--image_size=16", *TINY]
+    # K=2: alive at initialisation (K=1 with seed 0 is dead: its constant activations would hide wrong
+    # cross-process BatchNorm statistics and gradients)
+    args = ["--experiment=xray_light", "--k=2", "--image_size=16", *TINY]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                PYTHONUNBUFFERED="1")
     procs = [

@@ -243,3 +243,40 @@ def test_majority_class_accuracy_and_nan_auc():
     train_pm = np.array([0] * 1214 + [1] * 3494)
     assert metrics.majority_class_accuracy(train_pm, np.array([0] * 234 + [1] * 390)) == pytest.approx(0.625)
     assert metrics.roc_auc([0.1, np.nan, 0.3], [0, 1, 1]) is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_classification_metrics_with_tied_probabilities(seed):
+    """Coarse probabilities, many exactly 0.5: the argmax of a tie is class 0 (p1 > 0.5 predicts 1),
+    and tied scores count half a pair in the AUC."""
+    scores, labels = _random_case(seed, n=48, ties=True)
+    scores = np.clip(scores, 0.25, 0.75)  # 0.25, 0.5, 0.75 only
+    assert np.sum(scores == 0.5) > 3
+    got = metrics.classification_metrics(_log_probs(scores), labels)
+    pred = [1 if s > 0.5 else 0 for s in scores]
+    assert got["accuracy"] == pytest.approx(sum(p == y for p, y in zip(pred, labels)) / len(labels))
+    pos = [p for p, y in zip(pred, labels) if y == 1]
+    neg = [p for p, y in zip(pred, labels) if y == 0]
+    assert got["sensitivity"] == pytest.approx(sum(pos) / len(pos))
+    assert got["specificity"] == pytest.approx(sum(1 - p for p in neg) / len(neg))
+    assert got["roc_auc"] == pytest.approx(_auc_all_pairs(scores, labels), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_classification_metrics_multiclass_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet([1, 1, 1, 1], size=30)
+    labels = rng.integers(0, 3, 30)  # class 3 never occurs
+    got = metrics.classification_metrics(np.log(probs), labels)
+    assert set(got) == {"loss", "accuracy"}  # sensitivity, specificity and AUC are binary figures
+    assert got["loss"] == pytest.approx(-sum(math.log(probs[i][labels[i]]) for i in range(30)) / 30, rel=1e-12)
+    assert got["accuracy"] == pytest.approx(sum(int(np.argmax(probs[i])) == labels[i] for i in range(30)) / 30)
+    pred = np.argmax(probs, axis=1)
+    recall = metrics.per_class_recall(pred, labels, 4)
+    for c in range(3):
+        members = [i for i in range(30) if labels[i] == c]
+        assert recall[c] == pytest.approx(sum(pred[i] == c for i in members) / len(members))
+    assert math.isnan(recall[3])  # absent class: no recall, not 0
+    np.testing.assert_allclose(metrics.class_prior(labels, 4), [np.mean(labels == c) for c in range(4)])
+    with pytest.raises(ValueError, match="empty split"):
+        metrics.classification_metrics(np.zeros((0, 2)), np.zeros(0, int))

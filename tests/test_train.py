@@ -215,7 +215,9 @@ TINY = ["--dataset=synthetic", "--image_size=16", "--synthetic_size=32", "--batc
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    args = ["--experiment=xray_light", "--k=1", *TINY, "--epochs=3", "--steps_per_epoch=3"]
+    # K=2: alive at initialisation (K=1 with seed 0 is dead, docs/results.md: no gradient reaches the
+    # layers below its dead ReLU, so a resume that restored them wrongly would go unnoticed)
+    args = ["--experiment=xray_light", "--k=2", *TINY, "--epochs=3", "--steps_per_epoch=3"]
     full = tmp_path / "full"
     run_launch(args + [f"--workdir={full}"], check=0)
     killed = tmp_path / "killed"

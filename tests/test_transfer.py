@@ -5,6 +5,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from conftest import run_launch
@@ -93,13 +94,33 @@ def test_xray_transfer_finetunes_last_blocks(tmp_path):
     assert r["epochs_run"] == 2 and s1["epochs_run"] == 1
     assert r["stage1"]["trainable_params"] == 1280 * 2 + 2
     assert r["total_time_s"] > s1["total_time_s"]
-    # stage 2 started from stage 1's head and the real backbone: its first evaluation is not random
+    # stage 2 started from stage 1's head and the real (ImageNet) backbone, not from a random init: after
+    # its few Adam steps every weight is within steps * lr * 3.2 of where it started (Adam's per-step
+    # bound (1 - b1) / sqrt(1 - b2) = 3.16 lr), far less than the weights themselves; the backbone's
+    # BatchNorm statistics stay frozen (inference mode), exactly the published ones
     from flax import serialization
     ft = serialization.msgpack_restore((tmp_path / "ft" / "finetune" / "model.msgpack").read_bytes())
+    head = serialization.msgpack_restore((tmp_path / "ft" / "head" / "model.msgpack").read_bytes())
     assert set(ft["params"]["backbone"]) == {"blocks_15", "head"}
+    real = pretrained.load("efficientnet_lite0").variables
+    bound = r["epochs_run"] * r["steps_per_epoch"] * 1e-3 * 3.2
+    checks = [("head", ft["params"]["head"], head["params"]["head"], False)] + [
+        (f"{c}/{b}", ft[c]["backbone"][b], real[c][b], c == "batch_stats")
+        for c in ("params", "batch_stats") for b in ("blocks_15", "head")]
+    for name, got_tree, want_tree, exact in checks:
+        got_leaves, want_leaves = jax.tree_util.tree_leaves_with_path(got_tree), jax.tree_util.tree_leaves(want_tree)
+        assert len(got_leaves) == len(want_leaves) > 0, name
+        for (path, got), want in zip(got_leaves, want_leaves):
+            got, want, where = np.asarray(got), np.asarray(want), name + jax.tree_util.keystr(path)
+            assert got.shape == want.shape, where
+            if exact:
+                np.testing.assert_array_equal(got, want, err_msg=where)
+            else:
+                assert np.max(np.abs(got - want)) <= bound, where
+    assert max(np.max(np.abs(np.asarray(w))) for w in jax.tree_util.tree_leaves(real["params"]["blocks_15"])) \
+        > 20 * bound
     assert (tmp_path / "ft" / "finetune" / "history.csv").exists()
     # predict scores raw images with both stages' models (backbone/trunk + head/tail)
-    import numpy as np
     images = np.random.default_rng(0).integers(0, 256, size=(5, 40, 40), dtype=np.uint8)
     np.savez(tmp_path / "in.npz", images=images)
     probs = {}

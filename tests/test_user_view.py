@@ -167,7 +167,7 @@ def test_tables_take_one_run_folder_and_reject_unknown_metrics(tmp_path, capsys)
     (run / "results.json").write_text(json.dumps({"total_params": 5, "test_accuracy": 0.5,
                                                   "select_metrics": {"accuracy": 0.7}}))
     assert tables.main([str(run), "--metrics=test_accuracy,select.accuracy"]) == 0
-    assert "| xray_light-k5 | 1 | 5 | 0.5000 (n=1) | 0.7000 (n=1) |" in capsys.readouterr().out
+    assert "| xray_light-k5 | 1 | ? | ? | best | 5 | 0.5000 (n=1) | 0.7000 (n=1) |" in capsys.readouterr().out
     assert tables.main([str(run), "--metrics=test_acuracy"]) == 2
     err = capsys.readouterr().err
     assert "unknown metric test_acuracy" in err and "test_accuracy" in err
