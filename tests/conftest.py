@@ -1,10 +1,33 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _session_compilation_cache() -> None:
+    """One JAX persistent compilation cache for the whole test session: the xdist workers and every
+    launch.py / python -c subprocess inherit it through the environment, so the many runs that compile
+    the same small models (and the same eager operations) compile each program once. A fresh empty
+    folder per session, removed at its end: nothing is reused across sessions.
+    Entries are keyed by the program, JAX/XLA versions, flags and devices, so a hit is the same
+    executable. A maximum size turns on JAX's file lock, so no process reads a half-written entry."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("LIGHTFLAX_TEST_JAX_CACHE"):
+        return  # an xdist worker: the controller's folder came with the environment
+    folder = tempfile.mkdtemp(prefix="lightflax-test-jax-cache-")
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ["LIGHTFLAX_TEST_JAX_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+
+
+_session_compilation_cache()
 
 
 def shared_dir() -> Path:
@@ -30,10 +53,12 @@ def run_launch(args, *, devices: int = 1, env=None, timeout=600, check=None, cwd
     return proc
 
 
-def run_python(code: str, *, devices: int = 1, timeout=600):
+def run_python(code: str, *, devices: int = 1, timeout=600, env=None):
     e = dict(os.environ)
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     e.setdefault("JAX_PLATFORMS", "cpu")
+    if env:
+        e.update(env)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
@@ -78,3 +103,21 @@ def separable_npz(path: Path, sizes=(("train", 96), ("val", 48), ("test", 48)), 
         out[split] = (images, labels)
     np.savez(path, **arrays)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """With `-n 2` and --dist loadgroup (setup.cfg), the tests of a file that share one of its module- or
+    session-scoped fixtures (a training run, a loaded network) run on one worker, so the fixture is
+    built once, not once per worker; every other test is handed out on its own."""
+    import inspect
+
+    import pytest
+
+    here = Path(__file__).resolve().parent
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        for defs in (info.name2fixturedefs.values() if info else ()):
+            fixture = defs[-1]
+            if fixture.scope in ("module", "session") and Path(inspect.getfile(fixture.func)).parent == here:
+                item.add_marker(pytest.mark.xdist_group(item.path.name))
+                break

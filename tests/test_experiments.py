@@ -37,6 +37,9 @@ def test_experiment_runs_and_reports(tmp_path, args, params):
     wd = tmp_path / "run"
     proc = run_launch(args + TINY + [f"--workdir={wd}"], check=0)
     assert "epoch 1/1" in proc.stdout and "steps/s" in proc.stdout
+    # stdout is not a terminal: one line per epoch, no progress bars
+    assert "step/s" not in proc.stdout and "\r" not in proc.stdout
+    assert [ln[:9] for ln in proc.stdout.splitlines() if ln.startswith("epoch ")] == ["epoch 1/1"]
     r = _results(wd)
     for key in STUDY_KEYS:
         assert key in r, key
@@ -65,8 +68,9 @@ def test_synthetic_data_only_when_asked_for(tmp_path):
 
 def test_xray_compare_writes_the_study_table(tmp_path):
     wd = tmp_path / "cmp"
-    run_launch(["--experiment=xray_compare", "--ks=1", "--transfer_backbone=none", "--image_size=50", *TINY,
-                f"--workdir={wd}"], check=0)
+    proc = run_launch(["--experiment=xray_compare", "--ks=1", "--transfer_backbone=none", "--image_size=50", *TINY,
+                       "--verbosity=-2", f"--workdir={wd}"], check=0)
+    assert not [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ")]  # --verbosity=-2: quiet
     md = (wd / "comparison.md").read_text()
     assert "LightLayers K=1" in md and "Conv2D" in md and "SYNTHETIC" in md
     assert "2,753" in md and "31,074" in md
@@ -238,15 +242,6 @@ def test_missing_explicit_dataset_is_a_clear_error(tmp_path):
     proc = run_launch(["--experiment=xray_light", "--dataset=chest_xray", f"--manual_dir={tmp_path / 'none'}",
                        f"--workdir={tmp_path / 'w'}"], env={"LIGHTFLAX_DATA_DIR": str(tmp_path / "d")}, check=2)
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_non_finite_loss_stops_with_a_message(tmp_path):
-    wd = tmp_path / "nan"
-    proc = run_launch(["--experiment=xray_conv2d", "--image_size=50", *TINY, "--epochs=2", "--learning_rate=1e38",
-                       f"--workdir={wd}"])
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "non-finite training loss" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (wd / "results.json").exists()
 
 
 def test_helpfull_lists_common_and_experiment_flags():

@@ -82,14 +82,7 @@ def test_main_command_figures_and_tensorboard(main_run):
     assert float(history[1].split(",")[3]) == pytest.approx(scalars["val/loss"][0][1], rel=1e-6)
 
 
-def test_without_a_terminal_there_is_one_line_per_epoch(tmp_path):
-    proc = run_launch(["--experiment=xray_light", "--k=1", *FEW, f"--workdir={tmp_path / 'run'}"],
-                      env=no_data_env(tmp_path), check=0)
-    assert "step/s" not in proc.stdout and "\r" not in proc.stdout
-    assert [ln[:9] for ln in proc.stdout.splitlines() if ln.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
-    quiet = run_launch(["--experiment=xray_light", "--k=1", *FEW, "--verbosity=-2",
-                        f"--workdir={tmp_path / 'quiet'}"], env=no_data_env(tmp_path), check=0)
-    assert not [ln for ln in quiet.stdout.splitlines() if ln.startswith("epoch ")]
+# Without a terminal (one line per epoch) and --verbosity=-2 (none): tests/test_experiments.py's runs.
 
 
 @pytest.mark.parametrize("args,message", [
