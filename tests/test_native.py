@@ -498,9 +498,10 @@ def test_train_steps_native_equal_xla(model, kw):
 
 
 @needs_native
-def test_train_steps_native_equal_xla_light_k1_to_4():
-    """xray_light k=1..4, one step each (2 steps: the state after the second is compared too)."""
-    _run_steps([_case("xray_light", {"k": k}, 2) for k in (1, 2, 3, 4)])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_train_steps_native_equal_xla_light(k):
+    """xray_light k=1..4: one step (2 steps: the state after the second is compared too)."""
+    _run_steps([_case("xray_light", {"k": k}, 2)])
 
 
 @needs_native
