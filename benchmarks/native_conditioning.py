@@ -40,16 +40,17 @@ def main():
         perm = tr.permutations(0)
         state, _ = tr.train_step(state, images, labels, perm, tr.data_keys(), tr.dev_ids)
     idx = np.asarray(perm)[0][BATCH:2 * BATCH]  # the second batch of the epoch
-    x = steps.preprocess(jnp.asarray(np.asarray(images)[idx]), SIZE, cfg)
-    y = jnp.asarray(np.asarray(labels)[idx])
-    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), {"params": state.params,
-                                                                      "batch_stats": state.batch_stats})
+    # host (NumPy) values: the state lives on device 0, the 8-device runs need uncommitted inputs
+    x = np.asarray(steps.preprocess(jnp.asarray(np.asarray(images)[idx]), SIZE, cfg))
+    y = np.asarray(labels)[idx]
+    variables = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], {"params": state.params,
+                                                                     "batch_stats": state.batch_stats})
     model = models.create(MODEL, num_classes=2, bn_axis_name=parallel.AXIS)
 
     def grad(kern, nd, dtype, nudge=False):
         v = jax.tree_util.tree_map(lambda a: a.astype(dtype), variables)
         if nudge:
-            v = jax.tree_util.tree_map(lambda a: jnp.nextafter(a, jnp.asarray(np.inf, a.dtype)), v)
+            v = jax.tree_util.tree_map(lambda a: np.nextafter(a, np.asarray(np.inf, a.dtype)), v)
 
         def f(p, bs, x, y):
             def loss(p):
