@@ -2,6 +2,7 @@
 
     python benchmarks/bench_native.py step   # the trainer's whole train step: native (1 and 2 threads) vs xla
     python benchmarks/bench_native.py ops    # per op at the X-ray models' shapes: conv / BN / pool, fwd and fwd+bwd
+    python benchmarks/bench_native.py memory # peak memory of the train step, native vs xla, one process each
 
 Environment: SIZES (128), BATCH (64), ROUNDS (7), MODELS (xray_conv2d,xray_light:5), THREADS (1,2).
 
@@ -160,6 +161,50 @@ def ops():
             run_group([v for v in vs if "fwd+bwd" in v.name])
 
 
+def memory_one(kind, spec, size):
+    """One process: build, compile and run MEM_STEPS steps of the trainer's step; print one JSON line."""
+    import json
+    import resource
+
+    model, kw = _model_spec(spec)
+    with native.kernels(kind):
+        v = speed.model_variant(model, kw, batch=BATCH, size=int(size))
+    args = v.args
+    for _ in range(int(os.environ.get("MEM_STEPS", "3"))):
+        out = v.compiled.compiled(*args)
+        jax.block_until_ready(out)
+        args = v.next_args(out, args)
+    mem = v.compiled.memory or {}
+    print(json.dumps({"kernels": native.status()["kernels"] if kind == "native" else "xla", "spec": spec,
+                      "size": int(size), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      **{k: b / 2 ** 20 for k, b in mem.items()}}))
+
+
+def memory():
+    """Peak memory of the whole train step, each (model, kernels) in its own fresh process: the process's
+    peak RSS (ru_maxrss: compile + MEM_STEPS steps) and XLA's memory analysis of the compiled step
+    (temp = XLA's temporaries; the native handlers' thread-local scratch is inside RSS only)."""
+    import json
+    import subprocess
+
+    _header("memory")
+    print("| model | size | batch | kernels | process peak RSS MiB | XLA temp MiB | XLA peak MiB | XLA arguments MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in SIZES:
+        for spec in MODELS:
+            for kind in ("xla", "native"):
+                proc = subprocess.run([sys.executable, __file__, "memory1", kind, spec, str(size)],
+                                      capture_output=True, text=True, check=True)
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                na = float("nan")
+                print(f"| {spec} | {size}² | {BATCH} | {r['kernels']} | {r['rss_mb']:.0f} | "
+                      f"{r.get('temp_bytes', na):.1f} | {r.get('peak_bytes', na):.1f} | "
+                      f"{r.get('argument_bytes', na):.1f} |", flush=True)
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "step"
-    {"step": step, "ops": ops}[what]()
+    if what == "memory1":
+        memory_one(*sys.argv[2:5])
+    else:
+        {"step": step, "ops": ops, "memory": memory}[what]()

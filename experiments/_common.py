@@ -57,9 +57,9 @@ flags.DEFINE_enum("replica_mode", "vmap", ["vmap", "loop"], "How --num_seeds rep
                   "vmap (vectorised) or loop (one after the other, unrolled; plain convolutions, faster on CPU).")
 flags.DEFINE_enum("parallel", "shard_map", ["shard_map", "pmap"], "Data-parallel wrapper of the shared step.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
-flags.DEFINE_enum("kernels", "xla", ["native", "xla"], "CPU kernels for convolution, BatchNorm and max "
-                  "pooling: xla (default) or native (oneDNN through XLA FFI where the library was built, else "
-                  "XLA's, said in the log and results.json; 1.4-1.9x faster steps, opt-in: see docs/native.md). "
+flags.DEFINE_enum("kernels", "native", ["native", "xla"], "CPU kernels for convolution, BatchNorm and max "
+                  "pooling: native (default: oneDNN through XLA FFI where the library was built, else XLA's, "
+                  "said in the log and results.json; 1.4-1.9x faster steps, see docs/native.md) or xla. "
                   "GPUs/TPUs always use XLA's.")
 flags.DEFINE_enum("impl", None, ["conv", "einsum"], "LightConv2D/Conv2D implementation: conv (XLA's "
                   "convolution, the default) or einsum (patches + one GEMM).")

@@ -63,7 +63,7 @@ class RunConfig:
     profile_start_step: int = 3
     profile_steps: int = 3
     resume: bool = False
-    kernels: str = "xla"  # "native" (oneDNN where available, else XLA; opt-in) or "xla"
+    kernels: str = "native"  # "native" (oneDNN where available, else XLA) or "xla"
 
     def __post_init__(self):
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))

@@ -56,13 +56,13 @@ def _default_kernels() -> str:
     env = os.environ.get(ENV_KERNELS, "").strip().lower()
     if env:
         return _check_kernels(env)
-    # XLA until the native path agrees across device counts as XLA does (BUILD_NOTES, "Native CPU
-    # kernels"): opt in with set_kernels("native") / --kernels=native / $LIGHTFLAX_KERNELS=native.
-    return "xla"
+    # native where the library is loaded (active() checks that); set_kernels("xla") / --kernels=xla /
+    # $LIGHTFLAX_KERNELS=xla keep XLA's kernels. (Opt-in until 2026-11-30: BUILD_NOTES, "Native CPU kernels".)
+    return "native"
 
 
 def requested() -> str:
-    """The kernels asked for (set_kernels / kernels() / $LIGHTFLAX_KERNELS / default 'xla')."""
+    """The kernels asked for (set_kernels / kernels() / $LIGHTFLAX_KERNELS / default 'native')."""
     local = getattr(_state, "kernels", None)
     if local is not None:
         return local
@@ -77,7 +77,7 @@ def active() -> bool:
 
 
 def set_kernels(name: str) -> None:
-    """Process-wide: 'native' or 'xla' (the default). Read at trace time.
+    """Process-wide: 'native' (the default) or 'xla'. Read at trace time.
 
     'native' without the library falls back to XLA (status() says why).
     """

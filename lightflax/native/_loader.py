@@ -20,7 +20,7 @@ import sys
 from typing import Optional
 
 ENV_LIB = "LIGHTFLAX_NATIVE_LIB"
-ABI_VERSION = 1
+ABI_VERSION = 2
 HINT = "apt-get install -y libdnnl-dev g++ && pip install -e ."
 
 # FFI target name -> exported handler symbol.

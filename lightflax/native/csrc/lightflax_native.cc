@@ -33,7 +33,7 @@ using dt = dnnl::memory::data_type;
 
 namespace {
 
-constexpr int64_t kAbiVersion = 1;
+constexpr int64_t kAbiVersion = 2;  // 2: lightflax_bn_reduce returns local means, not sums
 
 std::atomic<int> g_threads{1};
 std::atomic<int64_t> g_primitives{0};
@@ -390,7 +390,22 @@ void BnApply(const float* x, const float* mean, const float* var, const float* s
   }
 }
 
-// mode 0: sum x -> out; mode 1: sum (x - mean)^2 -> out.
+// Per-channel mean of x (m rows of c) in double, summed as deviations from the channel's first
+// value: mean = x0 + sum(x - x0) / m. The float blocks of ChannelSums then add small deviations
+// (better conditioned than the raw values), and a constant channel has mean == its value exactly
+// (all deviations 0), so x - mean == 0 and the normalised output is exactly the bias.
+void ShiftedMean(const float* x, int64_t m, int64_t c, double* out) {
+  std::vector<float> x0(x, x + c);
+  const float* p0 = x0.data();
+  ChannelSums(m, c, out, [&](int64_t i, int64_t k) { return x[i * c + k] - p0[k]; });
+  for (int64_t k = 0; k < c; ++k) out[k] = (double)p0[k] + out[k] / (double)m;
+}
+
+// The local statistics of the cross-device path (ops.py merges them across devices):
+// mode 0: mean of x -> out; mode 1: mean of (x - mean)^2 -> out. Both are the double sums
+// divided by the local count and rounded once, exactly as BnTrainImpl computes the one-device
+// statistics, so that the merge over one device reproduces BnTrainImpl bit for bit and a
+// constant channel has mean == its value and variance 0 on any number of devices.
 ffi::Error BnReduceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> out,
                         int64_t mode) {
   g_calls[4] += 1;
@@ -400,14 +415,16 @@ ffi::Error BnReduceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi
   for (int64_t r = 0; r < v.reps; ++r) {
     const float* xr = x.typed_data() + r * v.m * v.c;
     const float* mr = mean.typed_data() + r * v.c;
-    if (mode == 0)
-      ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) { return xr[i * v.c + k]; });
-    else
-      ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) {
-        float d = xr[i * v.c + k] - mr[k];
-        return d * d;
-      });
-    for (int64_t k = 0; k < v.c; ++k) out->typed_data()[r * v.c + k] = (float)s[k];
+    if (mode == 0) {
+      ShiftedMean(xr, v.m, v.c, s.data());
+      for (int64_t k = 0; k < v.c; ++k) out->typed_data()[r * v.c + k] = (float)s[k];
+      continue;
+    }
+    ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) {
+      float d = xr[i * v.c + k] - mr[k];
+      return d * d;
+    });
+    for (int64_t k = 0; k < v.c; ++k) out->typed_data()[r * v.c + k] = (float)(s[k] / (double)v.m);
   }
   return ffi::Error::Success();
 }
@@ -424,8 +441,8 @@ ffi::Error BnTrainImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi
     const float* xr = x.typed_data() + r * v.m * v.c;
     float* mr = mean->typed_data() + r * v.c;
     float* vr = var->typed_data() + r * v.c;
-    ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) { return xr[i * v.c + k]; });
-    for (int64_t k = 0; k < v.c; ++k) mr[k] = (float)(s[k] / (double)v.m);
+    ShiftedMean(xr, v.m, v.c, s.data());
+    for (int64_t k = 0; k < v.c; ++k) mr[k] = (float)s[k];
     ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) {
       float d = xr[i * v.c + k] - mr[k];
       return d * d;
