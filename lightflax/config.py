@@ -26,6 +26,7 @@ AUGMENTS = ("none", "study")
 SELECT_SPLITS = ("val", "test")
 OPTIMIZERS = ("adam", "sgd")
 KERNELS = ("native", "xla")  # convolution/BatchNorm/pooling kernels on CPU (lightflax.native where built)
+DECISIONS = ("argmax", "prior_corrected")  # the reported decision rule (lightflax.train, results.json 'decision')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class RunConfig:
     profile_steps: int = 3
     resume: bool = False
     kernels: str = "xla"  # "native" (oneDNN where available, else XLA; opt-in) or "xla"
+    decision: str = "argmax"  # "prior_corrected": threshold moved to the target class prior (2 classes)
 
     def __post_init__(self):
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
@@ -82,7 +84,8 @@ class RunConfig:
             raise UserError(f"--reduce_lr_factor must be in [0, 1], got {self.reduce_lr_factor!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("replica_mode", REPLICA_MODES),
                               ("parallel", PARALLEL_MODES), ("dtype", DTYPES), ("augment", AUGMENTS),
-                              ("select_split", SELECT_SPLITS), ("kernels", KERNELS)):
+                              ("select_split", SELECT_SPLITS), ("kernels", KERNELS),
+                              ("decision", DECISIONS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.mean is not None and len(self.mean) not in (1, self.channels):
