@@ -76,6 +76,12 @@ flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs 
 flags.DEFINE_integer("reduce_lr_patience", 0, "Reduce the learning rate after this many epochs without "
                      "improvement (0: off).", lower_bound=0)
 flags.DEFINE_float("reduce_lr_factor", 0.1, "Factor of reduce-LR-on-plateau.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("class_weighting", "none", ["none", "balanced"], "Per-example loss weights: none, or balanced "
+                  "(n / (classes * n_c) from the training split's labels).")
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"], "Learning-rate schedule: constant (with "
+                  "--reduce_lr_patience if given) or cosine (decay to 0 over the run's steps, per step).")
+flags.DEFINE_integer("warmup_epochs", 0, "Linear learning-rate warm-up epochs before the cosine decay "
+                     "(--lr_schedule=cosine).", lower_bound=0)
 flags.DEFINE_enum("decision", "argmax", ["argmax", "prior_corrected"], "Decision rule reported (two classes): "
                   "argmax (0.5 threshold), or prior_corrected (threshold moved from the training split's class "
                   "prior to the expected test prior; the 0.5 figures are reported too).")
@@ -265,7 +271,8 @@ def build_config(experiment: str, model: str, model_kwargs: Dict[str, Any], data
     for name in ("batch_size", "epochs", "learning_rate", "seed", "num_seeds", "replica_mode", "parallel", "dtype",
                  "image_size", "augment", "eval_image_size", "select_split", "early_stopping_patience",
                  "reduce_lr_patience", "reduce_lr_factor", "steps_per_epoch", "profile_dir", "profile_start_step",
-                 "profile_steps", "resume", "kernels", "decision"):
+                 "profile_steps", "resume", "kernels", "class_weighting", "lr_schedule", "warmup_epochs",
+                 "decision"):
         values[name] = FLAGS[name].value
     if FLAGS.profile and not FLAGS.profile_dir:
         values["profile_dir"] = workdir  # the trace lands next to the TensorBoard scalars

@@ -153,7 +153,9 @@ class Trainer:
         self.steps_per_epoch = len(train.labels) // cfg.batch_size  # drop_remainder
         if cfg.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
-        self.tx = steps.make_optimizer(cfg.learning_rate, cfg.optimizer)
+        self.tx = steps.make_optimizer(steps.learning_rate_schedule(cfg, self.steps_per_epoch), cfg.optimizer)
+        self.class_weights = (steps.class_weights(train.labels, data.num_classes)
+                              if cfg.class_weighting == "balanced" else None)
         self.num_seeds = cfg.num_seeds
         check_memory(self)
         self.seeds = np.arange(cfg.seed, cfg.seed + cfg.num_seeds)
@@ -170,7 +172,8 @@ class Trainer:
 
     def _build(self):
         cfg, rep, sharded = self.cfg, parallel.REPLICATED, parallel.SHARDED
-        train_fn = steps.replicate_over_seeds(steps.make_train_step(self.model, cfg, self.local_batch),
+        train_fn = steps.replicate_over_seeds(steps.make_train_step(self.model, cfg, self.local_batch,
+                                                                    self.class_weights),
                                               cfg.num_seeds, in_axes=(0, None, None, 0, None, 0, None),
                                               mode=cfg.replica_mode)
         steps_per_epoch = self.steps_per_epoch
@@ -327,12 +330,13 @@ def check_resume_settings(cfg: RunConfig, saved: Optional[Dict[str, Any]]) -> No
     if not saved:
         return
     now = json.loads(json.dumps(cfg.to_json()))
+    fixed = ("epochs",) if saved.get("lr_schedule", "constant") != "constant" else ()  # the schedule spans them
     changed = [f"--{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
-               if k not in RESUMABLE and k in saved and saved[k] != now[k]]
+               if (k not in RESUMABLE or k in fixed) and k in saved and saved[k] != now[k]]
     if changed:
         raise UserError(f"--resume with settings that differ from the run in {cfg.workdir}: {', '.join(changed)}; "
-                        f"resume with the original values (only --epochs and --profile_* may change) or "
-                        f"choose another --workdir")
+                        f"resume with the original values (only --epochs, not under --lr_schedule=cosine, and "
+                        f"--profile_* may change) or choose another --workdir")
 
 
 def _tracker(cfg: RunConfig, saved: Optional[Dict[str, Any]] = None) -> PlateauTracker:
@@ -527,7 +531,8 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
             select_loss = np.array([m["loss"] for m in selected])
             lrs = np.asarray(state.opt_state.hyperparams["learning_rate"], float)
             improved, new_lrs = tracker.update(epoch + 1, select_loss, lrs)
-            state = _set_learning_rates(trainer, state, new_lrs)
+            if cfg.lr_schedule == "constant":  # a schedule sets the rate itself, at every step
+                state = _set_learning_rates(trainer, state, new_lrs)
             if improved.any():
                 best["state"] = _select(jnp.asarray(improved), state, best["state"])
             row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),

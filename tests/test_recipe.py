@@ -131,3 +131,141 @@ def test_ten_classes_have_no_shift_proxies_and_refuse_prior_correction(tmp_path)
     proc = run_launch(["--experiment=fashion_mnist", "--method=conv2d", "--decision=prior_corrected",
                        f"--workdir={tmp_path / 'b'}", *TINY], check=2)
     assert "--decision=prior_corrected is for two-class data" in proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# B. knobs
+# ----------------------------------------------------------------------------
+
+
+def test_class_weights_and_weighted_cross_entropy_against_float64_reference():
+    import jax
+    import jax.numpy as jnp
+
+    from lightflax import steps
+
+    labels = np.array([0] * 30 + [1] * 10 + [2] * 20)
+    w = steps.class_weights(labels, 3)
+    np.testing.assert_allclose(w, [60 / (3 * 30), 60 / (3 * 10), 60 / (3 * 20)], rtol=1e-6)
+    assert np.mean(w[labels]) == pytest.approx(1.0)  # unbiased: the weights average to 1 over the split
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 3)) * 3
+    y = rng.integers(0, 3, size=16)
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    ref = np.mean(w[y].astype(np.float64) * -logp[np.arange(16), y])
+    ref_grad = (w[y].astype(np.float64)[:, None] / 16) * (np.exp(logp) - np.eye(3)[y])
+    f = lambda lg: steps.weighted_cross_entropy(lg, jnp.asarray(y), jnp.asarray(w))  # noqa: E731
+    assert float(f(jnp.asarray(logits, jnp.float32))) == pytest.approx(ref, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(logits, jnp.float32))), ref_grad,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_train_step_uses_the_balanced_loss():
+    """The train step's loss on an imbalanced batch equals the float64 weighted reference computed
+    from the model's own logits for that batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from lightflax import data, models, parallel, steps
+    from lightflax.config import RunConfig
+
+    d = data.load("synthetic", synthetic_shape=(28, 28, 1), synthetic_sizes={"train": 40, "val": 8, "test": 8},
+                  num_classes=2)
+    images = np.asarray(d.splits["train"].images)
+    labels = np.array([0] * 30 + [1] * 10, np.int32)
+    np.random.default_rng(0).shuffle(labels)
+    cfg = RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 2}, batch_size=16, image_size=28,
+                    class_weighting="balanced", shuffle=False)
+    model = models.create("xray_light", num_classes=2, bn_axis_name=parallel.AXIS, k=2)
+    w = steps.class_weights(labels, 2)
+    state = steps.create_state(model, steps.make_optimizer(1e-3), jax.random.key(0), (1, 28, 28, 3))
+    step = steps.make_train_step(model, cfg, 16, w)
+    key = jax.random.key(1)
+    run = jax.vmap(step, in_axes=(None, None, None, None, None, None, 0), axis_name=parallel.AXIS)
+    _, m = run(state, jnp.asarray(images), jnp.asarray(labels), jnp.arange(40, dtype=jnp.int32), jnp.int32(0), key,
+               jnp.zeros((1, 1), jnp.int32))
+
+    def logits_fn(dev):
+        x = steps.preprocess(jnp.asarray(images[:16]), 28, cfg)
+        k = jax.random.fold_in(jax.random.fold_in(key, state.step), dev[0])
+        _, drop_key = jax.random.split(k)
+        out, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
+                             mutable=["batch_stats"], rngs={"dropout": drop_key})
+        return out
+
+    lg = np.asarray(jax.vmap(logits_fn, axis_name=parallel.AXIS)(jnp.zeros((1, 1), jnp.int32))[0], np.float64)
+    y = labels[:16]
+    logp = lg - lg.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ref = np.mean(w[y] * -logp[np.arange(16), y])
+    assert float(m["loss"][0]) == pytest.approx(ref, rel=1e-5)
+    assert abs(ref - np.mean(-logp[np.arange(16), y])) > 1e-4  # the weighting changes the loss here
+
+
+def _cosine(t, lr, total, warmup):
+    if t < warmup:
+        return lr * t / warmup
+    return lr * 0.5 * (1 + np.cos(np.pi * (t - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1])
+def test_cosine_schedule_is_the_rate_adam_applies(warmup_epochs):
+    """With a constant gradient Adam's bias-corrected step is -lr_t * g / (|g| + eps): the update
+    reveals the learning rate the optimiser really used at step t."""
+    import jax.numpy as jnp
+
+    from lightflax import steps
+    from lightflax.config import RunConfig
+
+    cfg = RunConfig(workdir="unused", model="xray_light", epochs=4, learning_rate=2e-3, lr_schedule="cosine",
+                    warmup_epochs=warmup_epochs)
+    spe = 5
+    tx = steps.make_optimizer(steps.learning_rate_schedule(cfg, spe))
+    params = {"w": jnp.zeros((3,))}
+    opt_state = tx.init(params)
+    grads = {"w": jnp.ones((3,))}
+    for t in range(cfg.epochs * spe):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        want = _cosine(t, 2e-3, 20, warmup_epochs * spe)
+        np.testing.assert_allclose(-np.asarray(updates["w"]), want, rtol=1e-5, atol=1e-10)
+        assert float(opt_state.hyperparams["learning_rate"]) == pytest.approx(want, rel=1e-5, abs=1e-10)
+    assert want == pytest.approx(_cosine(19, 2e-3, 20, warmup_epochs * spe))
+
+
+def test_knob_validation():
+    from lightflax.config import RunConfig
+    from lightflax.errors import UserError
+    from lightflax.train import check_resume_settings
+
+    base = dict(workdir="unused", model="xray_light")
+    with pytest.raises(UserError, match="cannot be combined with --reduce_lr_patience"):
+        RunConfig(**base, lr_schedule="cosine", reduce_lr_patience=2)
+    with pytest.raises(UserError, match="--warmup_epochs needs --lr_schedule=cosine"):
+        RunConfig(**base, warmup_epochs=1)
+    with pytest.raises(UserError, match="smaller than --epochs"):
+        RunConfig(**base, lr_schedule="cosine", warmup_epochs=3, epochs=3)
+    for name in ("class_weighting", "lr_schedule", "decision"):
+        with pytest.raises(UserError, match=f"--{name} must be one of"):
+            RunConfig(**base, **{name: "bogus"})
+    cosine = RunConfig(**base, lr_schedule="cosine", epochs=4)
+    with pytest.raises(UserError, match="--epochs 4 -> 6"):  # the schedule spans the run's epochs
+        check_resume_settings(RunConfig(**base, lr_schedule="cosine", epochs=6), cosine.to_json())
+    check_resume_settings(RunConfig(**base, epochs=6), RunConfig(**base, epochs=4).to_json())  # constant: may
+
+
+def test_cosine_schedule_survives_resume(tmp_path):
+    """Killed in epoch 2 and resumed: the per-epoch learning rates are the schedule's at the last
+    step of each epoch (the step count is in the optimiser state of the checkpoint)."""
+    wd = tmp_path / "run"
+    args = ["--experiment=xray_light", "--k=2", "--image_size=28", "--dataset=synthetic", "--epochs=3",
+            "--steps_per_epoch=2", "--batch_size=16", "--synthetic_size=32", "--progress=quiet",
+            "--lr_schedule=cosine", "--learning_rate=0.01", f"--workdir={wd}"]
+    proc = run_launch(args, env={"LIGHTFLAX_FAULT_KILL_AFTER_STEP": "3"})
+    assert proc.returncode != 0
+    run_launch(args + ["--resume"], check=0)
+    r = json.loads((wd / "results.json").read_text())
+    with open(wd / "history.csv") as f:
+        lrs = [float(row["learning_rate"]) for row in csv.DictReader(f)]
+    assert lrs == pytest.approx([_cosine(2 * e + 1, 0.01, 6, 0) for e in range(3)], rel=1e-5, abs=1e-9)
+    assert r["config"]["lr_schedule"] == "cosine"
