@@ -269,3 +269,85 @@ def test_cosine_schedule_survives_resume(tmp_path):
         lrs = [float(row["learning_rate"]) for row in csv.DictReader(f)]
     assert lrs == pytest.approx([_cosine(2 * e + 1, 0.01, 6, 0) for e in range(3)], rel=1e-5, abs=1e-9)
     assert r["config"]["lr_schedule"] == "cosine"
+
+
+# ----------------------------------------------------------------------------
+# C. --recipe
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recipe_flags():
+    """The entry layer's flags in this process, parsed from a test's argv and reset afterwards."""
+    from absl import flags
+
+    from experiments import _common as common
+
+    common.define_recipe_flag()
+
+    def parse(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog", *argv])
+        return flags.FLAGS
+
+    yield common, parse
+    flags.FLAGS.unparse_flags()
+    common._applied_recipe.clear()
+
+
+def test_study_recipe_is_todays_defaults(recipe_flags):
+    common, parse = recipe_flags
+    f = parse()
+    assert {k: f[k].default for k in common.RECIPES["study"]} == common.RECIPES["study"]
+    assert set(common.RECIPES["robust"]) == set(common.RECIPES["study"])  # one switch, the same knobs
+
+
+def test_recipe_sets_the_values_and_an_explicit_flag_wins(recipe_flags):
+    common, parse = recipe_flags
+    f = parse("--recipe=robust", "--epochs=3", "--dropout=0.1")
+    record = common.apply_recipe("xray_light")
+    robust = common.RECIPES["robust"]
+    for name, value in robust.items():
+        assert f[name].value == {"epochs": 3, "dropout": 0.1}.get(name, value), name
+    assert record["recipe"] == "robust"
+    assert record["recipe_overrides"] == {"epochs": 3, "dropout": 0.1}
+    assert record["recipe_values"] == dict(robust, epochs=3, dropout=0.1)
+    assert common.flags_record("xray_light")["recipe_values"]["epochs"] == 3
+    # xray_transfer: augment does not apply to cached features and is left alone
+    f = parse("--recipe=robust")
+    record = common.apply_recipe("xray_transfer", skip={"augment": "cached features"})
+    assert f.augment == "none" and f.num_seeds == robust["num_seeds"]
+    assert record["recipe_skipped"] == {"augment": "cached features"}
+
+
+def test_recipe_only_where_it_is_applied(recipe_flags):
+    from lightflax.errors import UserError
+
+    common, parse = recipe_flags
+    parse("--recipe=robust")
+    with pytest.raises(UserError, match="--recipe applies to"):
+        common.check_recipe_applied()  # e.g. xray_compare, which defines the flag through xray_transfer
+    with pytest.raises(UserError, match="--recipe applies to"):
+        common.apply_recipe("mnist")
+
+
+def test_robust_recipe_end_to_end(tmp_path):
+    wd = tmp_path / "run"
+    run_launch(["--experiment=xray_light", "--k=2", "--image_size=28", "--recipe=robust", "--num_seeds=2",
+                f"--workdir={wd}", *TINY], check=0)
+    r = json.loads((wd / "results.json").read_text())
+    c = r["config"]
+    assert r["recipe"] == "robust"
+    assert (c["augment"], c["model_kwargs"]["dropout"], c["class_weighting"], c["lr_schedule"], c["decision"]) == \
+        ("study", 0.25, "balanced", "cosine", "prior_corrected")
+    assert (c["epochs"], c["num_seeds"]) == (1, 2)  # explicit flags win over the recipe's 40 and 3
+    assert r["recipe_overrides"] == {"epochs": 1, "num_seeds": 2}
+    assert r["recipe_values"]["epochs"] == 1 and r["recipe_values"]["lr_schedule"] == "cosine"
+    assert r["decision"]["rule"] == "prior_corrected" and "test_ensemble" in r
+
+
+def test_unknown_recipe_is_a_flag_error(tmp_path):
+    proc = run_launch(["--experiment=xray_conv2d", "--recipe=fancy", f"--workdir={tmp_path / 'x'}", *TINY],
+                      check=2)
+    assert "recipe" in proc.stderr and "robust" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
