@@ -13,6 +13,13 @@ a lower learning rate, fed with the cached activations of the frozen trunk
 (the backbone's BatchNorm stays in inference mode). The report carries the study's columns: total params
 (backbone + head), trainable params (the head), size on disk (backbone weights
 + head), accuracy, times (feature extraction reported apart).
+
+--recipe=robust applies the recipe's knobs that a head on cached features can use
+(dropout before the head, class weighting, the schedule, epochs, seeds, the decision
+rule) and SKIPS --augment, with a console line and ``recipe_skipped`` in results.json:
+the features are computed once from the stored images, so there is nothing to augment
+per step (an explicit --augment is likewise not applied to cached features). With
+--finetune_blocks > 0 the recipe's --num_seeds is skipped too (stage 2 needs one seed).
 """
 
 
@@ -20,6 +27,8 @@ from absl import flags
 
 from experiments import _common as common
 from experiments import default_workdir
+
+common.define_recipe_flag()
 
 BACKBONE = flags.DEFINE_enum("backbone", "inception_v3", ["inception_v3", "efficientnet_lite0"],
                              "ImageNet backbone (frozen).")
@@ -49,6 +58,10 @@ def run(backbone, data, workdir=None):
 
 def main(argv):
     del argv
+    skip = {"augment": "cached backbone features are not augmented"}
+    if FINETUNE_BLOCKS.value:
+        skip["num_seeds"] = "--finetune_blocks needs one seed"
+    common.apply_recipe("xray_transfer", skip=skip)
     common.initialize_distributed()
     common.configure_output()
     name, note = common.resolve_dataset()

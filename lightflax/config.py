@@ -27,6 +27,9 @@ SELECT_SPLITS = ("val", "test")
 KEEPS = ("best", "last")  # weights reported and exported: the best by the selection split's loss, or the last
 OPTIMIZERS = ("adam", "sgd")
 KERNELS = ("native", "xla")  # convolution/BatchNorm/pooling kernels on CPU (lightflax.native where built)
+CLASS_WEIGHTINGS = ("none", "balanced")  # per-example loss weights (lightflax.steps.class_weights)
+LR_SCHEDULES = ("constant", "cosine")  # lightflax.steps.learning_rate_schedule
+DECISIONS = ("argmax", "prior_corrected")  # the reported decision rule (lightflax.train, results.json 'decision')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,10 @@ class RunConfig:
     profile_steps: int = 3
     resume: bool = False
     kernels: str = "native"  # "native" (oneDNN where available, else XLA) or "xla"
+    class_weighting: str = "none"  # "balanced": loss weights n / (C * n_c) from the training labels
+    lr_schedule: str = "constant"  # "cosine": decay to 0 over the run's steps (after warmup_epochs)
+    warmup_epochs: int = 0  # linear warm-up from 0 (lr_schedule="cosine" only)
+    decision: str = "argmax"  # "prior_corrected": threshold moved to the target class prior (2 classes)
 
     def __post_init__(self):
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
@@ -74,7 +81,7 @@ class RunConfig:
         for name in ("image_size", "eval_image_size", "steps_per_epoch"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
-        for name in ("seed", "early_stopping_patience", "reduce_lr_patience", "profile_start_step"):
+        for name in ("seed", "early_stopping_patience", "reduce_lr_patience", "profile_start_step", "warmup_epochs"):
             _check_int(name, getattr(self, name), 0)
         check_flag_values(seed=self.seed, image_size=self.image_size, eval_image_size=self.eval_image_size,
                           learning_rate=self.learning_rate)
@@ -84,9 +91,18 @@ class RunConfig:
             raise UserError(f"--reduce_lr_factor must be in [0, 1], got {self.reduce_lr_factor!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("replica_mode", REPLICA_MODES),
                               ("parallel", PARALLEL_MODES), ("dtype", DTYPES), ("augment", AUGMENTS),
-                              ("select_split", SELECT_SPLITS), ("keep", KEEPS), ("kernels", KERNELS)):
+                              ("select_split", SELECT_SPLITS), ("keep", KEEPS), ("kernels", KERNELS),
+                              ("class_weighting", CLASS_WEIGHTINGS), ("lr_schedule", LR_SCHEDULES),
+                              ("decision", DECISIONS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.lr_schedule != "constant" and self.reduce_lr_patience:
+            raise UserError(f"--lr_schedule={self.lr_schedule} cannot be combined with --reduce_lr_patience "
+                            f"(both set the learning rate); drop one of them")
+        if self.warmup_epochs and self.lr_schedule == "constant":
+            raise UserError("--warmup_epochs needs --lr_schedule=cosine; drop --warmup_epochs or add the schedule")
+        if self.warmup_epochs >= self.epochs and self.lr_schedule != "constant":
+            raise UserError(f"--warmup_epochs {self.warmup_epochs} must be smaller than --epochs {self.epochs}")
         if self.mean is not None and len(self.mean) not in (1, self.channels):
             raise UserError(f"mean has {len(self.mean)} entries; it needs 1 or --channels ({self.channels})")
 

@@ -252,3 +252,31 @@ def shift_proxies(log_probs: np.ndarray, labels: np.ndarray, *, source_prior: Se
                                             expected_calibration_error(probs, labels, num_bins, weights=w))
     out["prior_threshold"] = prior_threshold(source_prior, target_prior) if k == 2 else None
     return out
+
+
+def ensemble_log_probs(log_probs: np.ndarray) -> np.ndarray:
+    """(R, N, C) per-replica log-probabilities -> (N, C) log of the replicas' AVERAGED probabilities,
+    log(mean_r exp(log_probs[r])), computed stably (log-sum-exp)."""
+    lp = np.asarray(log_probs, np.float64)
+    if lp.ndim != 3 or lp.shape[0] == 0:
+        raise ValueError(f"ensemble_log_probs needs (replicas, N, classes), got shape {lp.shape}")
+    top = lp.max(axis=0)
+    with np.errstate(invalid="ignore"):  # -inf everywhere stays -inf
+        out = top + np.log(np.mean(np.exp(lp - top), axis=0))
+    return np.where(np.isneginf(top), -np.inf, out)
+
+
+def threshold_metrics(log_probs: np.ndarray, labels: np.ndarray, threshold: float) -> Dict[str, Optional[float]]:
+    """Two classes: accuracy, sensitivity and specificity of the decision p(class 1) > ``threshold``
+    (0.5 is the argmax decision up to ties; :func:`prior_threshold` the prior-corrected one)."""
+    lp = np.asarray(log_probs, np.float64)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    if lp.shape[-1] != 2:
+        raise ValueError("threshold_metrics is for two classes")
+    if len(labels) == 0:
+        raise ValueError("cannot compute metrics on an empty split")
+    pred = (np.exp(lp[:, 1]) > threshold).astype(np.int64)
+    pos, neg = labels == 1, labels == 0
+    return {"accuracy": float(np.mean(pred == labels)),
+            "sensitivity": float(np.mean(pred[pos] == 1)) if pos.any() else None,
+            "specificity": float(np.mean(pred[neg] == 0)) if neg.any() else None}

@@ -14,6 +14,22 @@ a single-seed run has no ``*_std`` keys (there is no spread to report).
 process's measured peak resident memory (``process_peak_rss_bytes``).
 ``majority_baseline`` is the accuracy of always predicting the training split's
 most frequent class, per evaluated split.
+
+Evaluation outputs (the best state): per-replica metrics (``replicas``, and their mean/std in
+``select_metrics``/``test_metrics``) are ``lightflax.metrics.classification_metrics`` plus, for
+two-class data, ``lightflax.metrics.shift_proxies`` (source prior = the training split's class
+prior, target prior = ``metrics.PNEUMONIA_TEST_PRIOR``): balanced_accuracy, ece,
+target_prior_accuracy, target_prior_ece, prior_corrected_balanced_accuracy,
+prior_corrected_target_prior_accuracy, prior_corrected_target_prior_ece, prior_threshold.
+``decision`` = {"rule": "argmax" | "prior_corrected", "threshold": p(class 1) threshold or null,
+"train_prior": [...], "target_prior": [...] or null}; with ``prior_corrected`` the accuracy,
+sensitivity and specificity of that rule are reported next to the 0.5 figures as
+``<name>_prior_corrected`` (per replica, in the summaries, and ``test_accuracy_prior_corrected``,
+``sensitivity_prior_corrected``, ``specificity_prior_corrected`` at the top). With
+--num_seeds > 1, ``select_ensemble``/``test_ensemble`` are the same metrics of the replicas'
+averaged probabilities (log of the mean of exp(log_probs)). The raw log-probabilities behind all
+of these are in the workdir's predictions.npz (``<split>_log_probs`` (R, N, C) float32,
+``<split>_labels`` (N,)).
 """
 
 from __future__ import annotations
@@ -114,6 +130,9 @@ class RunOutcome:
     test_metrics: Optional[List[Dict[str, Any]]]
     n_devices: int
     steps_per_epoch: int
+    decision: Optional[Dict[str, Any]] = None  # lightflax.train.decision_rule
+    select_ensemble: Optional[Dict[str, Any]] = None  # metrics of the replicas' averaged probabilities
+    test_ensemble: Optional[Dict[str, Any]] = None
 
 
 def _dataset_section(data) -> Dict[str, Any]:
@@ -181,6 +200,19 @@ def _replica_section(cfg, o: RunOutcome) -> Dict[str, Any]:
     }
 
 
+def _decision_section(cfg, o: RunOutcome, test: Dict[str, Any]) -> Dict[str, Any]:
+    """The prior-corrected headline figures (next to the 0.5 ones) and the ensembles of a multi-seed run."""
+    out: Dict[str, Any] = {}
+    if cfg.decision == "prior_corrected":
+        for key, name in (("test_accuracy", "accuracy"), ("sensitivity", "sensitivity"),
+                          ("specificity", "specificity")):
+            out[f"{key}_prior_corrected"] = test.get(f"{name}_prior_corrected")
+    if cfg.num_seeds > 1:
+        out["select_ensemble"] = o.select_ensemble
+        out["test_ensemble"] = o.test_ensemble
+    return out
+
+
 def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """results.json of a run (``cfg``: lightflax.config.RunConfig)."""
     notes = list(getattr(data, "notes", []))
@@ -220,6 +252,8 @@ def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = No
         "select_split": cfg.select_split,
         "select_metrics": summarize_replicas(o.select_metrics),
         "majority_baseline": _majority_baseline(data, [cfg.select_split, "test"]),
+        "decision": o.decision,
+        **_decision_section(cfg, o, test),
         "best_epoch": o.best_epoch if cfg.num_seeds > 1 else o.best_epoch[0],
         "epochs_run": len(o.history),
         **_speed_section(cfg, o),

@@ -43,9 +43,49 @@ def preprocess(images: Array, size: Optional[int], cfg: RunConfig) -> Array:
     return pipeline.preprocess(images, out_size=size, channels=cfg.channels, mean=cfg.mean)
 
 
-def make_optimizer(learning_rate: float, name: str = "adam") -> optax.GradientTransformation:
+def learning_rate_schedule(cfg: RunConfig, steps_per_epoch: int):
+    """The learning rate of ``cfg``: the float ``cfg.learning_rate`` (constant; reduce-LR-on-plateau
+    may change it per epoch), or with ``lr_schedule="cosine"`` an optax schedule of the global step t
+    over T = epochs * steps_per_epoch steps, W = warmup_epochs * steps_per_epoch warm-up steps:
+    lr * t / W for t < W, then lr * (1 + cos(pi * (t - W) / (T - W))) / 2, reaching 0 at t = T.
+    The optimiser evaluates it at its own step count (``opt_state``), so it survives --resume."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if warmup == 0:
+        return optax.cosine_decay_schedule(cfg.learning_rate, decay_steps=total, alpha=0.0)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=total,
+                                              end_value=0.0)
+
+
+def class_weights(labels, num_classes: int):
+    """--class_weighting=balanced: float32 (num_classes,) weights n / (C * n_c) of the training
+    labels (a class absent from them gets weight 0: it contributes no loss anyway)."""
+    import numpy as np
+
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return w.astype(np.float32)
+
+
+def weighted_cross_entropy(logits: Array, labels: Array, weights: Array) -> Array:
+    """The batch loss with per-class weights: mean_i w[y_i] * CE_i (NOT sum_i w CE / sum_i w).
+
+    The mean of the weighted losses is an unbiased estimate of the class-balanced risk
+    sum_c (1/C) E[CE | y=c] (E[w[y]] = 1 over the training split) with the same step size
+    scale as the unweighted loss, and it is exactly additive over devices: the pmean of the
+    devices' means is the global batch's mean. The ratio sum w CE / sum w is a biased ratio
+    estimator whose normaliser changes per batch and per device (the pmean of per-device ratios
+    is not the global ratio), which would make the multi-device run differ from one device."""
+    return jnp.mean(weights[labels] * cross_entropy(logits, labels))
+
+
+def make_optimizer(learning_rate, name: str = "adam") -> optax.GradientTransformation:
     """Adam (the study's and the paper's optimiser) with a mutable learning rate
-    (``opt_state.hyperparams['learning_rate']``) for reduce-LR-on-plateau."""
+    (``opt_state.hyperparams['learning_rate']``) for reduce-LR-on-plateau; ``learning_rate`` may
+    be a schedule (:func:`learning_rate_schedule`), evaluated at every update."""
     if name == "adam":
         return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
     if name == "sgd":
@@ -86,7 +126,7 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def make_train_step(model, cfg: RunConfig, local_batch: int) -> Callable:
+def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None) -> Callable:
     """Per-device, per-replica train step.
 
     Args (of the returned function):
@@ -96,11 +136,14 @@ def make_train_step(model, cfg: RunConfig, local_batch: int) -> Callable:
       key: PRNG key of the replica (folded with the global step and device).
       dev_id: int32 (1,) this device's index (parallel.device_ids, sharded).
     Returns (state, metrics) with metrics {'loss', 'accuracy'} averaged over devices.
+    ``class_weights``: (classes,) per-class loss weights (:func:`weighted_cross_entropy`; the
+    reported loss is then the weighted one); None = the plain mean cross-entropy.
     The device's slice of global batch ``step`` is local batch ``step * n_devices + dev``
     of :func:`lightflax.data.pipeline.get_batch` (global batch = n_devices * local_batch).
     """
     devices = cfg.batch_size // local_batch
     augment = augment_lib.AugmentConfig.study() if cfg.augment == "study" else None
+    weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
     def step_fn(state: TrainState, images, labels, perm, step, key, dev_id):
         dev = dev_id[0]
@@ -119,7 +162,10 @@ def make_train_step(model, cfg: RunConfig, local_batch: int) -> Callable:
                 mutable=["batch_stats"],
                 rngs={"dropout": drop_key},
             )
-            loss = jnp.mean(cross_entropy(logits, y))
+            if weights is None:
+                loss = jnp.mean(cross_entropy(logits, y))
+            else:
+                loss = weighted_cross_entropy(logits, y, weights)
             total = loss + (layers.reference_l2_penalty(params, cfg.l2) if cfg.l2 else 0.0)
             return total, (loss, logits, new_vars["batch_stats"])
 

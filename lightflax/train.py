@@ -154,7 +154,9 @@ class Trainer:
         self.steps_per_epoch = len(train.labels) // cfg.batch_size  # drop_remainder
         if cfg.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
-        self.tx = steps.make_optimizer(cfg.learning_rate, cfg.optimizer)
+        self.tx = steps.make_optimizer(steps.learning_rate_schedule(cfg, self.steps_per_epoch), cfg.optimizer)
+        self.class_weights = (steps.class_weights(train.labels, data.num_classes)
+                              if cfg.class_weighting == "balanced" else None)
         self.num_seeds = cfg.num_seeds
         check_memory(self)
         self.seeds = np.arange(cfg.seed, cfg.seed + cfg.num_seeds)
@@ -171,7 +173,8 @@ class Trainer:
 
     def _build(self):
         cfg, rep, sharded = self.cfg, parallel.REPLICATED, parallel.SHARDED
-        train_fn = steps.replicate_over_seeds(steps.make_train_step(self.model, cfg, self.local_batch),
+        train_fn = steps.replicate_over_seeds(steps.make_train_step(self.model, cfg, self.local_batch,
+                                                                    self.class_weights),
                                               cfg.num_seeds, in_axes=(0, None, None, 0, None, 0, None),
                                               mode=cfg.replica_mode)
         steps_per_epoch = self.steps_per_epoch
@@ -214,8 +217,9 @@ class Trainer:
         s = self.data.splits[split]
         return parallel.replicate((np.asarray(s.images), np.asarray(s.labels, np.int32)), self.mesh)
 
-    def evaluate(self, state, split_arrays) -> List[Dict[str, Optional[float]]]:
-        """Metrics of every replica on a device-resident split."""
+    def log_probs(self, state, split_arrays) -> Tuple[np.ndarray, np.ndarray]:
+        """The raw per-replica log-probabilities of a device-resident split: ((replicas, N, classes)
+        float32, labels (N,) int32), in the split's stored order (padding removed)."""
         images, labels = split_arrays
         lps, ys, masks = [], [], []
         with progress.bar(-(-images.shape[0] // self.cfg.batch_size), "eval", unit="batch") as bar:
@@ -230,7 +234,12 @@ class Trainer:
         y = np.concatenate([np.asarray(a) for a in ys])
         m = np.concatenate([np.asarray(a) for a in masks]).astype(bool)
         lp = np.concatenate([np.asarray(a) for a in lps], axis=1)
-        return [metrics_lib.classification_metrics(lp[r][m], y[m]) for r in range(self.num_seeds)]
+        return lp[:, m], y[m]
+
+    def evaluate(self, state, split_arrays) -> List[Dict[str, Optional[float]]]:
+        """Metrics of every replica on a device-resident split."""
+        lp, y = self.log_probs(state, split_arrays)
+        return [metrics_lib.classification_metrics(lp[r], y) for r in range(self.num_seeds)]
 
 
 @dataclasses.dataclass
@@ -322,12 +331,13 @@ def check_resume_settings(cfg: RunConfig, saved: Optional[Dict[str, Any]]) -> No
     if not saved:
         return
     now = json.loads(json.dumps(cfg.to_json()))
+    fixed = ("epochs",) if saved.get("lr_schedule", "constant") != "constant" else ()  # the schedule spans them
     changed = [f"--{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
-               if k not in RESUMABLE and k in saved and saved[k] != now[k]]
+               if (k not in RESUMABLE or k in fixed) and k in saved and saved[k] != now[k]]
     if changed:
         raise UserError(f"--resume with settings that differ from the run in {cfg.workdir}: {', '.join(changed)}; "
-                        f"resume with the original values (only --epochs and --profile_* may change) or "
-                        f"choose another --workdir")
+                        f"resume with the original values (only --epochs, not under --lr_schedule=cosine, and "
+                        f"--profile_* may change) or choose another --workdir")
 
 
 def _tracker(cfg: RunConfig, saved: Optional[Dict[str, Any]] = None) -> PlateauTracker:
@@ -480,6 +490,7 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
 
 
 def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
+    decision_rule(cfg, data)  # a decision the data cannot take stops the run before training
     _announce(cfg, data)
     trainer = Trainer(cfg, data, init_variables=init_variables)
     ckpt = checkpoints.Checkpointer(cfg.workdir)
@@ -532,7 +543,8 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
             lrs = np.asarray(state.opt_state.hyperparams["learning_rate"], float)
             active = ~np.array(tracker.stopped)  # the replicas that trained this epoch
             improved, new_lrs = tracker.update(epoch + 1, select_loss, lrs)
-            state = _set_learning_rates(trainer, state, new_lrs)
+            if cfg.lr_schedule == "constant":  # a schedule sets the rate itself, at every step
+                state = _set_learning_rates(trainer, state, new_lrs)
             kept = improved if cfg.keep == "best" else active  # keep=last: the "best" slot holds the last epoch
             if kept.any():
                 best["state"] = _select(jnp.asarray(kept), state, best["state"])
@@ -547,19 +559,79 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
                 trainer.steps_per_epoch * cfg.batch_size * cfg.num_seeds))
 
 
+PREDICTIONS_FILE = "predictions.npz"
+
+
+def decision_rule(cfg: RunConfig, data) -> Dict[str, Any]:
+    """results.json's ``decision``: {"rule", "threshold", "train_prior", "target_prior"}.
+
+    ``train_prior``: the training split's class frequencies. ``target_prior``: the expected test
+    class balance, :data:`lightflax.metrics.PNEUMONIA_TEST_PRIOR` for two-class data (the X-ray
+    datasets, and synthetic data standing in for them), None otherwise. ``threshold``: with
+    ``rule="prior_corrected"`` the threshold on p(class 1) above which class 1 is predicted
+    (:func:`lightflax.metrics.prior_threshold`); None with ``argmax``."""
+    k = data.num_classes
+    train_prior = metrics_lib.class_prior(data.splits["train"].labels, k)
+    target = list(metrics_lib.PNEUMONIA_TEST_PRIOR) if k == 2 else None
+    threshold = None
+    if cfg.decision == "prior_corrected":
+        if target is None:
+            raise UserError(f"--decision=prior_corrected is for two-class data; {data.name} has {k} classes: "
+                            f"use --decision=argmax")
+        if np.any(train_prior == 0):
+            raise UserError("--decision=prior_corrected needs both classes in the training split; "
+                            "use --decision=argmax")
+        threshold = metrics_lib.prior_threshold(train_prior, target)
+    return {"rule": cfg.decision, "threshold": threshold, "train_prior": train_prior.tolist(),
+            "target_prior": target}
+
+
+def split_metrics(log_probs: np.ndarray, labels: np.ndarray, decision: Dict[str, Any]) -> Dict[str, Any]:
+    """One set of (N, C) log-probabilities: classification_metrics, plus shift_proxies where the
+    decision has a target prior, plus ``<accuracy|sensitivity|specificity>_prior_corrected`` with
+    the prior-corrected rule (the 0.5 figures stay under their own names)."""
+    out = metrics_lib.classification_metrics(log_probs, labels)
+    if decision["target_prior"] is not None:
+        out.update(metrics_lib.shift_proxies(log_probs, labels, source_prior=decision["train_prior"],
+                                             target_prior=decision["target_prior"]))
+    if decision["rule"] == "prior_corrected":
+        corrected = metrics_lib.threshold_metrics(log_probs, labels, decision["threshold"])
+        out.update({f"{k}_prior_corrected": v for k, v in corrected.items()})
+    return out
+
+
+def write_predictions(path: str, predictions: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
+    """``predictions.npz``: per split ``<split>_log_probs`` (R, N, C) float32 and ``<split>_labels`` (N,)."""
+    arrays = {}
+    for split, (lp, y) in predictions.items():
+        arrays[f"{split}_log_probs"] = np.asarray(lp, np.float32)
+        arrays[f"{split}_labels"] = np.asarray(y)
+    files.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
 def _finish(cfg: RunConfig, data, trainer: Trainer, best_state, counts, compiled, eval_compile_s, step_timer,
             times, history, tracker, select_arrays, extra) -> Dict[str, Any]:
-    """Tests the best state, exports it and writes results.json and the run's report."""
-    test = trainer.evaluate(best_state, trainer.device_split("test")) if data.splits.get("test") else None
+    """Tests the best state, exports it and writes results.json, predictions.npz and the run's report."""
+    decision = decision_rule(cfg, data)
+    predictions = {cfg.select_split: trainer.log_probs(best_state, select_arrays)}
+    if data.splits.get("test") and "test" not in predictions:
+        predictions["test"] = trainer.log_probs(best_state, trainer.device_split("test"))
+    per_replica = {split: [split_metrics(lp[r], y, decision) for r in range(trainer.num_seeds)]
+                   for split, (lp, y) in predictions.items()}
+    ensemble = ({split: split_metrics(metrics_lib.ensemble_log_probs(lp), y, decision)
+                 for split, (lp, y) in predictions.items()} if trainer.num_seeds > 1 else {})
     outcome = report.RunOutcome(
         counts=counts, size_bytes=export_models(trainer, best_state), compiled=compiled,
         eval_compile_s=eval_compile_s, step_stats=step_timer.stats(), epoch_times=times.epoch_s,
         total_s=times.loop_s, checkpoint_s=times.checkpoint_s, history=history, best_epoch=tracker.best_epoch,
-        select_metrics=trainer.evaluate(best_state, select_arrays), test_metrics=test, n_devices=trainer.n_devices,
-        steps_per_epoch=trainer.steps_per_epoch)
+        select_metrics=per_replica[cfg.select_split], test_metrics=per_replica.get("test"),
+        n_devices=trainer.n_devices, steps_per_epoch=trainer.steps_per_epoch, decision=decision,
+        select_ensemble=ensemble.get(cfg.select_split), test_ensemble=ensemble.get("test"))
     epochs = kept_epochs(cfg, tracker, len(history))
     extra = dict(extra, kept_checkpoint=cfg.keep, kept_epoch=epochs if cfg.num_seeds > 1 else epochs[0])
     results = report.build_results(cfg, data, outcome, extra)
+    if jax.process_index() == 0:
+        write_predictions(os.path.join(cfg.workdir, PREDICTIONS_FILE), predictions)
     if jax.process_index() == 0:
         report.write_run(cfg.workdir, results, history, select_split=cfg.select_split,
                          title=cfg.experiment)

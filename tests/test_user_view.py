@@ -61,7 +61,9 @@ def test_main_command_results_json(main_run):
     for key in ("total_params", "trainable_params", "size_bytes", "time_per_epoch_s", "compile_time_s",
                 "images_per_s", "select_metrics", "majority_baseline", "memory", "flags", "data_default"):
         assert key in r, key
-    assert set(r["select_metrics"]) == {"loss", "accuracy", "sensitivity", "specificity", "roc_auc"}  # no *_std
+    assert {"loss", "accuracy", "sensitivity", "specificity", "roc_auc", "balanced_accuracy", "ece",
+            "target_prior_accuracy"} <= set(r["select_metrics"])  # 2 classes: the shift proxies too
+    assert not [k for k in r["select_metrics"] if k.endswith("_std")]  # one seed: no spread
     assert not [k for k in r if k.endswith("_std")]
     assert r["majority_baseline"]["val"] == pytest.approx(390 / 524, abs=0.01)
     assert r["memory"]["process_peak_rss_bytes"] > 10 ** 7 and "peak_bytes" not in r["memory"]
