@@ -101,13 +101,16 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 # ----------------------------------------------------------------------------
 
 # recipe -> {flag: value}. "study" is today's defaults (the seed study's protocol); "robust" is
-# meant to generalise to a shifted test set. The robust values are PLACEHOLDERS until the
-# ablations (3 seeds, validation split and shift proxies) choose them.
+# meant to generalise to a shifted test set: an ensemble of 3 replicas, a cosine learning-rate
+# decay (a settled final model instead of a noisy best-validation-loss epoch) and the decision
+# moved to the test split's published class balance. Chosen by the 3-seed ablations in
+# docs/robust.md (validation split, class-balance and acquisition-shift proxies); the study's
+# augmentation, dropout 0.25 and a class-balanced loss were measured there and not taken.
 RECIPES: Dict[str, Dict[str, Any]] = {
     "study": {"augment": "none", "dropout": 0.0, "class_weighting": "none", "lr_schedule": "constant",
               "epochs": 20, "num_seeds": 1, "decision": "argmax"},
-    "robust": {"augment": "study", "dropout": 0.25, "class_weighting": "balanced", "lr_schedule": "cosine",
-               "epochs": 40, "num_seeds": 3, "decision": "prior_corrected"},
+    "robust": {"augment": "none", "dropout": 0.0, "class_weighting": "none", "lr_schedule": "cosine",
+               "epochs": 20, "num_seeds": 3, "decision": "prior_corrected"},
 }
 RECIPE_EXPERIMENTS = ("xray_light", "xray_conv2d", "xray_transfer")
 _applied_recipe: Dict[str, Any] = {}  # what apply_recipe did (results.json), empty before

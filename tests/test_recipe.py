@@ -338,9 +338,9 @@ def test_robust_recipe_end_to_end(tmp_path):
     r = json.loads((wd / "results.json").read_text())
     c = r["config"]
     assert r["recipe"] == "robust"
-    assert (c["augment"], c["model_kwargs"]["dropout"], c["class_weighting"], c["lr_schedule"], c["decision"]) == \
-        ("study", 0.25, "balanced", "cosine", "prior_corrected")
-    assert (c["epochs"], c["num_seeds"]) == (1, 2)  # explicit flags win over the recipe's 40 and 3
+    assert (c["augment"], c["model_kwargs"].get("dropout", 0.0), c["class_weighting"], c["lr_schedule"],
+            c["decision"]) == ("none", 0.0, "none", "cosine", "prior_corrected")
+    assert (c["epochs"], c["num_seeds"]) == (1, 2)  # explicit flags win over the recipe's 20 and 3
     assert r["recipe_overrides"] == {"epochs": 1, "num_seeds": 2}
     assert r["recipe_values"]["epochs"] == 1 and r["recipe_values"]["lr_schedule"] == "cosine"
     assert r["decision"]["rule"] == "prior_corrected" and "test_ensemble" in r
