@@ -16,7 +16,8 @@ contain (so that an augmented model is not scored on its own training distributi
 
 Each condition is reported at the 0.5 threshold (accuracy, balanced accuracy, ROC AUC) and as the
 accuracy expected at the official test split's class balance (234 normal / 390 pneumonia), with
-the 0.5 decision and with the prior-corrected one (``lightflax.metrics``). "shifted mean" is the
+the 0.5 decision and with the prior-corrected one (``lightflax.metrics``; corrected from the
+training prior, or from a uniform one for runs trained with ``--class_weighting=balanced``). "shifted mean" is the
 mean over the six changed conditions (the clean one excluded), per replica then mean +- sample
 std over replicas; the ensemble is one model, so it has one value.
 
@@ -82,8 +83,11 @@ def figures(p: np.ndarray, labels: np.ndarray, train_prior) -> Dict[str, float]:
 
 
 def evaluate_run(workdir: str, val_images: np.ndarray, val_labels: np.ndarray, train_prior) -> Dict[str, List]:
-    """{condition: [figures of replica 0, ..., figures of the ensemble]}."""
+    """{condition: [figures of replica 0, ..., figures of the ensemble]}. The prior correction starts
+    from the prior the model reflects: the training split's, or uniform for a class-balanced loss."""
     module, variables, results, _ = predict.load_replicas(workdir)
+    if results["config"].get("class_weighting") == "balanced":
+        train_prior = np.array([0.5, 0.5])
     out: Dict[str, List] = {}
     for cond in CONDITIONS:
         x = corrupt(val_images, cond)

@@ -563,15 +563,19 @@ PREDICTIONS_FILE = "predictions.npz"
 
 
 def decision_rule(cfg: RunConfig, data) -> Dict[str, Any]:
-    """results.json's ``decision``: {"rule", "threshold", "train_prior", "target_prior"}.
+    """results.json's ``decision``: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}.
 
-    ``train_prior``: the training split's class frequencies. ``target_prior``: the expected test
-    class balance, :data:`lightflax.metrics.PNEUMONIA_TEST_PRIOR` for two-class data (the X-ray
-    datasets, and synthetic data standing in for them), None otherwise. ``threshold``: with
+    ``train_prior``: the training split's class frequencies. ``model_prior``: the class balance the
+    model's probabilities reflect: the training prior, or uniform with ``class_weighting="balanced"``
+    (a loss that weighs the classes equally trains at a uniform prior; correcting from the training
+    prior would shift the decision twice). ``target_prior``: the expected test class balance,
+    :data:`lightflax.metrics.PNEUMONIA_TEST_PRIOR` for two-class data (the X-ray datasets, and
+    synthetic data standing in for them), None otherwise. ``threshold``: with
     ``rule="prior_corrected"`` the threshold on p(class 1) above which class 1 is predicted
-    (:func:`lightflax.metrics.prior_threshold`); None with ``argmax``."""
+    (:func:`lightflax.metrics.prior_threshold` from the model prior); None with ``argmax``."""
     k = data.num_classes
     train_prior = metrics_lib.class_prior(data.splits["train"].labels, k)
+    model_prior = np.full(k, 1.0 / k) if cfg.class_weighting == "balanced" else train_prior
     target = list(metrics_lib.PNEUMONIA_TEST_PRIOR) if k == 2 else None
     threshold = None
     if cfg.decision == "prior_corrected":
@@ -581,9 +585,9 @@ def decision_rule(cfg: RunConfig, data) -> Dict[str, Any]:
         if np.any(train_prior == 0):
             raise UserError("--decision=prior_corrected needs both classes in the training split; "
                             "use --decision=argmax")
-        threshold = metrics_lib.prior_threshold(train_prior, target)
+        threshold = metrics_lib.prior_threshold(model_prior, target)
     return {"rule": cfg.decision, "threshold": threshold, "train_prior": train_prior.tolist(),
-            "target_prior": target}
+            "model_prior": model_prior.tolist(), "target_prior": target}
 
 
 def split_metrics(log_probs: np.ndarray, labels: np.ndarray, decision: Dict[str, Any]) -> Dict[str, Any]:
@@ -592,7 +596,7 @@ def split_metrics(log_probs: np.ndarray, labels: np.ndarray, decision: Dict[str,
     the prior-corrected rule (the 0.5 figures stay under their own names)."""
     out = metrics_lib.classification_metrics(log_probs, labels)
     if decision["target_prior"] is not None:
-        out.update(metrics_lib.shift_proxies(log_probs, labels, source_prior=decision["train_prior"],
+        out.update(metrics_lib.shift_proxies(log_probs, labels, source_prior=decision["model_prior"],
                                              target_prior=decision["target_prior"]))
     if decision["rule"] == "prior_corrected":
         corrected = metrics_lib.threshold_metrics(log_probs, labels, decision["threshold"])

@@ -67,7 +67,7 @@ def _recompute(lp, y, decision):
     from lightflax import metrics
 
     out = metrics.classification_metrics(lp, y)
-    out.update(metrics.shift_proxies(lp, y, source_prior=decision["train_prior"],
+    out.update(metrics.shift_proxies(lp, y, source_prior=decision["model_prior"],
                                      target_prior=decision["target_prior"]))
     corrected = metrics.threshold_metrics(lp, y, decision["threshold"])
     out.update({f"{k}_prior_corrected": v for k, v in corrected.items()})
@@ -90,10 +90,11 @@ def test_predictions_npz_reproduces_the_reported_metrics(two_seed_run):
     z = np.load(wd / "predictions.npz")
     assert sorted(z.files) == ["test_labels", "test_log_probs", "val_labels", "val_log_probs"]
     decision = r["decision"]
-    assert set(decision) == {"rule", "threshold", "train_prior", "target_prior"}
+    assert set(decision) == {"rule", "threshold", "train_prior", "model_prior", "target_prior"}
+    assert decision["model_prior"] == decision["train_prior"]  # no class weighting
     assert decision["rule"] == "prior_corrected"
     np.testing.assert_allclose(decision["target_prior"], metrics.PNEUMONIA_TEST_PRIOR)
-    assert decision["threshold"] == pytest.approx(metrics.prior_threshold(decision["train_prior"],
+    assert decision["threshold"] == pytest.approx(metrics.prior_threshold(decision["model_prior"],
                                                                           decision["target_prior"]))
     for split in ("val", "test"):
         lp, y = z[f"{split}_log_probs"], z[f"{split}_labels"]
@@ -351,3 +352,22 @@ def test_unknown_recipe_is_a_flag_error(tmp_path):
                       check=2)
     assert "recipe" in proc.stderr and "robust" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_balanced_loss_is_corrected_from_a_uniform_prior():
+    """class_weighting=balanced trains at a uniform prior: the prior-corrected threshold must start from
+    it (0.375 for the X-ray test balance), not from the training split's prior (0.633)."""
+    from types import SimpleNamespace
+
+    from lightflax import metrics, train
+    from lightflax.config import RunConfig
+
+    labels = np.array([0] * 26 + [1] * 74)
+    data = SimpleNamespace(num_classes=2, name="x", splits={"train": SimpleNamespace(labels=labels)})
+    plain = train.decision_rule(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
+    balanced = train.decision_rule(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
+                                             class_weighting="balanced"), data)
+    assert plain["threshold"] == pytest.approx(metrics.prior_threshold([0.26, 0.74], metrics.PNEUMONIA_TEST_PRIOR))
+    assert balanced["model_prior"] == [0.5, 0.5] and balanced["train_prior"] == [0.26, 0.74]
+    assert balanced["threshold"] == pytest.approx(0.375)
+    assert plain["threshold"] > 0.6 > balanced["threshold"]
