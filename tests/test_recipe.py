@@ -123,7 +123,7 @@ def test_ten_classes_have_no_shift_proxies_and_refuse_prior_correction(tmp_path)
     run_launch(["--experiment=fashion_mnist", "--method=conv2d", f"--workdir={wd}", *TINY], check=0)
     r = json.loads((wd / "results.json").read_text())
     assert r["decision"] == {"rule": "argmax", "threshold": None, "train_prior": r["decision"]["train_prior"],
-                             "target_prior": None}
+                             "model_prior": r["decision"]["train_prior"], "target_prior": None}
     assert len(r["decision"]["train_prior"]) == 10
     assert "balanced_accuracy" not in r["select_metrics"] and "ece" not in r["select_metrics"]
     assert "select_ensemble" not in r  # one seed: no ensemble
