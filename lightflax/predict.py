@@ -6,9 +6,11 @@
 A multi-seed run (``--num_seeds`` R) is scored as the ensemble of its R replicas: the mean of
 their class probabilities. The predicted class follows the run's decision rule, results.json's
 ``decision`` entry: ``{"rule": "argmax" | "prior_corrected", "threshold": float | null,
-"train_prior": [...], "target_prior": [...] | null}``. With a threshold (binary tasks) class 1
-is predicted when p(class 1) > threshold; ``prior_corrected`` without one takes the argmax of
-p(c) * target_prior(c) / train_prior(c) (a uniform target prior when it is null); a run
+"train_prior": [...], "model_prior": [...], "target_prior": [...] | null}``. With a threshold (binary
+tasks) class 1 is predicted when p(class 1) > threshold; ``prior_corrected`` without one takes the
+argmax of p(c) * target_prior(c) / model_prior(c) (a uniform target prior when it is null;
+model_prior is the class balance the model's probabilities carry: uniform after a class-balanced
+loss, else train_prior, which stands in for it in runs written before model_prior existed); a run
 without the entry (older runs) uses the argmax. ``probabilities`` are written as the models
 output them (averaged, not prior-corrected).
 """
@@ -66,11 +68,11 @@ def load_replicas(workdir: str, seed_index: Optional[int] = None):
 
 
 def decision_rule(results, path: str = "results.json") -> Dict[str, Any]:
-    """The run's decision entry, checked: {"rule", "threshold", "train_prior", "target_prior"}
+    """The run's decision entry, checked: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}
     (``{"rule": "argmax", ...None}`` for runs without one)."""
     d = results.get("decision")
     if d is None:
-        return {"rule": "argmax", "threshold": None, "train_prior": None, "target_prior": None}
+        return {"rule": "argmax", "threshold": None, "train_prior": None, "model_prior": None, "target_prior": None}
     c = int(results["dataset"]["num_classes"])
     try:
         rule, threshold = d["rule"], d.get("threshold")
@@ -81,7 +83,7 @@ def decision_rule(results, path: str = "results.json") -> Dict[str, Any]:
             if c != 2 or not 0.0 <= threshold <= 1.0:
                 raise ValueError(f"threshold {threshold} needs a binary task and a value in [0, 1]")
         priors = {}
-        for key in ("train_prior", "target_prior"):
+        for key in ("train_prior", "model_prior", "target_prior"):
             v = d.get(key)
             priors[key] = None if v is None else np.asarray(v, np.float64)
             if v is not None and (priors[key].shape != (c,) or not np.all(priors[key] > 0)):
@@ -100,9 +102,16 @@ def apply_rule(probabilities: np.ndarray, decision: Dict[str, Any]) -> np.ndarra
     if decision["threshold"] is not None:
         return (p[:, 1] > decision["threshold"]).astype(np.int64)
     if decision["rule"] == "prior_corrected":
+        from lightflax import metrics
+
         target = decision["target_prior"]
         target = np.full(p.shape[1], 1.0 / p.shape[1]) if target is None else target
-        p = p * (target / decision["train_prior"])
+        # the prior the model's probabilities carry: uniform for a class-balanced loss (model_prior),
+        # the training split's otherwise; runs older than model_prior carry only train_prior
+        source = decision.get("model_prior")
+        source = decision["train_prior"] if source is None else source
+        with np.errstate(divide="ignore"):
+            return np.argmax(metrics.prior_corrected_log_probs(np.log(p), source, target), axis=1).astype(np.int64)
     return np.argmax(p, axis=1).astype(np.int64)
 
 
@@ -110,7 +119,7 @@ def _describe_rule(decision: Dict[str, Any]) -> str:
     if decision["threshold"] is not None:
         return f"{decision['rule']} (class 1 when p(class 1) > {decision['threshold']:.4g})"
     if decision["rule"] == "prior_corrected":
-        return "prior_corrected (argmax of p * target prior / train prior)"
+        return "prior_corrected (argmax of p * target prior / model prior)"
     return "argmax"
 
 

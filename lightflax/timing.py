@@ -216,10 +216,11 @@ class StepTimer:
     cost tens of microseconds per step.
     """
 
-    def __init__(self, warmup: int = 1):
+    def __init__(self, warmup: int = 1, clock: Callable[[], float] = time.perf_counter):
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
         self.warmup = warmup
+        self.clock = clock  # seconds; injectable so that a test can drive it without patching `time`
         self.durations: List[float] = []
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -230,10 +231,10 @@ class StepTimer:
         second.
         """
         sync((args, kwargs))
-        t0 = time.perf_counter()
+        t0 = self.clock()
         out = fn(*args, **kwargs)
         sync(out)
-        self.durations.append(time.perf_counter() - t0)
+        self.durations.append(self.clock() - t0)
         return out
 
     @property

@@ -13,16 +13,20 @@ REPO = Path(__file__).resolve().parent.parent
 def _session_compilation_cache() -> None:
     """One JAX persistent compilation cache for the whole test session: the xdist workers and every
     launch.py / python -c subprocess inherit it through the environment, so the many runs that compile
-    the same small models (and the same eager operations) compile each program once. A fresh empty
-    folder per session, removed at its end: nothing is reused across sessions.
+    the same small models compile each program once. A fresh empty folder per session, removed at its
+    end: nothing is reused across sessions.
     Entries are keyed by the program, JAX/XLA versions, flags and devices, so a hit is the same
-    executable. A maximum size turns on JAX's file lock, so no process reads a half-written entry."""
+    executable. A maximum size turns on JAX's file lock, so no process reads a half-written entry.
+    Only programs that took >= 0.25 s to compile are kept: with every eager operation cached (a
+    threshold of 0) the folder grew to thousands of entries, and JAX scans the whole folder under
+    the lock on every write, so writes took seconds, other processes timed out on the lock and a CI
+    run took 82 minutes instead of 18."""
     if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("LIGHTFLAX_TEST_JAX_CACHE"):
         return  # an xdist worker: the controller's folder came with the environment
     folder = tempfile.mkdtemp(prefix="lightflax-test-jax-cache-")
     atexit.register(shutil.rmtree, folder, True)
     os.environ["LIGHTFLAX_TEST_JAX_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.25"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 

@@ -99,6 +99,13 @@ def test_apply_rule_brute_force():
     got = predict.apply_rule(p, {"rule": "prior_corrected", "threshold": None, "train_prior": train,
                                  "target_prior": None})  # uniform target
     np.testing.assert_array_equal(got, np.argmax(p / train, axis=1))
+    # a class-balanced loss: the probabilities carry the uniform model_prior, not the training split's
+    model = np.full(3, 1 / 3)
+    got = predict.apply_rule(p, {"rule": "prior_corrected", "threshold": None, "train_prior": train,
+                                 "model_prior": model, "target_prior": target})
+    want = [max(range(3), key=lambda c: p[i, c] * target[c] / model[c]) for i in range(50)]
+    np.testing.assert_array_equal(got, want)
+    assert np.any(got != np.argmax(p * target / train, axis=1))
 
 
 def test_seed_index_out_of_range_is_one_line(run, tmp_path):
@@ -110,7 +117,9 @@ def test_seed_index_out_of_range_is_one_line(run, tmp_path):
 
 @pytest.mark.parametrize("decision", [{"rule": "vote"}, {"rule": "argmax", "threshold": 2.0},
                                       {"rule": "prior_corrected", "threshold": None},
-                                      {"rule": "prior_corrected", "train_prior": [0.5, -1.0]}, ["argmax"]])
+                                      {"rule": "prior_corrected", "train_prior": [0.5, -1.0]},
+                                      {"rule": "prior_corrected", "train_prior": [0.5, 0.5], "model_prior": [1.0]},
+                                      ["argmax"]])
 def test_damaged_decision_entry_is_one_line(tmp_path, decision):
     wd = tmp_path / "run"
     wd.mkdir()

@@ -114,10 +114,13 @@ class _Clock:
 
 @pytest.fixture
 def fake_clock(monkeypatch):
+    """install(times) -> (clock, log): a fake clock for StepTimer(clock=...) and a log of clock reads and
+    syncs. The clock is injected, not patched into `time`: JAX's compilation cache and file locks read
+    time.perf_counter too, and must not consume the preset times."""
     log = []
 
     def install(times):
-        monkeypatch.setattr(timing.time, "perf_counter", _Clock(times, log))
+        clock = _Clock(times, log)
         real_sync = timing.sync
 
         def logging_sync(tree):
@@ -125,15 +128,15 @@ def fake_clock(monkeypatch):
             return real_sync(tree)
 
         monkeypatch.setattr(timing, "sync", logging_sync)
-        return log
+        return clock, log
 
     return install
 
 
 def test_step_timer_syncs_before_every_clock_read(fake_clock):
     # Step durations 5 (warm-up), 1, 2, 3 seconds on the fake clock.
-    log = fake_clock([0, 5, 10, 11, 20, 22, 30, 33])
-    timer = timing.StepTimer(warmup=1)
+    clock, log = fake_clock([0, 5, 10, 11, 20, 22, 30, 33])
+    timer = timing.StepTimer(warmup=1, clock=clock)
     calls = []
 
     def fn(x):
