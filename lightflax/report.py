@@ -312,10 +312,11 @@ def run_title(results: Dict[str, Any]) -> str:
 
 
 def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "", select_split: str = "val",
-                synthetic: bool = False, best_epoch: Any = None) -> None:
+                synthetic: bool = False, best_epoch: Any = None, epoch_label: str = "selected epoch") -> None:
     """Accuracy and loss curves per epoch, as the study plotted: train and the selection split in
-    distinct colours (one shade per seed), integer epoch ticks, the selected (best) epoch marked,
-    and a SYNTHETIC banner when the data were random images."""
+    distinct colours (one shade per seed), integer epoch ticks, the epoch whose weights the run
+    kept marked (``best_epoch``, one per replica, labelled ``epoch_label``), and a SYNTHETIC banner
+    when the data were random images."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,7 +334,7 @@ def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "", selec
                 ax.plot(epochs, vals[:, r], style, color=colour, marker="o", markersize=3,
                         alpha=1.0 if r == 0 else 0.6, label=label + (f" seed {r}" if vals.shape[1] > 1 else ""))
         for i, e in enumerate(b for b in best if b):
-            ax.axvline(e, color="tab:green", linestyle=":", label="selected epoch" if i == 0 else None)
+            ax.axvline(e, color="tab:green", linestyle=":", label=epoch_label if i == 0 else None)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
@@ -360,8 +361,12 @@ def write_run(workdir: str, results: Dict[str, Any], history: List[Dict[str, Any
     write_history_csv(os.path.join(workdir, "history.csv"), history, select_split)
     if history:
         title = f"{title}: {run_title(results)}" if title else run_title(results)
+        # the epoch whose weights were kept: the best one, or the last under --paper_protocol (keep=last)
+        last = results.get("kept_checkpoint") == "last"
         plot_curves(os.path.join(workdir, "curves.png"), history, title, select_split,
-                    synthetic=bool(results.get("synthetic")), best_epoch=results.get("best_epoch"))
+                    synthetic=bool(results.get("synthetic")),
+                    best_epoch=results.get("kept_epoch") if last else results.get("best_epoch"),
+                    epoch_label="kept epoch (last)" if last else "selected epoch")
 
 
 # ----------------------------------------------------------------------------

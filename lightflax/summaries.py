@@ -20,15 +20,34 @@ import struct
 from typing import Dict, List, Optional, Tuple
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch at module
+    level when it is installed (3.6 s per run start on the 2-core machine) only to accept torch
+    tensors, which the scalars written here never are. While ``sys.modules["torch"]`` is None an
+    ``import torch`` raises ImportError, tensorboardX's own fallback; the entry is removed after,
+    so a later ``import torch`` works as usual. A torch already imported is used as it is."""
+    import sys
+
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Writer:
     """Scalars of one run; ``enabled=False`` (processes other than 0) writes nothing."""
 
     def __init__(self, logdir: str, enabled: bool = True):
         self._writer = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
+            self._writer = _summary_writer_class()(logdir=logdir, flush_secs=10)
 
     def epoch(self, step: int, scalars: Dict[str, Optional[float]]) -> None:
         if self._writer is None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_launch
+from conftest import run_launch, run_python
 from lightflax import native, report, summaries, tables
 
 FEW = ["--epochs=2", "--steps_per_epoch=3", "--batch_size=16"]
@@ -149,11 +149,38 @@ def test_curves_say_what_they_show(tmp_path):
     assert reddish.sum() > 500  # the SYNTHETIC banner
 
 
+def test_curves_mark_the_epoch_whose_weights_were_kept(tmp_path, monkeypatch):
+    """The best epoch for a best-checkpoint run; the last one (kept_epoch) under --paper_protocol."""
+    seen = []
+    monkeypatch.setattr(report, "plot_curves", lambda *a, **k: seen.append((k["best_epoch"], k["epoch_label"])))
+    history = [{"epoch": e, "train_loss": [1.0], "train_accuracy": [0.5], "select_loss": [1.0],
+                "select_accuracy": [0.6], "learning_rate": [1e-3], "epoch_s": 1.0} for e in (1, 2, 3)]
+    base = {"model": "mnist_conv2d", "config": {}, "dataset": {"name": "x"}, "best_epoch": 2}
+    report.write_run(str(tmp_path), dict(base, kept_checkpoint="best", kept_epoch=2), history)
+    report.write_run(str(tmp_path), dict(base, kept_checkpoint="last", kept_epoch=3), history)
+    report.write_run(str(tmp_path), base, history)  # runs from before kept_checkpoint existed
+    assert seen == [(2, "selected epoch"), (3, "kept epoch (last)"), (2, "selected epoch")]
+
+
 def test_summaries_round_trip(tmp_path):
     with summaries.Writer(str(tmp_path)) as tb:
         tb.epoch(5, {"train/loss": 0.5, "val/roc_auc": None})
         tb.epoch(10, {"train/loss": 0.25})
     assert summaries.read_scalars(str(tmp_path)) == {"train/loss": [(5, 0.5), (10, 0.25)]}
+
+
+def test_summaries_do_not_import_torch(tmp_path):
+    """tensorboardX imports PyTorch when it is installed (seconds per run start); the writer keeps it
+    out, and a later `import torch` still works."""
+    code = (f"import sys, importlib.util\nfrom lightflax import summaries\n"
+            f"with summaries.Writer({str(tmp_path)!r}) as w:\n    w.epoch(1, {{'a': 0.5}})\n"
+            f"assert 'torch' not in sys.modules, 'torch imported'\n"
+            f"assert summaries.read_scalars({str(tmp_path)!r}) == {{'a': [(1, 0.5)]}}\n"
+            f"if importlib.util.find_spec('torch'):\n    import torch\n    print('torch', torch.__name__)\n")
+    out = run_python(code).stdout
+    import importlib.util
+
+    assert ("torch torch" in out) == (importlib.util.find_spec("torch") is not None)
 
 
 def test_tables_take_one_run_folder_and_reject_unknown_metrics(tmp_path, capsys):
