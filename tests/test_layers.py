@@ -158,6 +158,25 @@ def test_light_dense_matches_numpy(batch):
     assert_close(layer.apply({"params": {**p, "bias": p64["bias"].astype(np.float32)}}, x), expected)
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (7, 3), (4096,), (4097,), (3, 3, 1, 8), (1, 1, 8, 16), (3, 3, 32, 5)])
+def test_uniform_is_jax_random_uniform_bit_for_bit(shape):
+    """layers.uniform draws a power-of-two bucket and slices it: the same bits as
+    jax.random.uniform for the shape itself, raw and typed keys, and under vmap (--num_seeds)."""
+    for key in (jax.random.PRNGKey(3), jax.random.key(3), jax.random.fold_in(jax.random.key(5), 7)):
+        np.testing.assert_array_equal(layers.uniform(key, shape, jnp.float32, -0.3, 0.7),
+                                      jax.random.uniform(key, shape, jnp.float32, -0.3, 0.7))
+    keys = jax.random.split(jax.random.key(1), 3)
+    np.testing.assert_array_equal(jax.vmap(lambda k: layers.glorot_uniform(k, shape))(keys),
+                                  jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, *_limits(shape)))(keys))
+    assert layers.uniform(jax.random.key(0), (0, 3), jnp.float32, 0.0, 1.0).shape == (0, 3)
+
+
+def _limits(shape):
+    fan_in, fan_out = layers._keras_fans(shape)
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return -limit, limit
+
+
 def test_light_conv2d_reference_initialisation():
     """Kernels glorot-uniform; biases glorot-uniform too (the reference's initializer=None)."""
     layer = layers.LightConv2D(64, 3, k=16)
