@@ -158,7 +158,7 @@ def test_light_dense_matches_numpy(batch):
     assert_close(layer.apply({"params": {**p, "bias": p64["bias"].astype(np.float32)}}, x), expected)
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (7, 3), (4096,), (4097,), (3, 3, 1, 8), (1, 1, 8, 16), (3, 3, 32, 5)])
+@pytest.mark.parametrize("shape", [(), (7, 3), (4097,), (3, 3, 32, 5)])
 def test_uniform_is_jax_random_uniform_bit_for_bit(shape):
     """layers.uniform draws a power-of-two bucket and slices it: the same bits as
     jax.random.uniform for the shape itself, raw and typed keys, and under vmap (--num_seeds)."""
