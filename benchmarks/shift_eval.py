@@ -82,16 +82,28 @@ def figures(p: np.ndarray, labels: np.ndarray, train_prior) -> Dict[str, float]:
             "prior_corrected_target_prior_accuracy": proxy["prior_corrected_target_prior_accuracy"]}
 
 
-def evaluate_run(workdir: str, val_images: np.ndarray, val_labels: np.ndarray, train_prior) -> Dict[str, List]:
+def evaluate_run(workdir: str, val_images: np.ndarray, val_labels: np.ndarray, train_prior,
+                 inputs_cache: Dict = None) -> Dict[str, List]:
     """{condition: [figures of replica 0, ..., figures of the ensemble]}. The prior correction starts
-    from the prior the model reflects: the training split's, or uniform for a class-balanced loss."""
+    from the prior the model reflects: the training split's, or uniform for a class-balanced loss.
+    The model inputs of each condition (for a transfer run: the backbone's features, the costly
+    part) are computed once and kept in ``inputs_cache`` for other runs of the same backbone."""
     module, variables, results, _ = predict.load_replicas(workdir)
     if results["config"].get("class_weighting") == "balanced":
         train_prior = np.array([0.5, 0.5])
+    inputs_cache = {} if inputs_cache is None else inputs_cache
+    feeds = (results.get("backbone"), results.get("backbone_weights_sha256"),
+             results["config"].get("model"), str((results["config"].get("model_kwargs") or {}).get("first_block")))
     out: Dict[str, List] = {}
     for cond in CONDITIONS:
-        x = corrupt(val_images, cond)
-        per = [predict.predict_probabilities(module, v, results, x) for v in variables]
+        key = (feeds, cond) if results.get("backbone") else None
+        if key is None or key not in inputs_cache:
+            x = predict.model_inputs(results, corrupt(val_images, cond))
+            if key is not None:
+                inputs_cache[key] = x
+        else:
+            x = inputs_cache[key]
+        per = [predict.probabilities_of_inputs(module, v, results, x) for v in variables]
         rows = [figures(p, val_labels, train_prior) for p in per]
         if len(per) > 1:
             rows.append(figures(np.mean(per, axis=0), val_labels, train_prior))
@@ -132,10 +144,11 @@ def main(argv=None) -> int:
     data = data_lib.load("pneumonia_mnist")
     val = data.splits["val"]
     train_prior = metrics.class_prior(data.splits["train"].labels, 2)
-    all_runs = {}
+    all_runs, inputs_cache = {}, {}
     for run in args.runs:
         all_runs[os.path.basename(os.path.normpath(run))] = evaluate_run(run, np.asarray(val.images),
-                                                                         np.asarray(val.labels), train_prior)
+                                                                         np.asarray(val.labels), train_prior,
+                                                                         inputs_cache)
     print(table(all_runs))
     if args.out:
         with open(args.out, "w") as f:

@@ -191,23 +191,30 @@ def load_images(path: str) -> np.ndarray:
     return images
 
 
-def predict_probabilities(module, variables, results, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """(N, C) probabilities of one model (``variables``), or the mean over several (a list)."""
+def model_inputs(results, images: np.ndarray) -> np.ndarray:
+    """What the run's model is fed for uint8 ``images``: the images themselves (grayscale when the
+    run trained on 1-channel images and RGB came: ITU-R 601-2 luma rounded to uint8, Pillow's "L"),
+    or for a transfer run the backbone's features of them (the expensive part; compute once and
+    score every replica on them with :func:`probabilities_of_inputs`)."""
+    stored_c = results["dataset"]["stored_shape"][-1]
+    if images.shape[-1] == 3 and stored_c == 1:
+        gray = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        images = np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
+    if results.get("backbone"):
+        return _backbone_inputs(results, images)
+    return images
+
+
+def probabilities_of_inputs(module, variables, results, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, C) probabilities of :func:`model_inputs`' output under one model (``variables``), or the
+    mean over several (a list)."""
     from lightflax.data import pipeline
 
     replicas = variables if isinstance(variables, list) else [variables]
-
     cfg = results["config"]
-    stored_c = results["dataset"]["stored_shape"][-1]
-    if images.shape[-1] == 3 and stored_c == 1:
-        # The run trained on grayscale: convert like Pillow's "L" (ITU-R 601-2).
-        gray = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        images = np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
     size = cfg.get("eval_image_size") or cfg.get("image_size")
     mean = tuple(cfg["mean"]) if cfg.get("mean") else None
     transfer = bool(results.get("backbone"))
-    if transfer:
-        images = _backbone_inputs(results, images)
 
     @jax.jit
     def probs(v, x):
@@ -218,8 +225,8 @@ def predict_probabilities(module, variables, results, images: np.ndarray, batch_
     total = None
     for v in replicas:  # one compiled function for every replica (same shapes)
         out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
             pad = batch_size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
@@ -227,6 +234,12 @@ def predict_probabilities(module, variables, results, images: np.ndarray, batch_
         p = np.concatenate(out).astype(np.float64)
         total = p if total is None else total + p
     return (total / len(replicas)).astype(np.float32)
+
+
+def predict_probabilities(module, variables, results, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, C) probabilities of uint8 ``images`` under one model (``variables``), or the mean over
+    several (a list)."""
+    return probabilities_of_inputs(module, variables, results, model_inputs(results, images), batch_size)
 
 
 def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int = 64,
