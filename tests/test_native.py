@@ -185,6 +185,108 @@ def test_conv_vmap_and_unsupported_cases():
 
 
 # ---------------------------------------------------------------------------
+# Depthwise convolution (native forward, XLA backward) and the backbone that uses it
+# ---------------------------------------------------------------------------
+
+DW_CASES = [  # n, h, w, c, k, stride, padding, bias, relu
+    (2, 9, 7, 5, 3, 1, "SAME", False, False), (1, 12, 12, 8, 5, 2, "SAME", True, True),
+    (3, 11, 11, 32, 3, 2, "VALID", True, False), (1, 7, 7, 1, 3, 1, "SAME", False, True),
+    (2, 16, 15, 64, 5, 1, "VALID", False, False), (1, 14, 14, 144, 5, 2, "SAME", False, False),
+]
+
+
+def _dw_fns(c, stride, padding, bias, relu):
+    strides = (stride, stride)
+
+    def xla_conv(x, w):
+        return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=c)
+
+    def ref(x, w, b):
+        y = xla_conv(x, w)
+        y = y + b if bias else y
+        return nn.relu(y) if relu else y
+
+    def nat(x, w, b):
+        pads = tuple(lax.padtype_to_pads(x.shape[-3:-1], w.shape[:2], strides, padding))
+        return native.depthwise_conv2d(x, w, b if bias else None, strides, pads, nn.relu if relu else None,
+                                       lambda x, w: lax.conv_general_dilated(
+                                           x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                           feature_group_count=c))
+
+    return ref, nat
+
+
+@needs_native
+@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_depthwise_matches_lax(case):
+    """Values natively (one call), gradients (XLA's backward through the custom_vjp) equal lax's
+    grouped convolution; under vmap too (--num_seeds)."""
+    n, h, w, c, k, stride, padding, bias, relu = case
+    ks = jax.random.split(jax.random.key(sum(case[:6])), 4)
+    x = jax.random.normal(ks[0], (n, h, w, c))
+    wt = jax.random.normal(ks[1], (k, k, 1, c)) / k
+    b = jax.random.normal(ks[2], (c,))
+    ref, nat = _dw_fns(c, stride, padding, bias, relu)
+    native.reset_call_counts()
+    y = jax.jit(nat)(x, wt, b)
+    assert native.call_counts()["dwconv_fwd"] == 1
+    assert_close(y, ref(x, wt, b))
+    g = jax.random.normal(ks[3], y.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * g)  # noqa: E731
+    got = jax.jit(jax.grad(loss(nat), argnums=(0, 1, 2)))(x, wt, b)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(x, wt, b)
+    for i, (a, e) in enumerate(zip(got, want)):
+        if i == 2 and not bias:
+            continue
+        assert_close(a, e)
+    xs, ws = jnp.stack([x, -x]), jnp.stack([wt, 2 * wt])
+    assert_close(jax.jit(jax.vmap(lambda x, w: nat(x, w, b)))(xs, ws), jax.vmap(lambda x, w: ref(x, w, b))(xs, ws))
+
+
+@needs_native
+def test_depthwise_unsupported_cases_take_xla():
+    """A depth multiplier other than 1, float64/bfloat16 inputs and the xla switch: no native call,
+    XLA's result."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    native.reset_call_counts()
+    xla_conv = lambda m: lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+    w2 = jax.random.normal(jax.random.key(1), (3, 3, 1, 8))  # multiplier 2
+    y = native.depthwise_conv2d(x, w2, None, (1, 1), ((1, 1), (1, 1)), None, xla_conv(2))
+    assert_close(y, xla_conv(2)(x, w2))
+    w1 = jax.random.normal(jax.random.key(2), (3, 3, 1, 4))
+    y16 = native.depthwise_conv2d(x.astype(jnp.bfloat16), w1.astype(jnp.bfloat16), None, (1, 1), ((1, 1), (1, 1)),
+                                  None, xla_conv(1))
+    assert y16.dtype == jnp.bfloat16
+    with native.kernels("xla"):
+        native.depthwise_conv2d(x, w1, None, (1, 1), ((1, 1), (1, 1)), None, xla_conv(1))
+    assert native.call_counts()["dwconv_fwd"] == 0
+
+
+@needs_native
+def test_efficientnet_depthwise_layer_is_flax_conv():
+    """The backbone's DepthwiseConv has nn.Conv(feature_group_count=C)'s parameter and, natively
+    or not, its values and gradients."""
+    from lightflax.pretrained.efficientnet_lite0 import DepthwiseConv
+
+    x = jax.random.normal(jax.random.key(3), (2, 13, 13, 24))
+    for k, s in ((3, 1), (5, 2)):
+        ours = DepthwiseConv(k, s)
+        flax_conv = nn.Conv(24, (k, k), (s, s), padding="SAME", feature_group_count=24, use_bias=False)
+        v = ours.init(jax.random.key(0), x)
+        assert jax.tree_util.tree_map(jnp.shape, v) == jax.tree_util.tree_map(jnp.shape, flax_conv.init(
+            jax.random.key(0), x))
+        native.reset_call_counts()
+        assert_close(jax.jit(ours.apply)(v, x), flax_conv.apply(v, x))
+        assert native.call_counts()["dwconv_fwd"] == 1
+        f = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
+        got, want = jax.grad(f(ours), argnums=(0, 1))(v, x), jax.grad(f(flax_conv), argnums=(0, 1))(v, x)
+        for a, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            assert_close(a, e)
+
+
+# ---------------------------------------------------------------------------
 # BatchNorm (train / eval, moving statistics, ReLU fused) and max pooling
 # ---------------------------------------------------------------------------
 

@@ -148,7 +148,7 @@ def status() -> Dict[str, Any]:
     }
 
 
-_COUNTERS = ("conv_fwd", "conv_bwd", "bn_fwd", "bn_bwd", "bn_reduce", "pool_fwd", "pool_bwd")
+_COUNTERS = ("conv_fwd", "conv_bwd", "bn_fwd", "bn_bwd", "bn_reduce", "pool_fwd", "pool_bwd", "dwconv_fwd")
 
 
 def call_counts() -> Dict[str, int]:
@@ -197,6 +197,33 @@ def conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: 
     relu = _is_relu(activation)
     y = ops.conv2d(x, w, bias, strides, pads, relu,
                    lambda x, w, b: xla_conv(x, w) + (b if b is not None else 0.0) if not relu else xla(x, w, b))
+    if activation is not None and not relu:
+        y = activation(y)
+    return y
+
+
+def depthwise_conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: Callable):
+    """activation(depthwise_conv(x, w) + bias) for w (KH, KW, 1, C) and x (..., C): the forward
+    native (bias and ReLU fused) when it can, the backward pass and every other case XLA's.
+
+    ``pads`` explicit ((top, bottom), (left, right)); ``xla_conv(x, w)`` the plain XLA grouped
+    convolution (``feature_group_count=C``) to use otherwise.
+    """
+
+    def xla(x, w, b):
+        y = xla_conv(x, w)
+        if b is not None:
+            y = y + b.astype(y.dtype)
+        return activation(y) if activation is not None else y
+
+    if not (active() and x.ndim == 4 and w.ndim == 4 and w.shape[2] == 1 and w.shape[3] == x.shape[-1]
+            and _f32(x, w, bias)):
+        return xla(x, w, bias)
+    from lightflax.native import ops
+
+    relu = _is_relu(activation)
+    y = ops.depthwise_conv2d(x, w, bias, strides, pads, relu,
+                             lambda x, w, b: xla(x, w, b) if relu else xla_conv(x, w) + (b if b is not None else 0.0))
     if activation is not None and not relu:
         y = activation(y)
     return y

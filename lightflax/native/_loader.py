@@ -20,7 +20,7 @@ import sys
 from typing import Optional
 
 ENV_LIB = "LIGHTFLAX_NATIVE_LIB"
-ABI_VERSION = 2
+ABI_VERSION = 3
 HINT = "apt-get install -y libdnnl-dev g++ && pip install -e ."
 
 # FFI target name -> exported handler symbol.
@@ -36,6 +36,7 @@ TARGETS = {
     "lightflax_bn_bwd": "LfBnBwd",
     "lightflax_pool_fwd": "LfPoolFwd",
     "lightflax_pool_bwd": "LfPoolBwd",
+    "lightflax_dwconv_fwd": "LfDwConvFwd",
 }
 _INT_FUNCS = ("lightflax_native_abi", "lightflax_native_dnnl_built", "lightflax_native_dnnl_runtime",
               "lightflax_native_get_threads", "lightflax_native_primitives", "lightflax_native_calls")

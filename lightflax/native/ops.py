@@ -4,7 +4,8 @@ Every public function here takes an XLA formulation (``xla=``) of the same
 computation and dispatches with ``lax.platform_dependent``: the CPU lowering runs
 the native kernel, any other platform the XLA formulation. Callers
 (:mod:`lightflax.native`) only come here when the native library is loaded and
-the case is supported (float32, no dilation/groups); everything else stays XLA.
+the case is supported (float32, no dilation; groups only as a depthwise convolution with
+multiplier 1); everything else stays XLA.
 
 ``ffi_call(vmap_method="broadcast_all")``: under ``vmap`` every operand gets the
 same leading dimensions and the handlers loop over them (one call per step, not
@@ -105,6 +106,43 @@ def conv2d(x: Array, w: Array, b: Optional[Array], strides: Tuple[int, int], pad
     bb = b if has_bias else jnp.zeros((w.shape[-1],), jnp.float32)
     return _dispatch(lambda x, w, bb: _conv(x, w, bb, cfg), lambda x, w, bb: xla(x, w, bb if has_bias else None),
                      x, w, bb)
+
+
+# ----------------------------------------------------------------------------
+# Depthwise convolution (groups = channels, multiplier 1): native forward, XLA backward
+# ----------------------------------------------------------------------------
+
+
+def _dw_fwd_call(x, w, b, cfg):
+    return _call("lightflax_dwconv_fwd", _sds(_conv_out_shape(x.shape, w.shape, cfg)), x, w, b,
+                 **_conv_attrs(cfg))
+
+
+def depthwise_conv2d(x: Array, w: Array, b: Optional[Array], strides: Tuple[int, int], pads: Pads, relu: bool,
+                     xla: Callable[[Array, Array, Optional[Array]], Array]) -> Array:
+    """relu?(depthwise_conv(x, w) + b), w (KH, KW, 1, C): the forward natively on CPU (oneDNN's
+    depthwise kernels; XLA:CPU's grouped convolution runs at ~0.5 GFLOP/s), the gradients by
+    differentiating ``xla(x, w, b)`` (XLA's backward pass, also used on other platforms)."""
+    has_bias = b is not None
+    cfg = (tuple(strides), tuple(tuple(p) for p in pads), has_bias, bool(relu))
+    bb = b if has_bias else jnp.zeros((w.shape[-1],), jnp.float32)
+
+    def plain(x, w, bb):
+        return xla(x, w, bb if has_bias else None)
+
+    @jax.custom_vjp
+    def native(x, w, bb):
+        return _dw_fwd_call(x, w, bb, cfg)
+
+    def native_fwd(x, w, bb):
+        return _dw_fwd_call(x, w, bb, cfg), (x, w, bb)
+
+    def native_bwd(res, g):
+        _, vjp = jax.vjp(plain, *res)
+        return vjp(g)
+
+    native.defvjp(native_fwd, native_bwd)
+    return _dispatch(native, plain, x, w, bb)
 
 
 # ----------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
+from lightflax import native
 from lightflax.pretrained.backbone import Path, check_block_range
 
 RESOLUTION = 224
@@ -62,6 +64,31 @@ class ConvBNAct(nn.Module):
         return nn.relu6(_bn(train, self.dtype, "bn")(x))
 
 
+class DepthwiseConv(nn.Module):
+    """A kxk depthwise convolution, no bias, TF 'SAME' padding: ``nn.Conv(C, (k, k), s, "SAME",
+    feature_group_count=C, use_bias=False)`` with the same parameter ("kernel", (k, k, 1, C)),
+    whose forward pass runs on the native CPU kernels when they are active (XLA:CPU's grouped
+    convolution is the slowest part of feature extraction) and on XLA otherwise."""
+
+    kernel: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        w = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel, self.kernel, 1, c), jnp.float32)
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        strides = (self.stride, self.stride)
+        pads = tuple(lax.padtype_to_pads(x.shape[1:3], (self.kernel, self.kernel), strides, "SAME"))
+
+        def xla_conv(x, w):
+            return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=c)
+
+        return native.depthwise_conv2d(x, w, None, strides, pads, None, xla_conv)
+
+
 class MBConv(nn.Module):
     """[1x1 expand -> BN -> ReLU6] -> kxk depthwise -> BN -> ReLU6 -> 1x1 project -> BN [+ x]."""
 
@@ -80,9 +107,7 @@ class MBConv(nn.Module):
         if self.expand_ratio != 1:
             x = nn.Conv(hidden, (1, 1), use_bias=False, dtype=self.dtype, name="expand_conv")(x)
             x = nn.relu6(_bn(train, self.dtype, "bn0")(x))
-        x = nn.Conv(hidden, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
-                    feature_group_count=hidden, use_bias=False, dtype=self.dtype,
-                    name="depthwise_conv")(x)
+        x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="depthwise_conv")(x)
         x = nn.relu6(_bn(train, self.dtype, "bn1")(x))
         x = nn.Conv(self.out_features, (1, 1), use_bias=False, dtype=self.dtype, name="project_conv")(x)
         x = _bn(train, self.dtype, "bn2")(x)

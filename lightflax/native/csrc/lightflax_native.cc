@@ -33,11 +33,11 @@ using dt = dnnl::memory::data_type;
 
 namespace {
 
-constexpr int64_t kAbiVersion = 2;  // 2: lightflax_bn_reduce returns local means, not sums
+constexpr int64_t kAbiVersion = 3;  // 2: lightflax_bn_reduce returns local means; 3: depthwise forward
 
 std::atomic<int> g_threads{1};
 std::atomic<int64_t> g_primitives{0};
-std::atomic<int64_t> g_calls[8];  // conv_fwd, conv_bwd, bn_fwd, bn_bwd, bn_reduce, pool_fwd, pool_bwd, spare
+std::atomic<int64_t> g_calls[8];  // conv_fwd, conv_bwd, bn_fwd, bn_bwd, bn_reduce, pool_fwd, pool_bwd, dw_fwd
 
 void SetThreads() {
   int n = g_threads.load(std::memory_order_relaxed);
@@ -276,6 +276,93 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
     s.wait();
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("lightflax conv (oneDNN): ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Depthwise convolution (groups = channels, depth multiplier 1), forward only
+// ---------------------------------------------------------------------------
+// x (N, H, W, C), w (KH, KW, 1, C) as lax.conv_general_dilated(feature_group_count=C) takes it,
+// b (C,) -> y (N, OH, OW, C). The backward pass stays XLA's (ops.depthwise_conv2d's custom_vjp).
+
+struct DwEntry {
+  dnnl::primitive fwd;
+  memory::desc src, dst, user_w, fwd_w, bias;
+  size_t scratch = 0;
+};
+std::unordered_map<std::string, std::shared_ptr<DwEntry>> g_dw_cache;
+
+std::shared_ptr<DwEntry> GetDw(const ConvGeom& g) {
+  std::string key = Key(g, 2);
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    auto it = g_dw_cache.find(key);
+    if (it != g_dw_cache.end()) return it->second;
+  }
+  auto e = std::make_shared<DwEntry>();
+  e->src = memory::desc({g.n, g.c, g.h, g.w}, dt::f32, tag::nhwc);
+  e->dst = memory::desc({g.n, g.c, g.oh, g.ow}, dt::f32, tag::nhwc);
+  // Grouped weights {G, O/G, I/G, KH, KW} = {C, 1, 1, KH, KW} over the user's HWIO buffer (KH, KW, 1, C).
+  e->user_w = memory::desc({g.c, 1, 1, g.kh, g.kw}, dt::f32, memory::dims{1, 1, g.c, g.kw * g.c, g.c});
+  e->bias = memory::desc({g.c}, dt::f32, tag::x);
+  memory::desc w_any({g.c, 1, 1, g.kh, g.kw}, dt::f32, tag::any);
+  memory::dims strides{g.sh, g.sw}, padl{g.pt, g.pl}, padr{g.pb, g.pr};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (g.relu) {
+    dnnl::post_ops po;
+    po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(po);
+  }
+  auto prop = dnnl::prop_kind::forward_inference;
+  auto algo = dnnl::algorithm::convolution_direct;
+  auto pd = g.bias ? dnnl::convolution_forward::primitive_desc(
+                         dnnl::convolution_forward::desc(prop, algo, e->src, w_any, e->bias, e->dst, strides, padl,
+                                                         padr),
+                         attr, Engine())
+                   : dnnl::convolution_forward::primitive_desc(
+                         dnnl::convolution_forward::desc(prop, algo, e->src, w_any, e->dst, strides, padl, padr),
+                         attr, Engine());
+  e->fwd = dnnl::convolution_forward(pd);
+  e->fwd_w = pd.weights_desc();
+  e->scratch = pd.scratchpad_desc().get_size();
+  g_primitives += 1;
+  std::lock_guard<std::mutex> lk(g_mu);
+  return g_dw_cache.emplace(key, e).first->second;
+}
+
+ffi::Error DwConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                         int64_t pr, int64_t bias, int64_t relu) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() < 4 || wd.size() != xd.size() || yd.size() != xd.size())
+    return ffi::Error::InvalidArgument("lightflax depthwise conv: operands need equal ranks >= 4 (NHWC, HWIO)");
+  size_t p = xd.size() - 4;
+  for (size_t i = 0; i < p; ++i)
+    if (xd[i] != wd[i] || xd[i] != yd[i])
+      return ffi::Error::InvalidArgument("lightflax depthwise conv: leading (vmapped) dimensions differ");
+  if (wd[p + 2] != 1 || xd[p + 3] != wd[p + 3] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p])
+    return ffi::Error::InvalidArgument("lightflax depthwise conv: shape mismatch (w must be (KH, KW, 1, C))");
+  g_calls[7] += 1;
+  SetThreads();
+  try {
+    ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
+    auto e = GetDw(g);
+    int64_t reps = Prod(xd, 0, p);
+    int64_t xs = Prod(xd, p, xd.size()), ws = Prod(wd, p, wd.size()), ys = Prod(yd, p, yd.size());
+    auto& s = Stream();
+    for (int64_t r = 0; r < reps; ++r) {
+      memory xm(e->src, Engine(), x.typed_data() + r * xs), ym(e->dst, Engine(), y->typed_data() + r * ys);
+      memory wm = WeightsFor(e->fwd_w, e->user_w, w.typed_data() + r * ws, 0);
+      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
+                                           {DNNL_ARG_SCRATCHPAD, ScratchMem(e->scratch, 1)}};
+      if (g.bias) args[DNNL_ARG_BIAS] = memory(e->bias, Engine(), b.typed_data() + r * g.c);
+      e->fwd.execute(s, args);
+    }
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("lightflax depthwise conv (oneDNN): ") + err.what());
   }
   return ffi::Error::Success();
 }
@@ -743,6 +830,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnBwd, BnBwdImpl,
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("relu")
                                   .Attr<int64_t>("train"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfDwConvFwd, DwConvFwdImpl,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPoolFwd, PoolFwdImpl, ffi::Ffi::Bind().Arg<F32>().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPoolBwd, PoolBwdImpl, ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>());
 
