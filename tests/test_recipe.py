@@ -319,6 +319,13 @@ def test_recipe_sets_the_values_and_an_explicit_flag_wins(recipe_flags):
     record = common.apply_recipe("xray_transfer", skip={"augment": "cached features"})
     assert f.augment == "none" and f.num_seeds == robust["num_seeds"]
     assert record["recipe_skipped"] == {"augment": "cached features"}
+    # ... and its linear head trains to convergence: 100 epochs (RECIPE_ADJUSTMENTS), study keeps 20
+    assert f.epochs == 100 and record["recipe_values"]["epochs"] == 100 and robust["epochs"] == 20
+    f = parse("--recipe=robust", "--epochs=7")
+    assert common.apply_recipe("xray_transfer")["recipe_overrides"] == {"epochs": 7} and f.epochs == 7
+    f = parse("--recipe=study")
+    common.apply_recipe("xray_transfer")
+    assert f.epochs == 20
 
 
 def test_recipe_only_where_it_is_applied(recipe_flags):
