@@ -132,6 +132,25 @@ def _conv_fns(stride, padding, bias, relu):
     return ref, nat
 
 
+def _check_values_and_gradients(nat, ref, args, counter, bias, key):
+    """One native call (``counter``) whose values, and gradients of a random linear loss with
+    respect to (x, w, b) (b only with ``bias``), equal the reference's; returns (loss, the
+    reference gradients)."""
+    native.reset_call_counts()
+    y = jax.jit(nat)(*args)
+    assert native.call_counts()[counter] == 1
+    assert_close(y, ref(*args))
+    g = jax.random.normal(key, y.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * g)  # noqa: E731
+    got = jax.jit(jax.grad(loss(nat), argnums=(0, 1, 2)))(*args)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(*args)
+    for i, (a, e) in enumerate(zip(got, want)):
+        if i == 2 and not bias:
+            continue
+        assert_close(a, e)
+    return loss, want
+
+
 @needs_native
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_conv_matches_lax(case):
@@ -141,18 +160,7 @@ def test_conv_matches_lax(case):
     wt = jax.random.normal(ks[1], (k, k, c, o)) / np.sqrt(k * k * c)
     b = jax.random.normal(ks[2], (o,))
     ref, nat = _conv_fns(stride, padding, bias, relu)
-    native.reset_call_counts()
-    y = jax.jit(nat)(x, wt, b)
-    assert native.call_counts()["conv_fwd"] == 1
-    assert_close(y, ref(x, wt, b))
-    g = jax.random.normal(ks[3], y.shape)
-    loss = lambda f: lambda *a: jnp.sum(f(*a) * g)  # noqa: E731
-    got = jax.jit(jax.grad(loss(nat), argnums=(0, 1, 2)))(x, wt, b)
-    want = jax.grad(loss(ref), argnums=(0, 1, 2))(x, wt, b)
-    for i, (a, e) in enumerate(zip(got, want)):
-        if i == 2 and not bias:
-            continue
-        assert_close(a, e)
+    loss, want = _check_values_and_gradients(nat, ref, (x, wt, b), "conv_fwd", bias, ks[3])
     # gradients of the weights only: the backward-weights call alone (no dx), same values
     gw = jax.jit(jax.grad(loss(nat), argnums=(1, 2)))(x, wt, b)
     assert_close(gw[0], want[1])
@@ -228,18 +236,7 @@ def test_depthwise_matches_lax(case):
     wt = jax.random.normal(ks[1], (k, k, 1, c)) / k
     b = jax.random.normal(ks[2], (c,))
     ref, nat = _dw_fns(c, stride, padding, bias, relu)
-    native.reset_call_counts()
-    y = jax.jit(nat)(x, wt, b)
-    assert native.call_counts()["dwconv_fwd"] == 1
-    assert_close(y, ref(x, wt, b))
-    g = jax.random.normal(ks[3], y.shape)
-    loss = lambda f: lambda *a: jnp.sum(f(*a) * g)  # noqa: E731
-    got = jax.jit(jax.grad(loss(nat), argnums=(0, 1, 2)))(x, wt, b)
-    want = jax.grad(loss(ref), argnums=(0, 1, 2))(x, wt, b)
-    for i, (a, e) in enumerate(zip(got, want)):
-        if i == 2 and not bias:
-            continue
-        assert_close(a, e)
+    _check_values_and_gradients(nat, ref, (x, wt, b), "dwconv_fwd", bias, ks[3])
     xs, ws = jnp.stack([x, -x]), jnp.stack([wt, 2 * wt])
     assert_close(jax.jit(jax.vmap(lambda x, w: nat(x, w, b)))(xs, ws), jax.vmap(lambda x, w: ref(x, w, b))(xs, ws))
 
