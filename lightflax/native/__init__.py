@@ -177,12 +177,11 @@ def _f32(*xs) -> bool:
     return all(x is None or x.dtype == jnp.float32 for x in xs)
 
 
-def conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: Callable):
-    """activation(conv(x, w) + bias): native (bias and ReLU fused) when it can, else XLA.
-
-    x NHWC (leading vmapped dims allowed), w HWIO, ``pads`` explicit ((top, bottom), (left, right)),
-    ``xla_conv(x, w)`` the plain XLA convolution to use otherwise.
-    """
+def _fused_conv(op_name: str, supported: bool, x, w, bias, strides, pads, activation, xla_conv):
+    """activation(xla_conv(x, w) + bias) through ``lightflax.native.ops.<op_name>`` (bias and ReLU
+    fused) when ``supported`` and the native kernels are active, else XLA. The XLA formulation
+    handed to the op (other platforms, and its gradients where the op has no native backward)
+    includes the ReLU only when the op fuses it; any other activation is applied after."""
 
     def xla(x, w, b):
         y = xla_conv(x, w)
@@ -190,16 +189,25 @@ def conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: 
             y = y + b.astype(y.dtype)
         return activation(y) if activation is not None else y
 
-    if not (active() and x.ndim == 4 and w.ndim == 4 and _f32(x, w, bias)):
+    if not (supported and active() and _f32(x, w, bias)):
         return xla(x, w, bias)
     from lightflax.native import ops
 
     relu = _is_relu(activation)
-    y = ops.conv2d(x, w, bias, strides, pads, relu,
-                   lambda x, w, b: xla_conv(x, w) + (b if b is not None else 0.0) if not relu else xla(x, w, b))
+    y = getattr(ops, op_name)(x, w, bias, strides, pads, relu,
+                              lambda x, w, b: xla(x, w, b) if relu else xla_conv(x, w) + (b if b is not None else 0.0))
     if activation is not None and not relu:
         y = activation(y)
     return y
+
+
+def conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: Callable):
+    """activation(conv(x, w) + bias): native (bias and ReLU fused) when it can, else XLA.
+
+    x NHWC (leading vmapped dims allowed), w HWIO, ``pads`` explicit ((top, bottom), (left, right)),
+    ``xla_conv(x, w)`` the plain XLA convolution to use otherwise.
+    """
+    return _fused_conv("conv2d", x.ndim == 4 and w.ndim == 4, x, w, bias, strides, pads, activation, xla_conv)
 
 
 def depthwise_conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: Callable):
@@ -209,24 +217,8 @@ def depthwise_conv2d(x, w, bias, strides, pads, activation: Optional[Callable], 
     ``pads`` explicit ((top, bottom), (left, right)); ``xla_conv(x, w)`` the plain XLA grouped
     convolution (``feature_group_count=C``) to use otherwise.
     """
-
-    def xla(x, w, b):
-        y = xla_conv(x, w)
-        if b is not None:
-            y = y + b.astype(y.dtype)
-        return activation(y) if activation is not None else y
-
-    if not (active() and x.ndim == 4 and w.ndim == 4 and w.shape[2] == 1 and w.shape[3] == x.shape[-1]
-            and _f32(x, w, bias)):
-        return xla(x, w, bias)
-    from lightflax.native import ops
-
-    relu = _is_relu(activation)
-    y = ops.depthwise_conv2d(x, w, bias, strides, pads, relu,
-                             lambda x, w, b: xla(x, w, b) if relu else xla_conv(x, w) + (b if b is not None else 0.0))
-    if activation is not None and not relu:
-        y = activation(y)
-    return y
+    supported = x.ndim == 4 and w.ndim == 4 and w.shape[2] == 1 and w.shape[3] == x.shape[-1]
+    return _fused_conv("depthwise_conv2d", supported, x, w, bias, strides, pads, activation, xla_conv)
 
 
 def max_pool_2x2(x, xla_pool: Callable):
