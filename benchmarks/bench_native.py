@@ -44,7 +44,7 @@ class V:
     def __init__(self, name, fn, args, threads=None, next_args=None, group="", peak_mb=None):
         self.name, self.fn, self.args, self.threads, self.next_args = name, fn, args, threads, next_args
         self.group, self.peak_mb = group, peak_mb
-        self.wall, self.cpu, self.calls = [], [], None
+        self.wall, self.cpu, self.calls, self.native_s = [], [], None, []
 
     def once(self):
         if self.threads:
@@ -54,6 +54,7 @@ class V:
         out = timing.sync(self.fn(*self.args))
         w, c = time.perf_counter() - w0, time.process_time() - c0
         self.calls = native.call_counts()
+        self.native_s.append(native.call_times())
         if self.next_args:
             self.args = self.next_args(out, self.args)
         return w, c
@@ -78,6 +79,12 @@ def run_group(variants, rounds=ROUNDS):
         peak = f"{v.peak_mb:.0f}" if v.peak_mb else "-"
         print(f"| {v.group} | {v.name} | {1e3 * np.median(v.wall):.1f} | {1e3 * np.median(v.cpu):.1f} | "
               f"{ratio:.2f}x | {cratio:.2f}x | {calls} | {peak} |", flush=True)
+    for v in variants:  # where the native variants' time goes: median ms per call inside each handler kind
+        per = {k: 1e3 * float(np.median([t[k] for t in v.native_s[2:]])) for k in v.native_s[0]}
+        inside = sum(per.values())
+        if inside:
+            print(f"#   {v.group} {v.name}: inside native handlers {inside:.1f} ms of {1e3 * np.median(v.wall):.1f} "
+                  "(" + ", ".join(f"{k} {t:.1f}" for k, t in per.items() if t) + ")", flush=True)
 
 
 def _model_spec(spec):

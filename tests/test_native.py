@@ -61,6 +61,39 @@ def test_status_and_switch():
         native.set_threads(0)
 
 
+def test_thread_policy_shares_the_cpus_among_cpu_devices(monkeypatch):
+    cpus = len(os.sched_getaffinity(0))
+    flags = "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"
+    assert native._configured_cpu_devices(num_cpu_devices=-1, xla_flags=flags) == 8
+    assert native._configured_cpu_devices(num_cpu_devices=4, xla_flags=flags) == 4
+    assert native._configured_cpu_devices(num_cpu_devices=-1, xla_flags="") == 1
+    devices = native._configured_cpu_devices()
+    assert native.auto_threads() == max(1, cpus // devices)
+    if not native.available():
+        return
+    monkeypatch.setitem(native._threads_policy, "auto", True)
+    assert native.active() and native.threads() == max(1, cpus // devices)  # resolved when traced
+    native.set_threads(1)  # an explicit choice replaces the automatic one
+    try:
+        assert native.threads() == 1 and not native._threads_policy["auto"]
+    finally:
+        native._threads_policy["auto"] = True
+        native._resolve_threads()
+
+
+def test_call_times_count_the_time_inside_handlers():
+    if not native.available():
+        pytest.skip("native library not built")
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
+    native.reset_call_counts()
+    jax.block_until_ready(jax.jit(lambda x: native.max_pool_2x2(x, None))(x))
+    times = native.call_times()
+    assert native.call_counts()["pool_fwd"] == 1 and times["pool_fwd"] > 0
+    assert all(t == 0 for k, t in times.items() if k != "pool_fwd")
+    native.reset_call_counts()
+    assert sum(native.call_times().values()) == 0
+
+
 def _import_with_lib(path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{_loader.ENV_LIB: str(path)})
     code = "import lightflax.layers, lightflax.native as n; print(n.status()['kernels'])"

@@ -1,6 +1,7 @@
 """lightflax worker: the trainer's own compiled train step (same model, batch, Adam).
 
     python lightflax_worker.py --model=xray_light --k=5 --size=128 --batch=64 [--impl=einsum] [--kernels=xla]
+        [--threads=2]   (OpenMP threads per native call; default: the library's)
 """
 
 from worker_protocol import parse_args, serve  # lightflax itself: the installed package
@@ -8,7 +9,8 @@ from worker_protocol import parse_args, serve  # lightflax itself: the installed
 
 def main():
     a = parse_args(("--impl", {"default": None}), ("--dtype", {"default": "float32"}),
-                   ("--kernels", {"default": "native", "choices": ["native", "xla"]}))
+                   ("--kernels", {"default": "native", "choices": ["native", "xla"]}),
+                   ("--threads", {"type": int, "default": None}))
 
     def build():
         import jax
@@ -19,6 +21,8 @@ def main():
         if a.impl:
             kwargs["impl"] = a.impl
         native.set_kernels(a.kernels)
+        if a.threads:
+            native.set_threads(a.threads)
         used = native.status()["kernels"]
         v = speed.model_variant(a.model, kwargs, batch=a.batch, size=a.size, dtype=a.dtype)
         args = [v.args]
@@ -29,7 +33,8 @@ def main():
 
         state = v.args[0]
         counts = summary.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
-        return step, {"framework": f"lightflax {used} (jax {jax.__version__})" + (f" impl={a.impl}" if a.impl else ""),
+        return step, {"framework": f"lightflax {used} (jax {jax.__version__})" + (f" impl={a.impl}" if a.impl else "")
+                                   + (f" threads={a.threads}" if a.threads else ""),
                       "total_params": counts["total"], "trainable_params": counts["trainable"],
                       "compile_s": v.compiled.compile_s}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from typing import Any, Callable, Dict, Iterator, Optional
 
@@ -31,7 +32,10 @@ from lightflax.native import _loader
 KERNELS = ("native", "xla")
 ENV_KERNELS = "LIGHTFLAX_KERNELS"
 ENV_THREADS = "LIGHTFLAX_NATIVE_THREADS"
-DEFAULT_THREADS = 1  # OpenMP threads per native call; chosen by benchmarks/bench_native.py (docs/native.md)
+# OpenMP threads per native call: by default every CPU this process may use, shared among the CPU
+# devices XLA runs concurrently (--xla_force_host_platform_device_count / jax_num_cpu_devices),
+# at least 1. Chosen by measurement (docs/native.md, "Thread policy"): on a quiet 2-core machine
+# 2 threads per call are 1.6-1.8x faster per step than 1; under load about the same.
 
 _LIB, _LOAD_REASON, _WARNING = _loader.load()
 if _WARNING:
@@ -73,7 +77,10 @@ def requested() -> str:
 
 def active() -> bool:
     """True when functions traced now use the native kernels (on CPU)."""
-    return available() and requested() == "native"
+    on = available() and requested() == "native"
+    if on:
+        _resolve_threads()  # before the first native call runs (calls read it when they run)
+    return on
 
 
 def set_kernels(name: str) -> None:
@@ -96,28 +103,60 @@ def kernels(name: str) -> Iterator[None]:
 
 
 def set_threads(n: int) -> None:
-    """OpenMP threads per native call (>= 1)."""
+    """OpenMP threads per native call (>= 1); replaces the automatic choice."""
     if not isinstance(n, int) or n < 1:
         raise UserError(f"native threads must be an integer >= 1, got {n!r}")
+    _threads_policy["auto"] = False
     if _LIB is not None:
         _LIB.lib.lightflax_native_set_threads(n)
 
 
 def threads() -> Optional[int]:
+    _resolve_threads()
     return int(_LIB.lib.lightflax_native_get_threads()) if _LIB is not None else None
+
+
+_threads_policy = {"auto": True}
+
+
+def _configured_cpu_devices(num_cpu_devices: Optional[int] = None, xla_flags: Optional[str] = None) -> int:
+    """CPU devices XLA is configured to create (jax_num_cpu_devices, else XLA_FLAGS'
+    --xla_force_host_platform_device_count, else 1), read without initialising a backend."""
+    n = getattr(jax.config, "jax_num_cpu_devices", -1) if num_cpu_devices is None else num_cpu_devices
+    if isinstance(n, int) and n > 0:
+        return n
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    m = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    return max(1, int(m.group(1))) if m else 1
+
+
+def auto_threads() -> int:
+    """The default threads per native call: usable CPUs // concurrently running CPU devices (>= 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // _configured_cpu_devices())
+
+
+def _resolve_threads() -> None:
+    if _threads_policy["auto"] and _LIB is not None:
+        n = auto_threads()
+        if int(_LIB.lib.lightflax_native_get_threads()) != n:
+            _LIB.lib.lightflax_native_set_threads(n)
 
 
 def _init_threads() -> None:
     raw = os.environ.get(ENV_THREADS, "").strip()
-    n = DEFAULT_THREADS
-    if raw:
-        try:
-            n = int(raw)
-        except ValueError:
-            n = 0
-        if n < 1:
-            _loader.warn(f"lightflax: ${ENV_THREADS}={raw!r} is not an integer >= 1; using {DEFAULT_THREADS}")
-            n = DEFAULT_THREADS
+    if not raw:
+        return
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        _loader.warn(f"lightflax: ${ENV_THREADS}={raw!r} is not an integer >= 1; choosing the threads automatically")
+        return
     set_threads(n)
 
 
@@ -158,7 +197,16 @@ def call_counts() -> Dict[str, int]:
     return {k: int(_LIB.lib.lightflax_native_calls(i)) for i, k in enumerate(_COUNTERS)}
 
 
+def call_times() -> Dict[str, float]:
+    """Seconds spent inside each kind of native handler so far in this process (wall time of
+    the handler calls, summed over the threads XLA called them from; reset with the counts)."""
+    if _LIB is None:
+        return {k: 0.0 for k in _COUNTERS}
+    return {k: 1e-9 * int(_LIB.lib.lightflax_native_time_ns(i)) for i, k in enumerate(_COUNTERS)}
+
+
 def reset_call_counts() -> None:
+    """Zero the call counts and times."""
     if _LIB is not None:
         _LIB.lib.lightflax_native_reset_calls()
 

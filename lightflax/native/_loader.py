@@ -20,7 +20,7 @@ import sys
 from typing import Optional
 
 ENV_LIB = "LIGHTFLAX_NATIVE_LIB"
-ABI_VERSION = 3
+ABI_VERSION = 4
 HINT = "apt-get install -y libdnnl-dev g++ && pip install -e ."
 
 # FFI target name -> exported handler symbol.
@@ -39,7 +39,8 @@ TARGETS = {
     "lightflax_dwconv_fwd": "LfDwConvFwd",
 }
 _INT_FUNCS = ("lightflax_native_abi", "lightflax_native_dnnl_built", "lightflax_native_dnnl_runtime",
-              "lightflax_native_get_threads", "lightflax_native_primitives", "lightflax_native_calls")
+              "lightflax_native_get_threads", "lightflax_native_primitives", "lightflax_native_calls",
+              "lightflax_native_time_ns")
 
 
 class NativeLibrary:
@@ -48,6 +49,7 @@ class NativeLibrary:
         for name in _INT_FUNCS:
             getattr(lib, name).restype = ctypes.c_int64
         lib.lightflax_native_calls.argtypes = [ctypes.c_int64]
+        lib.lightflax_native_time_ns.argtypes = [ctypes.c_int64]
         lib.lightflax_native_set_threads.argtypes = [ctypes.c_int64]
         lib.lightflax_native_set_threads.restype = None
         lib.lightflax_native_reset_calls.restype = None

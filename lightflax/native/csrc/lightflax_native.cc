@@ -11,13 +11,17 @@
 // (lightflax_native_set_threads) before it runs.
 #include <omp.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -33,11 +37,24 @@ using dt = dnnl::memory::data_type;
 
 namespace {
 
-constexpr int64_t kAbiVersion = 3;  // 2: lightflax_bn_reduce returns local means; 3: depthwise forward
+constexpr int64_t kAbiVersion = 4;  // 2: lightflax_bn_reduce returns local means; 3: depthwise forward;
+                                    // 4: per-kind handler time (lightflax_native_time_ns)
 
 std::atomic<int> g_threads{1};
 std::atomic<int64_t> g_primitives{0};
 std::atomic<int64_t> g_calls[8];  // conv_fwd, conv_bwd, bn_fwd, bn_bwd, bn_reduce, pool_fwd, pool_bwd, dw_fwd
+std::atomic<int64_t> g_ns[8];     // wall nanoseconds spent inside those handlers (summed over XLA's threads)
+
+// Counts one call of handler kind i and adds its wall time when it returns (benchmarks: which
+// kernels ran and how long they took; two clock reads per call, ~50 ns).
+struct Timed {
+  int i;
+  std::chrono::steady_clock::time_point t0;
+  explicit Timed(int kind) : i(kind), t0(std::chrono::steady_clock::now()) { g_calls[i] += 1; }
+  ~Timed() {
+    g_ns[i] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  }
+};
 
 void SetThreads() {
   int n = g_threads.load(std::memory_order_relaxed);
@@ -77,29 +94,63 @@ int Threads() {
   return n > 0 ? n : omp_get_max_threads();
 }
 
-// out[c] = sum_i f(i, c) over rows i: float blocks of 64 rows added into per-thread double
-// partials, which are added in thread order (results do not depend on scheduling).
+// Channel counts the loops are compiled for (the study's models: 8, 16, 32; 64 for wider ones):
+// a compile-time count lets the per-row channel loop unroll into vector code. Others (0) run the
+// same loop with the count read at run time. Results do not depend on which version runs.
+template <typename F>
+void WithChannels(int64_t c, F f) {
+  switch (c) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
+// outs[q][c] = sum_i f(i, c)[q] over rows i, for N outputs at once (one pass over the rows):
+// float blocks of 64 rows added into per-thread double partials, which are added in thread
+// order (results do not depend on scheduling, on N, or on the compiled channel count).
+template <int N, typename F>
+void ChannelSumsN(int64_t m, int64_t c, double* const* outs, F f) {
+  int nthr = (int)std::min<int64_t>(Threads(), std::max<int64_t>(1, m / 4096));
+  std::vector<double> part((size_t)nthr * N * c, 0.0);
+  WithChannels(c, [&](auto ct) {
+    constexpr int CT = decltype(ct)::value;
+    const int64_t cc = CT ? CT : c;
+#pragma omp parallel num_threads(nthr)
+    {
+      int t = omp_get_thread_num();
+      int64_t lo = m * t / nthr, hi = m * (t + 1) / nthr;
+      double* acc = part.data() + (size_t)t * N * cc;
+      std::vector<float> blk_v(CT ? 0 : N * cc);
+      alignas(64) float blk_s[CT ? N * CT : 1];
+      float* blk = CT ? blk_s : blk_v.data();
+      for (int64_t i0 = lo; i0 < hi; i0 += 64) {
+        int64_t i1 = std::min(hi, i0 + 64);
+        for (int64_t k = 0; k < N * cc; ++k) blk[k] = 0.f;
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t k = 0; k < cc; ++k) {
+            std::array<float, N> v = f(i, k);
+            for (int q = 0; q < N; ++q) blk[q * cc + k] += v[q];
+          }
+        for (int64_t k = 0; k < N * cc; ++k) acc[k] += blk[k];
+      }
+    }
+  });
+  for (int q = 0; q < N; ++q)
+    for (int64_t k = 0; k < c; ++k) {
+      double sum = 0.0;
+      for (int t = 0; t < nthr; ++t) sum += part[((size_t)t * N + q) * c + k];
+      outs[q][k] = sum;
+    }
+}
+
+// out[c] = sum_i f(i, c) over rows i (ChannelSumsN with one output).
 template <typename F>
 void ChannelSums(int64_t m, int64_t c, double* out, F f) {
-  int nthr = (int)std::min<int64_t>(Threads(), std::max<int64_t>(1, m / 4096));
-  std::vector<double> part((size_t)nthr * c, 0.0);
-#pragma omp parallel num_threads(nthr)
-  {
-    int t = omp_get_thread_num();
-    int64_t lo = m * t / nthr, hi = m * (t + 1) / nthr;
-    double* acc = part.data() + (size_t)t * c;
-    std::vector<float> blk(c);
-    for (int64_t i0 = lo; i0 < hi; i0 += 64) {
-      int64_t i1 = std::min(hi, i0 + 64);
-      std::fill(blk.begin(), blk.end(), 0.f);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t k = 0; k < c; ++k) blk[k] += f(i, k);
-      for (int64_t k = 0; k < c; ++k) acc[k] += blk[k];
-    }
-  }
-  for (int64_t k = 0; k < c; ++k) out[k] = 0.0;
-  for (int t = 0; t < nthr; ++t)
-    for (int64_t k = 0; k < c; ++k) out[k] += part[(size_t)t * c + k];
+  double* outs[1] = {out};
+  ChannelSumsN<1>(m, c, outs, [&](int64_t i, int64_t k) { return std::array<float, 1>{f(i, k)}; });
 }
 
 // ---------------------------------------------------------------------------
@@ -256,7 +307,7 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
                        int64_t pr, int64_t bias, int64_t relu) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (auto err = CheckConv(xd, wd, yd); err.failure()) return err;
-  g_calls[0] += 1;
+  Timed timed(0);
   SetThreads();
   try {
     ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
@@ -344,7 +395,7 @@ ffi::Error DwConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::
       return ffi::Error::InvalidArgument("lightflax depthwise conv: leading (vmapped) dimensions differ");
   if (wd[p + 2] != 1 || xd[p + 3] != wd[p + 3] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p])
     return ffi::Error::InvalidArgument("lightflax depthwise conv: shape mismatch (w must be (KH, KW, 1, C))");
-  g_calls[7] += 1;
+  Timed timed(7);
   SetThreads();
   try {
     ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
@@ -373,7 +424,7 @@ ffi::Error ConvBwd(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffe
                    int64_t pb, int64_t pl, int64_t pr, int64_t bias, int64_t relu) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = dy.dimensions();
   if (auto err = CheckConv(xd, wd, yd); err.failure()) return err;
-  g_calls[1] += 1;
+  Timed timed(1);
   SetThreads();
   try {
     ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
@@ -456,7 +507,33 @@ BnView View(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> pd) {
   return BnView{Prod(xd, 0, p), Prod(xd, p, xd.size() - 1), xd[xd.size() - 1]};
 }
 
-// y = relu?((x - mean) * (rsqrt(var + eps) * scale) + bias)
+// y = relu?((x - mean) * (rsqrt(var + eps) * scale) + bias). The row loop is compiled per channel
+// count and per ReLU (branch-free: a data-dependent branch on the sign is ~50 % mispredicted).
+template <int CT, bool RELU>
+void BnApplyRows(const float* __restrict__ x, const float* mul, const float* mu, const float* bb, int64_t m,
+                 int64_t c, float* __restrict__ y) {
+  const int64_t cc = CT ? CT : c;
+  constexpr int kLocal = CT ? CT : 1;
+  alignas(64) float lm[kLocal], lmu[kLocal], lb[kLocal];
+  const float *pm = mul, *pmu = mu, *pb = bb;
+  if (CT) {
+    std::copy(mul, mul + cc, lm);
+    std::copy(mu, mu + cc, lmu);
+    std::copy(bb, bb + cc, lb);
+    pm = lm, pmu = lmu, pb = lb;
+  }
+#pragma omp parallel for num_threads(Threads()) schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    const float* __restrict__ xi = x + i * cc;
+    float* __restrict__ yi = y + i * cc;
+#pragma omp simd
+    for (int64_t k = 0; k < cc; ++k) {
+      float v = (xi[k] - pmu[k]) * pm[k] + pb[k];
+      yi[k] = RELU ? (v > 0.f ? v : 0.f) : v;
+    }
+  }
+}
+
 void BnApply(const float* x, const float* mean, const float* var, const float* scale, const float* bias,
              float eps, bool relu, int64_t m, int64_t c, float* y) {
   std::vector<float> mul(c), mu(c), bb(c);
@@ -465,16 +542,13 @@ void BnApply(const float* x, const float* mean, const float* var, const float* s
     mu[k] = mean[k];
     bb[k] = bias[k];
   }
-  const float *pm = mul.data(), *pmu = mu.data(), *pb = bb.data();
-#pragma omp parallel for num_threads(Threads()) schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
-    const float* xi = x + i * c;
-    float* yi = y + i * c;
-    for (int64_t k = 0; k < c; ++k) {
-      float v = (xi[k] - pmu[k]) * pm[k] + pb[k];
-      yi[k] = relu ? (v > 0.f ? v : 0.f) : v;
-    }
-  }
+  WithChannels(c, [&](auto ct) {
+    constexpr int CT = decltype(ct)::value;
+    if (relu)
+      BnApplyRows<CT, true>(x, mul.data(), mu.data(), bb.data(), m, c, y);
+    else
+      BnApplyRows<CT, false>(x, mul.data(), mu.data(), bb.data(), m, c, y);
+  });
 }
 
 // Per-channel mean of x (m rows of c) in double, summed as deviations from the channel's first
@@ -495,7 +569,7 @@ void ShiftedMean(const float* x, int64_t m, int64_t c, double* out) {
 // constant channel has mean == its value and variance 0 on any number of devices.
 ffi::Error BnReduceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> out,
                         int64_t mode) {
-  g_calls[4] += 1;
+  Timed timed(4);
   SetThreads();
   BnView v = View(x.dimensions(), mean.dimensions());
   std::vector<double> s(v.c);
@@ -520,7 +594,7 @@ ffi::Error BnReduceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi
 ffi::Error BnTrainImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
                        ffi::ResultBuffer<ffi::F32> var, float eps, int64_t relu) {
-  g_calls[2] += 1;
+  Timed timed(2);
   SetThreads();
   BnView v = View(x.dimensions(), scale.dimensions());
   std::vector<double> s(v.c);
@@ -545,7 +619,7 @@ ffi::Error BnTrainImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi
 ffi::Error BnApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                        float eps, int64_t relu) {
-  g_calls[2] += 1;
+  Timed timed(2);
   SetThreads();
   BnView v = View(x.dimensions(), scale.dimensions());
   for (int64_t r = 0; r < v.reps; ++r)
@@ -561,19 +635,14 @@ void BnBwdSums(const float* dy, const float* x, const float* y, const float* mea
                bool relu, int64_t m, int64_t c, double* sg, double* sgx) {
   std::vector<float> inv(c);
   for (int64_t k = 0; k < c; ++k) inv[k] = 1.f / std::sqrt(var[k] + eps);
-  if (relu) {
-    ChannelSums(m, c, sg, [&](int64_t i, int64_t k) { return Mask(dy[i * c + k], y[i * c + k]); });
-    ChannelSums(m, c, sgx, [&](int64_t i, int64_t k) {
-      int64_t j = i * c + k;
-      return Mask(dy[j], y[j]) * ((x[j] - mean[k]) * inv[k]);
-    });
-  } else {
-    ChannelSums(m, c, sg, [&](int64_t i, int64_t k) { return dy[i * c + k]; });
-    ChannelSums(m, c, sgx, [&](int64_t i, int64_t k) {
-      int64_t j = i * c + k;
-      return dy[j] * ((x[j] - mean[k]) * inv[k]);
-    });
-  }
+  const float* pi = inv.data();
+  double* outs[2] = {sg, sgx};
+  // one pass: (g, g * xhat) per element, g = dy masked by the ReLU when relu
+  ChannelSumsN<2>(m, c, outs, [&](int64_t i, int64_t k) {
+    int64_t j = i * c + k;
+    float g = relu ? Mask(dy[j], y[j]) : dy[j];
+    return std::array<float, 2>{g, g * ((x[j] - mean[k]) * pi[k])};
+  });
 }
 
 // dx = scale * inv * (g - sg / count - xhat * sgx / count) (train), scale * inv * g (inference).
@@ -597,22 +666,29 @@ void BnBwdApply(const float* dy, const float* x, const float* y, const float* me
   }
   const float *pi = inv.data(), *pa = a.data(), *pg = mg.data(), *pgl = mgl.data(), *pgx = mgx.data(),
               *pgxl = mgxl.data(), *pmu = mu.data();
+  WithChannels(c, [&](auto ct) {
+    constexpr int CT = decltype(ct)::value;
+    const int64_t cc = CT ? CT : c;
 #pragma omp parallel for num_threads(Threads()) schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t k = 0; k < c; ++k) {
-      int64_t j = i * c + k;
-      float g = relu ? Mask(dy[j], y[j]) : dy[j];
-      float xhat = (x[j] - pmu[k]) * pi[k];
-      dx[j] = pa[k] * (((g - pg[k]) - pgl[k]) - (xhat * pgx[k] + xhat * pgxl[k]));
+    for (int64_t i = 0; i < m; ++i) {
+      const float* __restrict__ dyi = dy + i * cc;
+      const float* __restrict__ xi = x + i * cc;
+      const float* __restrict__ yi = y + i * cc;
+      float* __restrict__ dxi = dx + i * cc;
+      for (int64_t k = 0; k < cc; ++k) {
+        float g = relu ? Mask(dyi[k], yi[k]) : dyi[k];
+        float xhat = (xi[k] - pmu[k]) * pi[k];
+        dxi[k] = pa[k] * (((g - pg[k]) - pgl[k]) - (xhat * pgx[k] + xhat * pgxl[k]));
+      }
     }
-  }
+  });
 }
 
 // Local sums for the backward pass (cross-device: psum them, then BnBwdApply).
 ffi::Error BnBwdReduceImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
                            ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::ResultBuffer<ffi::F32> sg,
                            ffi::ResultBuffer<ffi::F32> sgx, float eps, int64_t relu) {
-  g_calls[4] += 1;
+  Timed timed(4);
   SetThreads();
   BnView v = View(x.dimensions(), mean.dimensions());
   std::vector<double> a(v.c), b(v.c);
@@ -632,7 +708,7 @@ ffi::Error BnBwdApplyImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi
                           ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale,
                           ffi::Buffer<ffi::F32> sg, ffi::Buffer<ffi::F32> sgx, ffi::ResultBuffer<ffi::F32> dx,
                           float eps, int64_t relu, int64_t train, double count) {
-  g_calls[3] += 1;
+  Timed timed(3);
   SetThreads();
   BnView v = View(x.dimensions(), mean.dimensions());
   for (int64_t r = 0; r < v.reps; ++r) {
@@ -649,7 +725,7 @@ ffi::Error BnBwdImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buf
                      ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale,
                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
                      ffi::ResultBuffer<ffi::F32> dbias, float eps, int64_t relu, int64_t train) {
-  g_calls[3] += 1;
+  Timed timed(3);
   SetThreads();
   BnView v = View(x.dimensions(), mean.dimensions());
   std::vector<double> a(v.c), b(v.c);
@@ -686,32 +762,36 @@ inline float Max4(float a, float b, float c, float d) {
 }
 
 ffi::Error PoolFwdImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
-  g_calls[5] += 1;
+  Timed timed(5);
   SetThreads();
   auto xd = x.dimensions();
   size_t r = xd.size();
   int64_t n = Prod(xd, 0, r - 3), h = xd[r - 3], w = xd[r - 2], c = xd[r - 1], ho = h / 2, wo = w / 2;
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
+  WithChannels(c, [&](auto ct) {
+    constexpr int CT = decltype(ct)::value;
+    const int64_t cc = CT ? CT : c;
 #pragma omp parallel for num_threads(Threads()) schedule(static)
-  for (int64_t row = 0; row < n * ho; ++row) {
-    int64_t b = row / ho, i = row % ho;
-    const float* r0 = xp + ((b * h + 2 * i) * w) * c;
-    const float* r1 = r0 + w * c;
-    float* out = yp + (b * ho + i) * wo * c;
-    for (int64_t j = 0; j < wo; ++j)
-      for (int64_t k = 0; k < c; ++k) {
-        int64_t a = 2 * j * c + k;
-        out[j * c + k] = Max4(r0[a], r0[a + c], r1[a], r1[a + c]);
-      }
-  }
+    for (int64_t row = 0; row < n * ho; ++row) {
+      int64_t b = row / ho, i = row % ho;
+      const float* __restrict__ r0 = xp + ((b * h + 2 * i) * w) * cc;
+      const float* __restrict__ r1 = r0 + w * cc;
+      float* __restrict__ out = yp + (b * ho + i) * wo * cc;
+      for (int64_t j = 0; j < wo; ++j)
+        for (int64_t k = 0; k < cc; ++k) {
+          int64_t a = 2 * j * cc + k;
+          out[j * cc + k] = Max4(r0[a], r0[a + cc], r1[a], r1[a + cc]);
+        }
+    }
+  });
   return ffi::Error::Success();
 }
 
 // The gradient goes to the FIRST element equal to the window's maximum (row-major), as XLA's
 // select-and-scatter and lightflax.kernels.max_pool_2x2; a NaN window passes none.
 ffi::Error PoolBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx) {
-  g_calls[6] += 1;
+  Timed timed(6);
   SetThreads();
   auto xd = x.dimensions();
   size_t r = xd.size();
@@ -719,29 +799,33 @@ ffi::Error PoolBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::R
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
   float* dp = dx->typed_data();
+  WithChannels(c, [&](auto ct) {
+    constexpr int CT = decltype(ct)::value;
+    const int64_t cc = CT ? CT : c;
 #pragma omp parallel for num_threads(Threads()) schedule(static)
-  for (int64_t row = 0; row < n * ho; ++row) {
-    int64_t b = row / ho, i = row % ho;
-    int64_t off = ((b * h + 2 * i) * w) * c;
-    const float* r0 = xp + off;
-    const float* r1 = r0 + w * c;
-    float* d0 = dp + off;
-    float* d1 = d0 + w * c;
-    const float* g = gp + (b * ho + i) * wo * c;
-    for (int64_t j = 0; j < wo; ++j)
-      for (int64_t k = 0; k < c; ++k) {
-        int64_t a = 2 * j * c + k;
-        float v0 = r0[a], v1 = r0[a + c], v2 = r1[a], v3 = r1[a + c];
-        float m = Max4(v0, v1, v2, v3);
-        bool e0 = v0 == m, e1 = (v1 == m) & !e0, e2 = (v2 == m) & !(e0 | e1), e3 = (v3 == m) & !(e0 | e1 | e2);
-        float gv = g[j * c + k];
-        d0[a] = e0 ? gv : 0.f;
-        d0[a + c] = e1 ? gv : 0.f;
-        d1[a] = e2 ? gv : 0.f;
-        d1[a + c] = e3 ? gv : 0.f;
-      }
-    for (int64_t a = 2 * wo * c; a < w * c; ++a) d0[a] = d1[a] = 0.f;  // odd last column
-  }
+    for (int64_t row = 0; row < n * ho; ++row) {
+      int64_t b = row / ho, i = row % ho;
+      int64_t off = ((b * h + 2 * i) * w) * cc;
+      const float* __restrict__ r0 = xp + off;
+      const float* __restrict__ r1 = r0 + w * cc;
+      float* __restrict__ d0 = dp + off;
+      float* __restrict__ d1 = d0 + w * cc;
+      const float* __restrict__ g = gp + (b * ho + i) * wo * cc;
+      for (int64_t j = 0; j < wo; ++j)
+        for (int64_t k = 0; k < cc; ++k) {
+          int64_t a = 2 * j * cc + k;
+          float v0 = r0[a], v1 = r0[a + cc], v2 = r1[a], v3 = r1[a + cc];
+          float m = Max4(v0, v1, v2, v3);
+          bool e0 = v0 == m, e1 = (v1 == m) & !e0, e2 = (v2 == m) & !(e0 | e1), e3 = (v3 == m) & !(e0 | e1 | e2);
+          float gv = g[j * cc + k];
+          d0[a] = e0 ? gv : 0.f;
+          d0[a + cc] = e1 ? gv : 0.f;
+          d1[a] = e2 ? gv : 0.f;
+          d1[a + cc] = e3 ? gv : 0.f;
+        }
+      for (int64_t a = 2 * wo * cc; a < w * cc; ++a) d0[a] = d1[a] = 0.f;  // odd last column
+    }
+  });
   if (h % 2)  // odd last row of every image: no window
     for (int64_t b = 0; b < n; ++b) std::memset(dp + ((b * h + h - 1) * w) * c, 0, w * c * sizeof(float));
   return ffi::Error::Success();
@@ -846,6 +930,8 @@ LF_EXPORT void lightflax_native_set_threads(int64_t n) { g_threads = (int)n; }
 LF_EXPORT int64_t lightflax_native_get_threads() { return g_threads.load(); }
 LF_EXPORT int64_t lightflax_native_primitives() { return g_primitives.load(); }
 LF_EXPORT int64_t lightflax_native_calls(int64_t i) { return (i >= 0 && i < 8) ? g_calls[i].load() : -1; }
+LF_EXPORT int64_t lightflax_native_time_ns(int64_t i) { return (i >= 0 && i < 8) ? g_ns[i].load() : -1; }
 LF_EXPORT void lightflax_native_reset_calls() {
   for (auto& c : g_calls) c = 0;
+  for (auto& t : g_ns) t = 0;
 }
