@@ -119,4 +119,10 @@ def _interrupt(signum, frame):
 
 
 if __name__ == "__main__":
+    # First, before JAX starts: large allocations on transparent huge pages (lightflax/huge_pages.py:
+    # glibc reads that setting only at process start, so this may re-execute the same command).
+    sys.path.insert(0, HERE)
+    from lightflax import huge_pages
+
+    huge_pages.reexec_if_useful()
     main(sys.argv)

@@ -32,6 +32,9 @@ def _session_compilation_cache() -> None:
 
 
 _session_compilation_cache()
+# Two xdist workers share the CI's two cores: one OpenMP thread per native call (the automatic
+# choice would give each worker both cores). Inherited by every subprocess; tests time nothing.
+os.environ.setdefault("LIGHTFLAX_NATIVE_THREADS", "1")
 
 
 def shared_dir() -> Path:

@@ -71,14 +71,14 @@ def test_thread_policy_shares_the_cpus_among_cpu_devices(monkeypatch):
     assert native.auto_threads() == max(1, cpus // devices)
     if not native.available():
         return
-    monkeypatch.setitem(native._threads_policy, "auto", True)
-    assert native.active() and native.threads() == max(1, cpus // devices)  # resolved when traced
-    native.set_threads(1)  # an explicit choice replaces the automatic one
+    before = native.threads()
+    monkeypatch.setitem(native._threads_policy, "auto", True)  # restored after the test
     try:
+        assert native.active() and native.threads() == max(1, cpus // devices)  # resolved when traced
+        native.set_threads(1)  # an explicit choice replaces the automatic one
         assert native.threads() == 1 and not native._threads_policy["auto"]
     finally:
-        native._threads_policy["auto"] = True
-        native._resolve_threads()
+        native._LIB.lib.lightflax_native_set_threads(before)
 
 
 def test_call_times_count_the_time_inside_handlers():

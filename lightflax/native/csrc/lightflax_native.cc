@@ -157,9 +157,12 @@ void ChannelSums(int64_t m, int64_t c, double* out, F f) {
 // Convolution
 // ---------------------------------------------------------------------------
 
+// groups: 1 (a dense convolution, weights HWIO (KH, KW, C, O)) or C (depthwise, weights
+// (KH, KW, 1, C) as lax.conv_general_dilated(feature_group_count=C) takes them).
 struct ConvGeom {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
   bool bias, relu;
+  int64_t groups = 1;
 };
 
 struct ConvEntry {
@@ -180,23 +183,34 @@ std::unordered_map<std::string, std::shared_ptr<ConvEntry>> g_conv_cache;
 std::string Key(const ConvGeom& g, int kind) {
   std::string key;
   for (int64_t v : {(int64_t)kind, (int64_t)omp_get_max_threads(), g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh,
-                    g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, (int64_t)g.bias, (int64_t)g.relu}) {
+                    g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, (int64_t)g.bias, (int64_t)g.relu, g.groups}) {
     key += std::to_string(v);
     key += ',';
   }
   return key;
 }
 
+// oneDNN's weight dimensions: {O, I, KH, KW}, grouped {G, O/G, I/G, KH, KW}.
+memory::dims WeightDims(const ConvGeom& g) {
+  if (g.groups == 1) return {g.o, g.c, g.kh, g.kw};
+  return {g.groups, g.o / g.groups, g.c / g.groups, g.kh, g.kw};
+}
+
 void BaseDescs(const ConvGeom& g, ConvEntry* e) {
   e->src = memory::desc({g.n, g.c, g.h, g.w}, dt::f32, tag::nhwc);
   e->dst = memory::desc({g.n, g.o, g.oh, g.ow}, dt::f32, tag::nhwc);
-  e->user_w = memory::desc({g.o, g.c, g.kh, g.kw}, dt::f32, tag::hwio);
+  if (g.groups == 1) {
+    e->user_w = memory::desc(WeightDims(g), dt::f32, tag::hwio);
+  } else {  // the user's (KH, KW, C/G, O) buffer, group g's outputs contiguous in O: strides per dim
+    int64_t og = g.o / g.groups, ig = g.c / g.groups;
+    e->user_w = memory::desc(WeightDims(g), dt::f32, memory::dims{og, 1, g.o, g.kw * ig * g.o, ig * g.o});
+  }
   e->bias = memory::desc({g.o}, dt::f32, tag::x);
 }
 
 dnnl::convolution_forward::primitive_desc FwdPd(const ConvGeom& g, const ConvEntry& e, dnnl::prop_kind prop,
                                                  bool post_ops) {
-  memory::desc w_any({g.o, g.c, g.kh, g.kw}, dt::f32, tag::any);
+  memory::desc w_any(WeightDims(g), dt::f32, tag::any);
   memory::dims strides{g.sh, g.sw}, padl{g.pt, g.pl}, padr{g.pb, g.pr};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -243,7 +257,7 @@ std::shared_ptr<ConvEntry> GetBwd(const ConvGeom& g) {
   auto e = std::make_shared<ConvEntry>();
   BaseDescs(g, e.get());
   auto hint = FwdPd(g, *e, dnnl::prop_kind::forward_training, false);
-  memory::desc w_any({g.o, g.c, g.kh, g.kw}, dt::f32, tag::any);
+  memory::desc w_any(WeightDims(g), dt::f32, tag::any);
   memory::dims strides{g.sh, g.sw}, padl{g.pt, g.pl}, padr{g.pb, g.pr};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -302,15 +316,16 @@ ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, f
   return ffi::Error::Success();
 }
 
-ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                       int64_t pr, int64_t bias, int64_t relu) {
+// relu?(conv(x, w, groups) + b) for every leading (vmapped) replica: the dense and the depthwise
+// forward handlers' common body (their shape checks and call counters differ).
+ffi::Error ConvFwdRun(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                      int64_t pr, int64_t bias, int64_t relu, bool depthwise) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (auto err = CheckConv(xd, wd, yd); err.failure()) return err;
-  Timed timed(0);
   SetThreads();
   try {
     ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
+    if (depthwise) g.groups = g.c;
     auto e = GetFwd(g);
     int64_t reps = Prod(xd, 0, xd.size() - 4);
     int64_t xs = Prod(xd, xd.size() - 4, xd.size()), ws = Prod(wd, wd.size() - 4, wd.size());
@@ -326,9 +341,18 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
     }
     s.wait();
   } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("lightflax conv (oneDNN): ") + err.what());
+    return ffi::Error::Internal(std::string(depthwise ? "lightflax depthwise conv (oneDNN): "
+                                                      : "lightflax conv (oneDNN): ") + err.what());
   }
   return ffi::Error::Success();
+}
+
+ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                       int64_t pr, int64_t bias, int64_t relu) {
+  if (auto err = CheckConv(x.dimensions(), w.dimensions(), y->dimensions()); err.failure()) return err;
+  Timed timed(0);
+  return ConvFwdRun(x, w, b, y, sh, sw, pt, pb, pl, pr, bias, relu, false);
 }
 
 // ---------------------------------------------------------------------------
@@ -336,52 +360,6 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
 // ---------------------------------------------------------------------------
 // x (N, H, W, C), w (KH, KW, 1, C) as lax.conv_general_dilated(feature_group_count=C) takes it,
 // b (C,) -> y (N, OH, OW, C). The backward pass stays XLA's (ops.depthwise_conv2d's custom_vjp).
-
-struct DwEntry {
-  dnnl::primitive fwd;
-  memory::desc src, dst, user_w, fwd_w, bias;
-  size_t scratch = 0;
-};
-std::unordered_map<std::string, std::shared_ptr<DwEntry>> g_dw_cache;
-
-std::shared_ptr<DwEntry> GetDw(const ConvGeom& g) {
-  std::string key = Key(g, 2);
-  {
-    std::lock_guard<std::mutex> lk(g_mu);
-    auto it = g_dw_cache.find(key);
-    if (it != g_dw_cache.end()) return it->second;
-  }
-  auto e = std::make_shared<DwEntry>();
-  e->src = memory::desc({g.n, g.c, g.h, g.w}, dt::f32, tag::nhwc);
-  e->dst = memory::desc({g.n, g.c, g.oh, g.ow}, dt::f32, tag::nhwc);
-  // Grouped weights {G, O/G, I/G, KH, KW} = {C, 1, 1, KH, KW} over the user's HWIO buffer (KH, KW, 1, C).
-  e->user_w = memory::desc({g.c, 1, 1, g.kh, g.kw}, dt::f32, memory::dims{1, 1, g.c, g.kw * g.c, g.c});
-  e->bias = memory::desc({g.c}, dt::f32, tag::x);
-  memory::desc w_any({g.c, 1, 1, g.kh, g.kw}, dt::f32, tag::any);
-  memory::dims strides{g.sh, g.sw}, padl{g.pt, g.pl}, padr{g.pb, g.pr};
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  if (g.relu) {
-    dnnl::post_ops po;
-    po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    attr.set_post_ops(po);
-  }
-  auto prop = dnnl::prop_kind::forward_inference;
-  auto algo = dnnl::algorithm::convolution_direct;
-  auto pd = g.bias ? dnnl::convolution_forward::primitive_desc(
-                         dnnl::convolution_forward::desc(prop, algo, e->src, w_any, e->bias, e->dst, strides, padl,
-                                                         padr),
-                         attr, Engine())
-                   : dnnl::convolution_forward::primitive_desc(
-                         dnnl::convolution_forward::desc(prop, algo, e->src, w_any, e->dst, strides, padl, padr),
-                         attr, Engine());
-  e->fwd = dnnl::convolution_forward(pd);
-  e->fwd_w = pd.weights_desc();
-  e->scratch = pd.scratchpad_desc().get_size();
-  g_primitives += 1;
-  std::lock_guard<std::mutex> lk(g_mu);
-  return g_dw_cache.emplace(key, e).first->second;
-}
 
 ffi::Error DwConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                          ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
@@ -396,26 +374,7 @@ ffi::Error DwConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::
   if (wd[p + 2] != 1 || xd[p + 3] != wd[p + 3] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p])
     return ffi::Error::InvalidArgument("lightflax depthwise conv: shape mismatch (w must be (KH, KW, 1, C))");
   Timed timed(7);
-  SetThreads();
-  try {
-    ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
-    auto e = GetDw(g);
-    int64_t reps = Prod(xd, 0, p);
-    int64_t xs = Prod(xd, p, xd.size()), ws = Prod(wd, p, wd.size()), ys = Prod(yd, p, yd.size());
-    auto& s = Stream();
-    for (int64_t r = 0; r < reps; ++r) {
-      memory xm(e->src, Engine(), x.typed_data() + r * xs), ym(e->dst, Engine(), y->typed_data() + r * ys);
-      memory wm = WeightsFor(e->fwd_w, e->user_w, w.typed_data() + r * ws, 0);
-      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
-                                           {DNNL_ARG_SCRATCHPAD, ScratchMem(e->scratch, 1)}};
-      if (g.bias) args[DNNL_ARG_BIAS] = memory(e->bias, Engine(), b.typed_data() + r * g.c);
-      e->fwd.execute(s, args);
-    }
-    s.wait();
-  } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("lightflax depthwise conv (oneDNN): ") + err.what());
-  }
-  return ffi::Error::Success();
+  return ConvFwdRun(x, w, b, y, sh, sw, pt, pb, pl, pr, bias, relu, true);
 }
 
 // dy, x, w, y (the forward output: ReLU mask when relu) -> [dx], dw, db.
