@@ -170,7 +170,7 @@ def _check_values_and_gradients(nat, ref, args, counter, bias, key):
     respect to (x, w, b) (b only with ``bias``), equal the reference's; returns (loss, the
     reference gradients)."""
     native.reset_call_counts()
-    y = jax.jit(nat)(*args)
+    y = jax.block_until_ready(jax.jit(nat)(*args))
     assert native.call_counts()[counter] == 1
     assert_close(y, ref(*args))
     g = jax.random.normal(key, y.shape)
@@ -261,8 +261,9 @@ def _dw_fns(c, stride, padding, bias, relu):
 @needs_native
 @pytest.mark.parametrize("case", DW_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_depthwise_matches_lax(case):
-    """Values natively (one call), gradients (XLA's backward through the custom_vjp) equal lax's
-    grouped convolution; under vmap too (--num_seeds)."""
+    """Values (one native call) and gradients (one native backward call: with the input's
+    gradient, and without it, as for an image) equal lax's grouped convolution; under vmap too
+    (--num_seeds)."""
     n, h, w, c, k, stride, padding, bias, relu = case
     ks = jax.random.split(jax.random.key(sum(case[:6])), 4)
     x = jax.random.normal(ks[0], (n, h, w, c))
@@ -270,6 +271,14 @@ def test_depthwise_matches_lax(case):
     b = jax.random.normal(ks[2], (c,))
     ref, nat = _dw_fns(c, stride, padding, bias, relu)
     _check_values_and_gradients(nat, ref, (x, wt, b), "dwconv_fwd", bias, ks[3])
+    g = jax.random.normal(ks[3], ref(x, wt, b).shape)
+    for argnums in ((0, 1, 2), (1, 2)):  # (1, 2): the weights-only backward handler
+        grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=argnums))  # noqa: E731
+        native.reset_call_counts()
+        got = jax.block_until_ready(grad(nat)(x, wt, b))
+        assert native.call_counts()["dwconv_bwd"] == 1, native.call_counts()
+        for gg, rr in zip(got, grad(ref)(x, wt, b)):
+            assert_close(gg, rr)
     xs, ws = jnp.stack([x, -x]), jnp.stack([wt, 2 * wt])
     assert_close(jax.jit(jax.vmap(lambda x, w: nat(x, w, b)))(xs, ws), jax.vmap(lambda x, w: ref(x, w, b))(xs, ws))
 
@@ -606,7 +615,8 @@ STEP_CODE = textwrap.dedent(
 # +-rounding noise in XLA: a ReLU kink, routed differently, both valid subgradients
 # (test_constant_channel_tie_routing). Measured (2026-11-30, docs/native.md): k=1 3.4e-2 (the tie), k=2 4.8e-6,
 # k=3 2.3e-5 (the gradient of a bias in front of a BatchNorm, exactly 0, is rounding noise in both),
-# k=4, k=5 < 1e-5; xray_conv2d 7.9e-5 (not explained: no constant channel).
+# k=4, k=5 < 1e-5; xray_conv2d 7.9e-5 (no constant channel: the first layer's kernel gradient, a sum
+# that mostly cancels, which oneDNN accumulates ~8x less accurately than XLA; benchmarks/native_first_layer.py).
 GRAD_TOL = {("xray_light", 1): 5e-2, ("xray_light", 3): 3e-5, ("xray_conv2d", None): 2e-4}
 
 
@@ -645,3 +655,31 @@ def test_train_steps_shard_map_8_devices():
 def test_train_steps_num_seeds():
     """2 replicas, vmapped and looped (2 steps: no extra unoptimised XLA reference, which needs > 2)."""
     _run_steps([_case("xray_conv2d", {}, 2, seeds=2, mode=mode) for mode in ("vmap", "loop")])
+
+
+@needs_native
+@pytest.mark.parametrize("stride,padding", [(1, "SAME"), (2, "VALID")])
+def test_separable_depthwise_on_the_native_kernel(monkeypatch, stride, padding):
+    """layers.NATIVE_DEPTHWISE (opt-in): SeparableConv2D's depthwise part on the native kernel has
+    the taps' values and gradients, and makes native forward and backward calls."""
+    x = jax.random.normal(jax.random.key(0), (4, 9, 9, 6))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 6)) / 3
+    g = jax.random.normal(jax.random.key(2), layers.depthwise_conv2d(x, w, (stride, stride), padding).shape)
+
+    def value_and_grads(native_dw):
+        monkeypatch.setattr(layers, "NATIVE_DEPTHWISE", native_dw)
+        def f(x, w):
+            y, vjp = jax.vjp(lambda x, w: layers.depthwise_conv2d(x, w, (stride, stride), padding), x, w)
+            return y, vjp(g)
+
+        native.reset_call_counts()
+        out = jax.block_until_ready(jax.jit(f)(x, w))
+        return out, native.call_counts()  # read after the (asynchronous) calls have run
+
+    (v_nat, g_nat), calls = value_and_grads(True)
+    assert calls["dwconv_fwd"] == 1 and calls["dwconv_bwd"] == 1, calls
+    (v_taps, g_taps), calls = value_and_grads(False)
+    assert calls["dwconv_fwd"] == 0
+    assert_close(v_nat, v_taps)
+    for a, b in zip(g_nat, g_taps):
+        assert_close(a, b)

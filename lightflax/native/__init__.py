@@ -187,7 +187,8 @@ def status() -> Dict[str, Any]:
     }
 
 
-_COUNTERS = ("conv_fwd", "conv_bwd", "bn_fwd", "bn_bwd", "bn_reduce", "pool_fwd", "pool_bwd", "dwconv_fwd")
+_COUNTERS = ("conv_fwd", "conv_bwd", "bn_fwd", "bn_bwd", "bn_reduce", "pool_fwd", "pool_bwd", "dwconv_fwd",
+             "dwconv_bwd")
 
 
 def call_counts() -> Dict[str, int]:
@@ -228,8 +229,8 @@ def _f32(*xs) -> bool:
 def _fused_conv(op_name: str, supported: bool, x, w, bias, strides, pads, activation, xla_conv):
     """activation(xla_conv(x, w) + bias) through ``lightflax.native.ops.<op_name>`` (bias and ReLU
     fused) when ``supported`` and the native kernels are active, else XLA. The XLA formulation
-    handed to the op (other platforms, and its gradients where the op has no native backward)
-    includes the ReLU only when the op fuses it; any other activation is applied after."""
+    handed to the op (other platforms) includes the ReLU only when the op fuses it; any other
+    activation is applied after."""
 
     def xla(x, w, b):
         y = xla_conv(x, w)
@@ -259,8 +260,8 @@ def conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: 
 
 
 def depthwise_conv2d(x, w, bias, strides, pads, activation: Optional[Callable], xla_conv: Callable):
-    """activation(depthwise_conv(x, w) + bias) for w (KH, KW, 1, C) and x (..., C): the forward
-    native (bias and ReLU fused) when it can, the backward pass and every other case XLA's.
+    """activation(depthwise_conv(x, w) + bias) for w (KH, KW, 1, C) and x (..., C): native
+    (forward with bias and ReLU fused, and backward) when it can, every other case XLA's.
 
     ``pads`` explicit ((top, bottom), (left, right)); ``xla_conv(x, w)`` the plain XLA grouped
     convolution (``feature_group_count=C``) to use otherwise.

@@ -20,7 +20,7 @@ import sys
 from typing import Optional
 
 ENV_LIB = "LIGHTFLAX_NATIVE_LIB"
-ABI_VERSION = 4
+ABI_VERSION = 5
 HINT = "apt-get install -y libdnnl-dev g++ && pip install -e ."
 
 # FFI target name -> exported handler symbol.
@@ -37,6 +37,8 @@ TARGETS = {
     "lightflax_pool_fwd": "LfPoolFwd",
     "lightflax_pool_bwd": "LfPoolBwd",
     "lightflax_dwconv_fwd": "LfDwConvFwd",
+    "lightflax_dwconv_bwd": "LfDwConvBwd",
+    "lightflax_dwconv_bwd_w": "LfDwConvBwdW",
 }
 _INT_FUNCS = ("lightflax_native_abi", "lightflax_native_dnnl_built", "lightflax_native_dnnl_runtime",
               "lightflax_native_get_threads", "lightflax_native_primitives", "lightflax_native_calls",

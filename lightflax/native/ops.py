@@ -50,21 +50,26 @@ def _zeros_if_symbolic(g, like_shape=None):
 # ----------------------------------------------------------------------------
 
 
+# cfg = (strides, pads, bias, relu, kind): kind "conv" (w HWIO (KH, KW, C, O)) or "dwconv" (depthwise,
+# multiplier 1: w (KH, KW, 1, C)); the handlers are lightflax_{kind}_fwd / _bwd / _bwd_w.
+
+
 def _conv_attrs(cfg):
-    (sh, sw), ((pt, pb), (pl, pr)), bias, relu = cfg
+    (sh, sw), ((pt, pb), (pl, pr)), bias, relu, _ = cfg
     return dict(sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl),
                 pr=np.int64(pr), bias=np.int64(bias), relu=np.int64(relu))
 
 
 def _conv_out_shape(x_shape, w_shape, cfg):
-    (sh, sw), ((pt, pb), (pl, pr)), _, _ = cfg
+    (sh, sw), ((pt, pb), (pl, pr)), _, _, _ = cfg
     n, h, w, _ = x_shape
     kh, kw, _, o = w_shape
     return n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o
 
 
 def _conv_fwd_call(x, w, b, cfg):
-    return _call("lightflax_conv_fwd", _sds(_conv_out_shape(x.shape, w.shape, cfg)), x, w, b, **_conv_attrs(cfg))
+    return _call(f"lightflax_{cfg[4]}_fwd", _sds(_conv_out_shape(x.shape, w.shape, cfg)), x, w, b,
+                 **_conv_attrs(cfg))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -86,11 +91,12 @@ def _conv_bwd(cfg, res, g):
         g = jnp.zeros(g.shape, g.dtype)
     yy = y if y is not None else g  # the ReLU mask source; unused without relu
     o = w.shape[-1]
+    kind = cfg[4]
     if need_dx is not None:
-        dx, dw, db = _call("lightflax_conv_bwd", (_sds(x.shape), _sds(w.shape), _sds((o,))), g, x, w, yy,
+        dx, dw, db = _call(f"lightflax_{kind}_bwd", (_sds(x.shape), _sds(w.shape), _sds((o,))), g, x, w, yy,
                            **_conv_attrs(cfg))
     else:
-        dw, db = _call("lightflax_conv_bwd_w", (_sds(w.shape), _sds((o,))), g, x, w, yy, **_conv_attrs(cfg))
+        dw, db = _call(f"lightflax_{kind}_bwd_w", (_sds(w.shape), _sds((o,))), g, x, w, yy, **_conv_attrs(cfg))
         dx = None
     return dx, dw, db
 
@@ -98,51 +104,26 @@ def _conv_bwd(cfg, res, g):
 _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
 
 
-def conv2d(x: Array, w: Array, b: Optional[Array], strides: Tuple[int, int], pads: Pads, relu: bool,
-           xla: Callable[[Array, Array, Optional[Array]], Array]) -> Array:
-    """relu?(conv(x, w) + b) natively on CPU; ``xla(x, w, b)`` elsewhere."""
+def _conv_dispatch(kind, x, w, b, strides, pads, relu, xla):
     has_bias = b is not None
-    cfg = (tuple(strides), tuple(tuple(p) for p in pads), has_bias, bool(relu))
+    cfg = (tuple(strides), tuple(tuple(p) for p in pads), has_bias, bool(relu), kind)
     bb = b if has_bias else jnp.zeros((w.shape[-1],), jnp.float32)
     return _dispatch(lambda x, w, bb: _conv(x, w, bb, cfg), lambda x, w, bb: xla(x, w, bb if has_bias else None),
                      x, w, bb)
 
 
-# ----------------------------------------------------------------------------
-# Depthwise convolution (groups = channels, multiplier 1): native forward, XLA backward
-# ----------------------------------------------------------------------------
-
-
-def _dw_fwd_call(x, w, b, cfg):
-    return _call("lightflax_dwconv_fwd", _sds(_conv_out_shape(x.shape, w.shape, cfg)), x, w, b,
-                 **_conv_attrs(cfg))
+def conv2d(x: Array, w: Array, b: Optional[Array], strides: Tuple[int, int], pads: Pads, relu: bool,
+           xla: Callable[[Array, Array, Optional[Array]], Array]) -> Array:
+    """relu?(conv(x, w) + b) natively on CPU; ``xla(x, w, b)`` elsewhere."""
+    return _conv_dispatch("conv", x, w, b, strides, pads, relu, xla)
 
 
 def depthwise_conv2d(x: Array, w: Array, b: Optional[Array], strides: Tuple[int, int], pads: Pads, relu: bool,
                      xla: Callable[[Array, Array, Optional[Array]], Array]) -> Array:
-    """relu?(depthwise_conv(x, w) + b), w (KH, KW, 1, C): the forward natively on CPU (oneDNN's
-    depthwise kernels; XLA:CPU's grouped convolution runs at ~0.5 GFLOP/s), the gradients by
-    differentiating ``xla(x, w, b)`` (XLA's backward pass, also used on other platforms)."""
-    has_bias = b is not None
-    cfg = (tuple(strides), tuple(tuple(p) for p in pads), has_bias, bool(relu))
-    bb = b if has_bias else jnp.zeros((w.shape[-1],), jnp.float32)
-
-    def plain(x, w, bb):
-        return xla(x, w, bb if has_bias else None)
-
-    @jax.custom_vjp
-    def native(x, w, bb):
-        return _dw_fwd_call(x, w, bb, cfg)
-
-    def native_fwd(x, w, bb):
-        return _dw_fwd_call(x, w, bb, cfg), (x, w, bb)
-
-    def native_bwd(res, g):
-        _, vjp = jax.vjp(plain, *res)
-        return vjp(g)
-
-    native.defvjp(native_fwd, native_bwd)
-    return _dispatch(native, plain, x, w, bb)
+    """relu?(depthwise_conv(x, w) + b), w (KH, KW, 1, C), natively on CPU (oneDNN's depthwise
+    kernels, forward and backward; XLA:CPU's grouped convolution runs at ~0.5 GFLOP/s);
+    ``xla(x, w, b)`` elsewhere."""
+    return _conv_dispatch("dwconv", x, w, b, strides, pads, relu, xla)
 
 
 # ----------------------------------------------------------------------------

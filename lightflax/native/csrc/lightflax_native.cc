@@ -37,13 +37,15 @@ using dt = dnnl::memory::data_type;
 
 namespace {
 
-constexpr int64_t kAbiVersion = 4;  // 2: lightflax_bn_reduce returns local means; 3: depthwise forward;
-                                    // 4: per-kind handler time (lightflax_native_time_ns)
+constexpr int64_t kAbiVersion = 5;  // 2: lightflax_bn_reduce returns local means; 3: depthwise forward;
+                                    // 4: per-kind handler time (lightflax_native_time_ns); 5: depthwise backward
 
 std::atomic<int> g_threads{1};
 std::atomic<int64_t> g_primitives{0};
-std::atomic<int64_t> g_calls[8];  // conv_fwd, conv_bwd, bn_fwd, bn_bwd, bn_reduce, pool_fwd, pool_bwd, dw_fwd
-std::atomic<int64_t> g_ns[8];     // wall nanoseconds spent inside those handlers (summed over XLA's threads)
+constexpr int kCounters = 16;
+// conv_fwd, conv_bwd, bn_fwd, bn_bwd, bn_reduce, pool_fwd, pool_bwd, dw_fwd, dw_bwd
+std::atomic<int64_t> g_calls[kCounters];
+std::atomic<int64_t> g_ns[kCounters];  // wall nanoseconds spent inside those handlers (summed over XLA's threads)
 
 // Counts one call of handler kind i and adds its wall time when it returns (benchmarks: which
 // kernels ran and how long they took; two clock reads per call, ~50 ns).
@@ -356,15 +358,13 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
 }
 
 // ---------------------------------------------------------------------------
-// Depthwise convolution (groups = channels, depth multiplier 1), forward only
+// Depthwise convolution (groups = channels, depth multiplier 1)
 // ---------------------------------------------------------------------------
 // x (N, H, W, C), w (KH, KW, 1, C) as lax.conv_general_dilated(feature_group_count=C) takes it,
-// b (C,) -> y (N, OH, OW, C). The backward pass stays XLA's (ops.depthwise_conv2d's custom_vjp).
+// b (C,) -> y (N, OH, OW, C). Backward: ConvBwd with groups = C (LfDwConvBwd, LfDwConvBwdW).
 
-ffi::Error DwConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
-                         ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                         int64_t pr, int64_t bias, int64_t relu) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+// x (..., H, W, C), w (..., KH, KW, 1, C), y (..., OH, OW, C)
+ffi::Error CheckDw(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd) {
   if (xd.size() < 4 || wd.size() != xd.size() || yd.size() != xd.size())
     return ffi::Error::InvalidArgument("lightflax depthwise conv: operands need equal ranks >= 4 (NHWC, HWIO)");
   size_t p = xd.size() - 4;
@@ -373,20 +373,27 @@ ffi::Error DwConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::
       return ffi::Error::InvalidArgument("lightflax depthwise conv: leading (vmapped) dimensions differ");
   if (wd[p + 2] != 1 || xd[p + 3] != wd[p + 3] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p])
     return ffi::Error::InvalidArgument("lightflax depthwise conv: shape mismatch (w must be (KH, KW, 1, C))");
+  return ffi::Error::Success();
+}
+
+ffi::Error DwConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                         int64_t pr, int64_t bias, int64_t relu) {
+  if (auto err = CheckDw(x.dimensions(), w.dimensions(), y->dimensions()); err.failure()) return err;
   Timed timed(7);
   return ConvFwdRun(x, w, b, y, sh, sw, pt, pb, pl, pr, bias, relu, true);
 }
 
 // dy, x, w, y (the forward output: ReLU mask when relu) -> [dx], dw, db.
+// The shape checks (and the call counter) are the callers'; depthwise: groups = C.
 ffi::Error ConvBwd(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::Buffer<ffi::F32> y, float* dx, float* dw, float* db, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr, int64_t bias, int64_t relu) {
+                   int64_t pb, int64_t pl, int64_t pr, int64_t bias, int64_t relu, bool depthwise) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = dy.dimensions();
-  if (auto err = CheckConv(xd, wd, yd); err.failure()) return err;
-  Timed timed(1);
   SetThreads();
   try {
     ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
+    if (depthwise) g.groups = g.c;
     auto e = GetBwd(g);
     int64_t reps = Prod(xd, 0, xd.size() - 4);
     int64_t xs = Prod(xd, xd.size() - 4, xd.size()), ws = Prod(wd, wd.size() - 4, wd.size());
@@ -436,19 +443,32 @@ ffi::Error ConvBwd(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// Handlers: dense (counter 1) and depthwise (counter 8), with dx (BwdImpl) or without (BwdWImpl:
+// the input needs no gradient, e.g. the image).
+template <bool kDepthwise>
 ffi::Error ConvBwdImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                        ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
                        int64_t pr, int64_t bias, int64_t relu) {
+  auto err = kDepthwise ? CheckDw(x.dimensions(), w.dimensions(), dy.dimensions())
+                        : CheckConv(x.dimensions(), w.dimensions(), dy.dimensions());
+  if (err.failure()) return err;
+  Timed timed(kDepthwise ? 8 : 1);
   return ConvBwd(dy, x, w, y, dx->typed_data(), dw->typed_data(), db->typed_data(), sh, sw, pt, pb, pl, pr, bias,
-                 relu);
+                 relu, kDepthwise);
 }
 
+template <bool kDepthwise>
 ffi::Error ConvBwdWImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
                         int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t bias,
                         int64_t relu) {
-  return ConvBwd(dy, x, w, y, nullptr, dw->typed_data(), db->typed_data(), sh, sw, pt, pb, pl, pr, bias, relu);
+  auto err = kDepthwise ? CheckDw(x.dimensions(), w.dimensions(), dy.dimensions())
+                        : CheckConv(x.dimensions(), w.dimensions(), dy.dimensions());
+  if (err.failure()) return err;
+  Timed timed(kDepthwise ? 8 : 1);
+  return ConvBwd(dy, x, w, y, nullptr, dw->typed_data(), db->typed_data(), sh, sw, pt, pb, pl, pr, bias, relu,
+                 kDepthwise);
 }
 
 // ---------------------------------------------------------------------------
@@ -799,18 +819,14 @@ ffi::Error PoolBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::R
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvFwd, ConvFwdImpl,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvBwd, ConvBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>() CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvBwdW, ConvBwdWImpl,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
-                                  CONV_ATTRS);
+#define CONV_BWD_BINDING \
+  ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>() CONV_ATTRS
+#define CONV_BWD_W_BINDING \
+  ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>() CONV_ATTRS
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvBwd, ConvBwdImpl<false>, CONV_BWD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvBwdW, ConvBwdWImpl<false>, CONV_BWD_W_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfDwConvBwd, ConvBwdImpl<true>, CONV_BWD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfDwConvBwdW, ConvBwdWImpl<true>, CONV_BWD_W_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnReduce, BnReduceImpl,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("mode"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnTrain, BnTrainImpl,
@@ -888,8 +904,8 @@ LF_EXPORT int64_t lightflax_native_dnnl_runtime() {
 LF_EXPORT void lightflax_native_set_threads(int64_t n) { g_threads = (int)n; }
 LF_EXPORT int64_t lightflax_native_get_threads() { return g_threads.load(); }
 LF_EXPORT int64_t lightflax_native_primitives() { return g_primitives.load(); }
-LF_EXPORT int64_t lightflax_native_calls(int64_t i) { return (i >= 0 && i < 8) ? g_calls[i].load() : -1; }
-LF_EXPORT int64_t lightflax_native_time_ns(int64_t i) { return (i >= 0 && i < 8) ? g_ns[i].load() : -1; }
+LF_EXPORT int64_t lightflax_native_calls(int64_t i) { return (i >= 0 && i < kCounters) ? g_calls[i].load() : -1; }
+LF_EXPORT int64_t lightflax_native_time_ns(int64_t i) { return (i >= 0 && i < kCounters) ? g_ns[i].load() : -1; }
 LF_EXPORT void lightflax_native_reset_calls() {
   for (auto& c : g_calls) c = 0;
   for (auto& t : g_ns) t = 0;
