@@ -119,8 +119,9 @@ def _interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    # First, before JAX starts: large allocations on transparent huge pages (lightflax/huge_pages.py:
-    # glibc reads that setting only at process start, so this may re-execute the same command).
+    # First, before JAX starts: with LIGHTFLAX_HUGE_PAGES=1, large allocations on transparent huge
+    # pages (lightflax/huge_pages.py; glibc reads that only at process start: the same command is
+    # re-executed once).
     sys.path.insert(0, HERE)
     from lightflax import huge_pages
 

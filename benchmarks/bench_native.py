@@ -212,7 +212,7 @@ def memory():
 if __name__ == "__main__":
     from lightflax import huge_pages
 
-    huge_pages.reexec_if_useful()  # as launch.py: what users get (LIGHTFLAX_HUGE_PAGES=0 to compare)
+    huge_pages.reexec_if_useful()  # as launch.py (opt-in: LIGHTFLAX_HUGE_PAGES=1)
     what = sys.argv[1] if len(sys.argv) > 1 else "step"
     if what == "memory1":
         memory_one(*sys.argv[2:5])

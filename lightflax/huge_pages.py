@@ -1,4 +1,4 @@
-"""Transparent huge pages for the process's large allocations (entry points call it first).
+"""Transparent huge pages for the process's large allocations: OPT-IN (``LIGHTFLAX_HUGE_PAGES=1``).
 
 XLA:CPU allocates a compiled step's temporaries and outputs with ``malloc`` for every
 execution, and glibc serves every block over 32 MiB (its largest mmap threshold) with a
@@ -6,13 +6,16 @@ fresh ``mmap``: each step then faults in every page of its temporaries again, 4 
 time. Measured (docs/native.md, "Page faults"; 2-core dev machine, 2026-11-30): xray_light K=5
 at 224², batch 64, ~400,000 minor page faults and ~0.9 CPU-s of kernel time per step; with
 glibc's ``glibc.malloc.hugetlb=1`` tunable (malloc asks for transparent huge pages) ~2,000
-faults, and the step 1.5x faster (xray_conv2d at 128²: 1.3x), peak RSS unchanged.
+faults, and the step 1.5x faster (xray_conv2d at 128²: 1.3x), peak RSS unchanged, in runs of
+one process at a time. In interleaved runs of several processes on the same (virtual) machine
+the result went both ways (1.26x faster at 224², and slower at every size in another run), so
+it is not the default: docs/native.md, attempt 8.
 
 glibc reads tunables only when a process starts, so :func:`reexec_if_useful` re-executes the
 running program (same pid, arguments, interpreter options and open files) with the tunable
-added, before anything else has run. It does nothing (and never loops) when the tunable is
-already set, the system cannot use it (not Linux, glibc < 2.35, transparent huge pages
-``never`` or already ``always``), or ``LIGHTFLAX_HUGE_PAGES=0``.
+added, before anything else has run, when ``LIGHTFLAX_HUGE_PAGES=1``. It does nothing (and never
+loops) otherwise, when the tunable is already set, or when the system cannot use it (not Linux,
+glibc < 2.35, transparent huge pages ``never`` or already ``always``).
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ def _thp_mode() -> Optional[str]:
 
 def tunables_to_use(environ: Mapping[str, str], glibc: Optional[tuple], thp_mode: Optional[str]) -> Optional[str]:
     """The GLIBC_TUNABLES value to re-execute with, or None to leave the process as it is."""
-    if environ.get(ENV_SWITCH, "1").strip() == "0":
-        return None
+    if environ.get(ENV_SWITCH, "0").strip() != "1":
+        return None  # opt-in
     current = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in current:  # set already (by us or by the user): never loop
         return None
@@ -57,7 +60,7 @@ def tunables_to_use(environ: Mapping[str, str], glibc: Optional[tuple], thp_mode
 
 
 def reexec_if_useful(argv: Optional[Sequence[str]] = None) -> None:
-    """Re-executes this program with ``glibc.malloc.hugetlb=1`` where that helps (see above).
+    """Re-executes this program with ``glibc.malloc.hugetlb=1`` when asked to and possible (above).
 
     Call it first in an entry point, before threads or large allocations exist. ``argv``:
     the full command line to re-run (default ``sys.orig_argv``: interpreter options included).

@@ -14,7 +14,7 @@ def main():
     a = parse_args(("--impl", {"default": None}), ("--dtype", {"default": "float32"}),
                    ("--kernels", {"default": "native", "choices": ["native", "xla"]}),
                    ("--threads", {"type": int, "default": None}),
-                   ("--huge_pages", {"type": int, "default": 1, "choices": [0, 1]}))
+                   ("--huge_pages", {"type": int, "default": 0, "choices": [0, 1]}))
 
     def build():
         import jax
@@ -39,7 +39,7 @@ def main():
         counts = summary.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
         return step, {"framework": f"lightflax {used} (jax {jax.__version__})" + (f" impl={a.impl}" if a.impl else "")
                                    + (f" threads={a.threads}" if a.threads else "")
-                                   + ("" if a.huge_pages else " huge_pages=0"),
+                                   + (" huge_pages=1" if a.huge_pages else ""),
                       "total_params": counts["total"], "trainable_params": counts["trainable"],
                       "compile_s": v.compiled.compile_s}
 
@@ -49,7 +49,7 @@ def main():
 if __name__ == "__main__":
     from lightflax import huge_pages
 
-    if "--huge_pages=0" in sys.argv:  # the variant without (lightflax/huge_pages.py)
-        os.environ[huge_pages.ENV_SWITCH] = "0"
+    if "--huge_pages=1" in sys.argv:  # the opt-in variant (lightflax/huge_pages.py)
+        os.environ[huge_pages.ENV_SWITCH] = "1"
     huge_pages.reexec_if_useful()  # as launch.py does
     main()

@@ -14,7 +14,7 @@ import sys
 def _short(detail: str) -> str:
     if detail.startswith("lightflax"):
         kind = detail.split()[1]
-        return f"lightflax {kind}" + (" huge_pages=0" if "huge_pages=0" in detail else "")
+        return f"lightflax {kind}" + (" huge_pages=1" if "huge_pages=1" in detail else "")
     return detail
 
 
