@@ -301,13 +301,18 @@ def test_sigterm_ends_with_exit_130_and_the_run_resumes(tmp_path):
     args = [sys.executable, str(REPO / "launch.py"), "--experiment=xray_light", "--k=1", *TINY, "--epochs=50",
             f"--workdir={wd}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+               PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait for the first finished (checkpointed) epoch
         if line.startswith("epoch 1/50"):
             break
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # once in a CI run (2026-11-30), not reproduced: say where it hangs
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        _, err = proc.communicate(timeout=60)
+        pytest.fail("no exit 300 s after SIGTERM; the child's threads:\n" + err[-8000:])
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: interrupted; resume with --resume" and "Traceback" not in err
     done = run_launch(["--experiment=xray_light", "--k=1", *TINY, "--epochs=2", f"--workdir={wd}", "--resume"],
