@@ -306,15 +306,21 @@ ConvGeom Geom(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Spa
                   yd[py + 2], sh, sw, pt, pb, pl, pr, bias != 0, relu != 0};
 }
 
-ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd) {
+// x (..., H, W, C), y (..., OH, OW, O), w (..., KH, KW, C, O) for a dense convolution or
+// (..., KH, KW, 1, C) for a depthwise one (O = C).
+ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd,
+                     bool depthwise) {
+  const std::string what = depthwise ? "lightflax depthwise conv: " : "lightflax conv: ";
   if (xd.size() < 4 || wd.size() != xd.size() || yd.size() != xd.size())
-    return ffi::Error::InvalidArgument("lightflax conv: operands need equal ranks >= 4 (NHWC, HWIO)");
+    return ffi::Error::InvalidArgument(what + "operands need equal ranks >= 4 (NHWC, HWIO)");
   size_t p = xd.size() - 4;
   for (size_t i = 0; i < p; ++i)
     if (xd[i] != wd[i] || xd[i] != yd[i])
-      return ffi::Error::InvalidArgument("lightflax conv: leading (vmapped) dimensions differ");
-  if (xd[p + 3] != wd[p + 2] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p])
-    return ffi::Error::InvalidArgument("lightflax conv: shape mismatch");
+      return ffi::Error::InvalidArgument(what + "leading (vmapped) dimensions differ");
+  if (depthwise ? (wd[p + 2] != 1 || xd[p + 3] != wd[p + 3] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p])
+                : (xd[p + 3] != wd[p + 2] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p]))
+    return ffi::Error::InvalidArgument(what + (depthwise ? "shape mismatch (w must be (KH, KW, 1, C))"
+                                                         : "shape mismatch"));
   return ffi::Error::Success();
 }
 
@@ -349,12 +355,14 @@ ffi::Error ConvFwdRun(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buf
   return ffi::Error::Success();
 }
 
+// Handlers: dense (counter 0) and depthwise (counter 7).
+template <bool kDepthwise>
 ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
                        int64_t pr, int64_t bias, int64_t relu) {
-  if (auto err = CheckConv(x.dimensions(), w.dimensions(), y->dimensions()); err.failure()) return err;
-  Timed timed(0);
-  return ConvFwdRun(x, w, b, y, sh, sw, pt, pb, pl, pr, bias, relu, false);
+  if (auto err = CheckConv(x.dimensions(), w.dimensions(), y->dimensions(), kDepthwise); err.failure()) return err;
+  Timed timed(kDepthwise ? 7 : 0);
+  return ConvFwdRun(x, w, b, y, sh, sw, pt, pb, pl, pr, bias, relu, kDepthwise);
 }
 
 // ---------------------------------------------------------------------------
@@ -362,27 +370,6 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
 // ---------------------------------------------------------------------------
 // x (N, H, W, C), w (KH, KW, 1, C) as lax.conv_general_dilated(feature_group_count=C) takes it,
 // b (C,) -> y (N, OH, OW, C). Backward: ConvBwd with groups = C (LfDwConvBwd, LfDwConvBwdW).
-
-// x (..., H, W, C), w (..., KH, KW, 1, C), y (..., OH, OW, C)
-ffi::Error CheckDw(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd) {
-  if (xd.size() < 4 || wd.size() != xd.size() || yd.size() != xd.size())
-    return ffi::Error::InvalidArgument("lightflax depthwise conv: operands need equal ranks >= 4 (NHWC, HWIO)");
-  size_t p = xd.size() - 4;
-  for (size_t i = 0; i < p; ++i)
-    if (xd[i] != wd[i] || xd[i] != yd[i])
-      return ffi::Error::InvalidArgument("lightflax depthwise conv: leading (vmapped) dimensions differ");
-  if (wd[p + 2] != 1 || xd[p + 3] != wd[p + 3] || yd[p + 3] != wd[p + 3] || xd[p] != yd[p])
-    return ffi::Error::InvalidArgument("lightflax depthwise conv: shape mismatch (w must be (KH, KW, 1, C))");
-  return ffi::Error::Success();
-}
-
-ffi::Error DwConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
-                         ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                         int64_t pr, int64_t bias, int64_t relu) {
-  if (auto err = CheckDw(x.dimensions(), w.dimensions(), y->dimensions()); err.failure()) return err;
-  Timed timed(7);
-  return ConvFwdRun(x, w, b, y, sh, sw, pt, pb, pl, pr, bias, relu, true);
-}
 
 // dy, x, w, y (the forward output: ReLU mask when relu) -> [dx], dw, db.
 // The shape checks (and the call counter) are the callers'; depthwise: groups = C.
@@ -450,9 +437,7 @@ ffi::Error ConvBwdImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::B
                        ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                        ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
                        int64_t pr, int64_t bias, int64_t relu) {
-  auto err = kDepthwise ? CheckDw(x.dimensions(), w.dimensions(), dy.dimensions())
-                        : CheckConv(x.dimensions(), w.dimensions(), dy.dimensions());
-  if (err.failure()) return err;
+  if (auto err = CheckConv(x.dimensions(), w.dimensions(), dy.dimensions(), kDepthwise); err.failure()) return err;
   Timed timed(kDepthwise ? 8 : 1);
   return ConvBwd(dy, x, w, y, dx->typed_data(), dw->typed_data(), db->typed_data(), sh, sw, pt, pb, pl, pr, bias,
                  relu, kDepthwise);
@@ -463,9 +448,7 @@ ffi::Error ConvBwdWImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::
                         ffi::Buffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
                         int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t bias,
                         int64_t relu) {
-  auto err = kDepthwise ? CheckDw(x.dimensions(), w.dimensions(), dy.dimensions())
-                        : CheckConv(x.dimensions(), w.dimensions(), dy.dimensions());
-  if (err.failure()) return err;
+  if (auto err = CheckConv(x.dimensions(), w.dimensions(), dy.dimensions(), kDepthwise); err.failure()) return err;
   Timed timed(kDepthwise ? 8 : 1);
   return ConvBwd(dy, x, w, y, nullptr, dw->typed_data(), db->typed_data(), sh, sw, pt, pb, pl, pr, bias, relu,
                  kDepthwise);
@@ -817,7 +800,7 @@ ffi::Error PoolBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::R
       .Attr<int64_t>("pr").Attr<int64_t>("bias").Attr<int64_t>("relu")
 #define F32 ffi::Buffer<ffi::F32>
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvFwd, ConvFwdImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfConvFwd, ConvFwdImpl<false>,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
 #define CONV_BWD_BINDING \
   ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>() CONV_ATTRS
@@ -889,7 +872,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnBwd, BnBwdImpl,
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("relu")
                                   .Attr<int64_t>("train"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LfDwConvFwd, DwConvFwdImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfDwConvFwd, ConvFwdImpl<true>,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPoolFwd, PoolFwdImpl, ffi::Ffi::Bind().Arg<F32>().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPoolBwd, PoolBwdImpl, ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>());
