@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import jax
 import numpy as np
 
+from lightflax import protocol
 from lightflax.errors import UserError
 
 # Fields of jax's CompiledMemoryStats, renamed to what they mean.
@@ -362,7 +363,8 @@ def measure_interleaved(variants: Sequence[Variant], *, rounds: int = 7, warmup:
     around the clock reads), after ``warmup`` calls per variant. Rows hold the
     median/p10/p90 in ms, the ratio to the ``baseline`` variant (default the first)
     as the median of the per-round ratios (machine noise hits every variant of a
-    round alike), and the XLA costs of the compiled function.
+    round alike) with its 10-90 % range and :func:`lightflax.protocol.verdict`, and the XLA
+    costs of the compiled function.
     """
     variants = list(variants)
     args = [tuple(v.args) for v in variants]
@@ -377,6 +379,13 @@ def measure_interleaved(variants: Sequence[Variant], *, rounds: int = 7, warmup:
     return [_row(v, np.array(t.measured), base, variants[base_i].name) for v, t in zip(variants, timers)]
 
 
+def _ratio_fields(t: np.ndarray, base: np.ndarray) -> Dict[str, Any]:
+    # the measurement protocol (lightflax/protocol.py): per-round ratios, median and 10-90 % range, verdict
+    pooled = protocol.pool([protocol.round_ratios(t, base)])
+    return {"ratio_to_baseline": pooled["median"], "ratio_p10": pooled["p10"], "ratio_p90": pooled["p90"],
+            "verdict": protocol.verdict(pooled["p10"], pooled["p90"])}
+
+
 def _row(v: Variant, t: np.ndarray, base: np.ndarray, baseline: str) -> Dict[str, Any]:
     c, median = v.compiled, float(np.median(t))
     batch = v.info.get("batch")
@@ -386,7 +395,7 @@ def _row(v: Variant, t: np.ndarray, base: np.ndarray, baseline: str) -> Dict[str
         "median_ms": 1e3 * median,
         "p10_ms": 1e3 * float(np.percentile(t, 10)),
         "p90_ms": 1e3 * float(np.percentile(t, 90)),
-        "ratio_to_baseline": float(np.median(t / base)),
+        **_ratio_fields(t, base),
         "baseline": baseline,
         "images_per_s": batch / median if batch else None,
         "compile_s": c.compile_s,
