@@ -33,7 +33,7 @@ STEP_FILES = ("lightflax/native", "lightflax/steps.py", "lightflax/layers.py", "
 MODEL_NAMES = {"xray_conv2d": "Conv2D", "xray_light": "LightLayers"}
 HEADER = ("| model | size | batch | competing processes | lightflax / tf.keras wall, median (10-90 %) "
           "| CPU, median (10-90 %) | verdict wall / CPU | tf.keras ms/step | lightflax ms/step "
-          "| runs (rounds) | runs' dates (UTC) | |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| runs (rounds) | runs' dates (UTC) | stale |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 class BadInput(Exception):
