@@ -106,3 +106,27 @@ def test_old_format_is_refused_in_one_line(tmp_path, capsys):
     assert table.main([str(old)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a raw-rounds run" in err
+
+
+def _run_peers():
+    spec = importlib.util.spec_from_file_location("run_peers", REPO / "benchmarks" / "peers" / "run_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_contenders_are_killed_also_on_error():
+    run_peers = _run_peers()
+    with pytest.raises(RuntimeError, match="boom"):
+        with run_peers.Contenders(2, 60.0) as contenders:
+            procs = list(contenders.procs)
+            raise RuntimeError("boom")
+    assert len(procs) == 2 and all(p.poll() is not None for p in procs)
+    assert contenders.alive_at_end == [True, True]  # they were still spinning when the cell ended
+
+
+@pytest.mark.parametrize("flag", ["--contend=-1", "--sizes=12x", "--models=resnet", "--rounds=0"])
+def test_run_peers_refuses_bad_flags(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        _run_peers().parse_args([flag])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err.strip().splitlines()[-1]
