@@ -13,6 +13,12 @@ reference's and results.json's selection and test metrics and history.csv's per-
 and accuracies are equal (timings excluded). Synthetic 16x16 data; prints one JSON line
 per trial and a summary line: {"trials": N, "passed": P, ...}. Exit 0 only when
 every trial passed.
+
+The model is xray_light K=5 (--k), alive at initialisation: a dead network (K=1 with
+seed 0, benchmarks/dead_init.py) gets no gradient below its dead ReLUs, so a resume that
+restored those layers wrongly would still compare equal. The reference model's spread
+of predictions across inputs (lightflax.predict.prediction_spread) is checked and
+reported; a dead reference stops the trial with exit 2.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # this checkout's lightflax (the runs use it through PYTHONPATH)
 KILL_ENV = "LIGHTFLAX_FAULT_KILL_AFTER_STEP"
 COMPARED = ("select_metrics", "test_accuracy", "test_loss", "epochs_run", "best_epoch")
 
 
 def _args(ns, workdir: str):
-    return [sys.executable, os.path.join(REPO, "launch.py"), "--experiment=xray_light", "--k=1",
+    return [sys.executable, os.path.join(REPO, "launch.py"), "--experiment=xray_light", f"--k={ns.k}",
             "--dataset=synthetic", "--image_size=16", f"--synthetic_size={ns.synthetic_size}",
             f"--batch_size={ns.batch_size}", f"--epochs={ns.epochs}", f"--workdir={workdir}"]
 
@@ -94,6 +101,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--synthetic_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--k", type=int, default=5, help="LightLayers rank: a model alive at init")
     parser.add_argument("--seed", type=int, default=0, help="of the kill points")
     parser.add_argument("--keep", default=None, help="folder for the runs (default: a temporary one, removed)")
     ns = parser.parse_args()
@@ -107,6 +115,13 @@ def main() -> int:
     with open(os.path.join(reference, "results.json")) as f:
         ref_results = json.load(f)
     want = _fingerprint(reference)
+    from lightflax import predict
+
+    spread = predict.prediction_spread(reference)
+    if spread <= 1e-6:
+        print(f"error: the reference model (--k={ns.k}) is dead (probability spread {spread:.1e}): a wrong "
+              f"restore could not show; choose another --k", file=sys.stderr)
+        return 2
     steps = ns.epochs * (ns.synthetic_size // ns.batch_size)
     loop_s = float(ref_results.get("total_time_s") or 1.0) + 1.0  # + test evaluation and export
     passed = 0
@@ -121,7 +136,8 @@ def main() -> int:
         print(json.dumps({"trial": trial, **kill, "resumes": attempts, "identical": ok}), flush=True)
         if not ns.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    summary = {"trials": ns.trials, "passed": passed, "epochs": ns.epochs, "steps": steps,
+    summary = {"trials": ns.trials, "passed": passed, "epochs": ns.epochs, "steps": steps, "k": ns.k,
+               "reference_spread": spread,
                "command": "python benchmarks/fault_injection.py " + " ".join(sys.argv[1:]),
                "date": datetime.date.today().isoformat(), "wall_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(summary), flush=True)

@@ -267,3 +267,19 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
     print(f"wrote {output_npz}: {len(y)} images, {models_used}, rule {_describe_rule(decision)}, "
           f"predicted class counts {counts}", flush=True)
     return p, y
+
+
+def prediction_spread(workdir: str, n: int = 16, seed: int = 0) -> float:
+    """How much a finished run's model (replica 0) tells inputs apart: the largest standard deviation,
+    over the classes, of its probabilities on ``n`` random uint8 images of the run's stored shape.
+
+    A network that is dead (constant logits; a K=1 LightLayers model can be dead at init, and stays
+    dead: no gradient passes its ReLUs) gives 0. Checks that compare a resumed run with an
+    uninterrupted one need a live model, else a wrong restore of the layers below the dead ReLU
+    would go unnoticed; they require a spread above ~1e-6 (benchmarks/dead_init.py's threshold).
+    """
+    module, variables, results = load_run(workdir)
+    shape = [int(d) for d in results["dataset"]["stored_shape"]]
+    images = np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+    probs = predict_probabilities(module, variables, results, images)
+    return float(np.std(probs.astype(np.float64), axis=0).max())

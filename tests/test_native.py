@@ -70,7 +70,7 @@ def test_thread_policy_shares_the_cpus_among_cpu_devices(monkeypatch):
     devices = native._configured_cpu_devices()
     assert native.auto_threads() == max(1, cpus // devices)
     if not native.available():
-        return
+        pytest.skip(f"native library not loaded: {native.status()['reason']}")
     before = native.threads()
     monkeypatch.setitem(native._threads_policy, "auto", True)  # restored after the test
     try:
@@ -83,7 +83,7 @@ def test_thread_policy_shares_the_cpus_among_cpu_devices(monkeypatch):
 
 def test_call_times_count_the_time_inside_handlers():
     if not native.available():
-        pytest.skip("native library not built")
+        pytest.skip(f"native library not loaded: {native.status()['reason']}")
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
     native.reset_call_counts()
     jax.block_until_ready(jax.jit(lambda x: native.max_pool_2x2(x, None))(x))
@@ -220,8 +220,8 @@ def test_conv_vmap_and_unsupported_cases():
     assert y16.dtype == jnp.bfloat16
     layers.conv2d(x[0], jnp.ones((3, 3, 1, 4)), (1, 1), "SAME", feature_group_count=4)
     assert native.call_counts()["conv_fwd"] == 0
-    # second derivatives: XLA's result within tolerance or an error, never a silently wrong number
-    with pytest.raises(Exception):
+    # second derivatives: an error (jax: the FFI call has no JVP rule), never a silently wrong number
+    with pytest.raises(ValueError, match="cannot be differentiated"):
         jax.grad(lambda x: jnp.sum(jax.grad(loss(nat))(x, w[0], b[0])))(x[0])
 
 
@@ -594,8 +594,6 @@ STEP_CODE = textwrap.dedent(
         last_err, last_noise = err(nat[-1][0], ref[-1][0]), err(alt[-1][0], ref[-1][0])
         print(MODEL, KW, SEEDS, MODE, "loss", loss_err, "stats", stats_err, "grad", grad_err, "xla noise",
               grad_noise, "last", last_err, "xla noise", last_noise, counts)
-        if __import__("os").environ.get("NO_ASSERT"):
-            return
         assert loss_err <= 1e-5 and stats_err <= 1e-5, (loss_err, stats_err)
         assert grad_err <= GRAD_TOL, (grad_err, grad_noise)
         assert last_err <= max(1e-2, 3 * last_noise), (last_err, last_noise)

@@ -181,6 +181,8 @@ def test_measure_interleaved_rows_ratios_and_donated_arguments():
     rows = timing.measure_interleaved([a, b], rounds=3, warmup=1, baseline="b")
     assert order == ["a", "b"] * 4
     assert [r["variant"] for r in rows] == ["a", "b"] and rows[1]["ratio_to_baseline"] == 1.0
+    assert rows[1]["ratio_p10"] == rows[1]["ratio_p90"] == 1.0 and rows[1]["verdict"] == "at par"
+    assert rows[0]["ratio_p10"] <= rows[0]["ratio_to_baseline"] <= rows[0]["ratio_p90"]
     assert rows[0]["batch"] == 16 and rows[0]["images_per_s"] > 0 and rows[0]["median_ms"] > 0
     assert rows[0]["baseline"] == rows[1]["baseline"] == "b" and rows[0]["compile_s"] >= 0
 

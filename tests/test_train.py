@@ -212,12 +212,22 @@ def test_single_seed_replica_axis_is_the_plain_step():
 
 
 TINY = ["--dataset=synthetic", "--image_size=16", "--synthetic_size=32", "--batch_size=8"]
+# The resume checks train xray_light K=2 seed 0, a network alive at initialisation: K=1 with seed 0
+# is dead (docs/results.md, benchmarks/dead_init.py): no gradient reaches the layers below its dead
+# ReLU, so a resume that restored them wrongly would go unnoticed. Each check also asserts it.
+ALIVE = ["--experiment=xray_light", "--k=2"]
+
+
+def assert_alive(workdir):
+    """The run's model tells inputs apart (a dead network's probabilities are constant)."""
+    from lightflax import predict
+
+    spread = predict.prediction_spread(str(workdir))
+    assert spread > 1e-6, f"the model of {workdir} is dead (probability spread {spread:.1e}): pick a live K/seed"
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    # K=2: alive at initialisation (K=1 with seed 0 is dead, docs/results.md: no gradient reaches the
-    # layers below its dead ReLU, so a resume that restored them wrongly would go unnoticed)
-    args = ["--experiment=xray_light", "--k=2", *TINY, "--epochs=3", "--steps_per_epoch=3"]
+    args = [*ALIVE, *TINY, "--epochs=3", "--steps_per_epoch=3"]
     full = tmp_path / "full"
     run_launch(args + [f"--workdir={full}"], check=0)
     killed = tmp_path / "killed"
@@ -246,6 +256,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     fb = (killed / "history.csv").read_text().splitlines()
     strip = lambda rows: [",".join(r.split(",")[:6]) for r in rows]  # drop the timing column
     assert strip(fa) == strip(fb)
+    assert_alive(full)
 
 
 def test_eval_image_size_evaluates_at_another_resolution():
@@ -274,7 +285,7 @@ def test_eval_image_size_evaluates_at_another_resolution():
 
 
 def test_resume_notices_a_deleted_best_checkpoint(tmp_path):
-    args = ["--experiment=xray_light", "--k=1", *TINY, "--steps_per_epoch=2", f"--workdir={tmp_path / 'w'}"]
+    args = [*ALIVE, *TINY, "--steps_per_epoch=2", f"--workdir={tmp_path / 'w'}"]
     run_launch(args + ["--epochs=1"], check=0)
     best = tmp_path / "w" / "checkpoints" / "best"
     for step in best.iterdir():
@@ -298,7 +309,7 @@ def test_a_second_run_on_a_locked_workdir_stops(tmp_path):
 
 def test_sigterm_ends_with_exit_130_and_the_run_resumes(tmp_path):
     wd = tmp_path / "w"
-    args = [sys.executable, str(REPO / "launch.py"), "--experiment=xray_light", "--k=1", *TINY, "--epochs=50",
+    args = [sys.executable, str(REPO / "launch.py"), *ALIVE, *TINY, "--epochs=50",
             f"--workdir={wd}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONFAULTHANDLER="1")
@@ -315,9 +326,9 @@ def test_sigterm_ends_with_exit_130_and_the_run_resumes(tmp_path):
         pytest.fail("no exit 300 s after SIGTERM; the child's threads:\n" + err[-8000:])
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: interrupted; resume with --resume" and "Traceback" not in err
-    done = run_launch(["--experiment=xray_light", "--k=1", *TINY, "--epochs=2", f"--workdir={wd}", "--resume"],
-                      check=0)
+    done = run_launch([*ALIVE, *TINY, "--epochs=2", f"--workdir={wd}", "--resume"], check=0)
     assert "resumed" in done.stdout
+    assert_alive(wd)
 
 
 def test_initial_replicas_equal_plain_init_of_their_seeds():

@@ -1,45 +1,132 @@
-"""One markdown table from several run_peers.py --json files (e.g. one per batch size).
+"""The docs' peer table, rebuilt from the raw runs that run_peers.py writes.
 
-    python benchmarks/peers/table.py all_b16.json all_b32.json all_b64.json
+    python benchmarks/peers/table.py benchmarks/results/peers/*.json [--repo=DIR]
 
-Per (model, size, batch): every framework's median ms/step and CPU ms/step, and lightflax's
-ratios to tf.keras and to lightflax on XLA's kernels, wall and CPU. The ratios here are ratios
-of the medians of ONE interleaved run (run_peers.py's own per-round ratio is to the best peer).
+One row per (model, size, batch, competing processes): lightflax / tf.keras, wall and process CPU
+time per step, as the ratio per interleaved round (each round's figure: the median of its steps)
+pooled over every round of every run given -> median and 10-90 % range (lightflax.timing.pool),
+the verdict on each range (lightflax.timing.verdict: "faster" only when the whole range is below
+1.0), the pooled median ms/step of each, the number of runs and rounds, and the runs' dates.
+A row is marked STALE when a run behind it measured a commit after which a file that defines the
+train step changed (``STEP_FILES``, ``git diff <commit> HEAD`` in --repo, default this checkout),
+when the commit is unknown there, or when the run measured a tree with uncommitted changes.
+The output is deterministic: the same files give byte-identical output. Files written by an
+older run_peers.py (no raw rounds) are refused.
 """
 
+import argparse
 import json
+import os
+import subprocess
 import sys
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # this checkout's lightflax
 
-def _short(detail: str) -> str:
-    if detail.startswith("lightflax"):
-        kind = detail.split()[1]
-        return f"lightflax {kind}" + (" huge_pages=1" if "huge_pages=1" in detail else "")
-    return detail
+from lightflax import timing  # noqa: E402
+FORMAT = 2  # run_peers.py's JSON layout with raw per-round, per-step times
+# Files whose change makes an earlier measurement of the train step stale.
+STEP_FILES = ("lightflax/native", "lightflax/steps.py", "lightflax/layers.py", "lightflax/models.py",
+              "lightflax/kernels.py", "lightflax/xla_defaults.py", "lightflax/huge_pages.py")
+MODEL_NAMES = {"xray_conv2d": "Conv2D", "xray_light": "LightLayers"}
+HEADER = ("| model | size | batch | competing processes | lightflax / tf.keras wall, median (10-90 %) "
+          "| CPU, median (10-90 %) | verdict wall / CPU | tf.keras ms/step | lightflax ms/step "
+          "| runs (rounds) | runs' dates (UTC) | stale |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def main(paths):
-    rows = [r for p in paths for r in json.load(open(p))]
-    for r in rows:
-        r.setdefault("batch", round(r["images_per_s"] * r["ms_per_step"] / 1e3))
-    keys = sorted({(r["model"], r["size"], r["batch"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
-    print("| model | size | batch | tf.keras ms (CPU ms) | torch ms (CPU ms) | lightflax xla ms (CPU ms) "
-          "| lightflax native ms (CPU ms) | native / tf.keras wall (CPU) | xla / native wall (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for key in keys:
-        group = {_short(r["detail"]): r for r in rows if (r["model"], r["size"], r["batch"]) == key}
-        cell = lambda n: (f"{group[n]['ms_per_step']:.0f} ({group[n]['cpu_ms_per_step']:.0f})"  # noqa: E731
-                          if n in group else "-")
-        tf, nat, xla = group.get("tf.keras 2.21.0"), group.get("lightflax native"), group.get("lightflax xla")
-        torch = next((n for n in group if n.startswith("torch")), None)
-        vs_tf = (f"**{nat['ms_per_step'] / tf['ms_per_step']:.2f}** ({nat['cpu_ms_per_step'] / tf['cpu_ms_per_step']:.2f})"
-                 if tf and nat else "-")
-        vs_xla = (f"{xla['ms_per_step'] / nat['ms_per_step']:.2f} ({xla['cpu_ms_per_step'] / nat['cpu_ms_per_step']:.2f})"
-                  if xla and nat else "-")
-        model = key[0] + (" K=5" if key[0] == "xray_light" else "")
-        print(f"| {model} | {key[1]}² | {key[2]} | {cell('tf.keras 2.21.0')} | {cell(torch) if torch else '-'} | "
-              f"{cell('lightflax xla')} | {cell('lightflax native')} | {vs_tf} | {vs_xla} |")
+class BadInput(Exception):
+    """A file that is not a run of this format; the message says which and why."""
+
+
+def load(path):
+    """One run_peers.py JSON; BadInput when unreadable or of an older format."""
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(run, dict) or run.get("format") != FORMAT:
+        raise BadInput(f"{path}: not a raw-rounds run (format {FORMAT}) of benchmarks/peers/run_peers.py; "
+                       f"re-run it to get one")
+    return run
+
+
+def is_stale(run, repo):
+    """Whether the run measured a dirty tree, or a commit after which a STEP_FILES file changed in repo."""
+    if run["dirty"]:
+        return True
+    rc = subprocess.run(["git", "diff", "--quiet", run["commit"], "HEAD", "--", *STEP_FILES], cwd=repo,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    return rc != 0  # 1: changed; 128: commit unknown here
+
+
+def _round_values(worker, kind):
+    return [timing.round_value(r[kind]) for r in worker["rounds"]]
+
+
+def collect(runs):
+    """{(model, k, size, batch, contend): [(run, {worker name: worker})]} for cells with both peers."""
+    cells = {}
+    for run in runs:
+        for cell in run["cells"]:
+            workers = {w["name"]: w for w in cell["workers"]}
+            if "tf.keras" in workers and "lightflax" in workers:
+                key = (cell["model"], run["k"] if cell["model"] == "xray_light" else None, cell["size"],
+                       run["batch"], run["contend"])
+                cells.setdefault(key, []).append((run, workers))
+    return cells
+
+
+def _fmt(p):
+    return f"{p['median']:.2f} ({p['p10']:.2f}-{p['p90']:.2f})"
+
+
+def row(key, entries, repo):
+    """One markdown row of the table for one cell."""
+    model, k, size, batch, contend = key
+    pooled = {}
+    for kind in ("wall", "cpu"):
+        pooled[kind] = timing.pool([timing.round_ratios(_round_values(w["lightflax"], kind),
+                                                        _round_values(w["tf.keras"], kind)) for _, w in entries])
+    ms = {name: 1e3 * timing.pool([_round_values(w[name], "wall") for _, w in entries])["median"]
+          for name in ("tf.keras", "lightflax")}
+    dates = ", ".join(sorted({run["date_utc"][:16].replace("T", " ") for run, _ in entries}))
+    stale = "STALE" if any(is_stale(run, repo) for run, _ in entries) else ""
+    name = MODEL_NAMES.get(model, model) + (f" K={k}" if k is not None else "")
+    verdicts = " / ".join(timing.verdict(pooled[kind]["p10"], pooled[kind]["p90"]) for kind in ("wall", "cpu"))
+    return (f"| {name} | {size}² | {batch} | {contend} | {_fmt(pooled['wall'])} | {_fmt(pooled['cpu'])} "
+            f"| {verdicts} | {ms['tf.keras']:.0f} | {ms['lightflax']:.0f} | {len(entries)} "
+            f"({pooled['wall']['n_rounds']}) | {dates} | {stale} |")
+
+
+def render(runs, repo=REPO):
+    """The whole table (header and rows, sorted by model, size, batch, contention) as one string."""
+    cells = collect(runs)
+    order = sorted(cells, key=lambda key: (key[0], key[1] or 0, key[2], key[3], key[4]))
+    return "\n".join([HEADER] + [row(key, cells[key], repo) for key in order]) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", help="run_peers.py JSON files")
+    ap.add_argument("--repo", default=REPO, help="git checkout whose HEAD the runs' commits are compared with")
+    a = ap.parse_args(argv)
+    try:
+        text = render([load(p) for p in a.files], a.repo)
+    except BadInput as e:
+        print(f"table.py: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError) as e:
+        print(f"table.py: a run file is malformed ({type(e).__name__}: {e}); re-run run_peers.py", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
