@@ -32,10 +32,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
-CATS = ["conv forward (+bias+ReLU)", "conv backward-data", "conv backward-weights (+bias)", "BatchNorm fwd",
+CATS = ["conv forward (+bias+ReLU)", "conv backward-data", "conv backward-weights (+bias)",
+        "conv backward, rest of the native handler (ReLU mask, bias grad, reorders)", "BatchNorm fwd",
         "BatchNorm bwd", "ReLU fwd/bwd (not fused)", "max pool fwd", "max pool bwd", "dense (+global avg pool)",
         "loss (+L2)", "optimizer update", "copies/layout", "other ops", "outside ops (runtime, Python)"]
-FWD, BWD_DATA, BWD_W, BN_F, BN_B, RELU, POOL_F, POOL_B, DENSE, LOSS, OPT, COPY, OTHER, OUTSIDE = CATS
+FWD, BWD_DATA, BWD_W, BWD_REST, BN_F, BN_B, RELU, POOL_F, POOL_B, DENSE, LOSS, OPT, COPY, OTHER, OUTSIDE = CATS
 
 
 # ---------------------------------------------------------------------------- categories
@@ -157,31 +158,48 @@ def hlo_index(text):
     return out
 
 
-def onednn_verbose_split(step):
-    """ms of oneDNN convolution backward_data / backward_weights primitives in one step (verbose)."""
+def onednn_breakdown(step, n=2):
+    """oneDNN's verbose times (ms per primitive kind/propagation) and the native handlers' wall ms
+    (lightflax.native.call_times) over n extra steps: what each handler spends in oneDNN."""
     import ctypes
 
-    lib = ctypes.CDLL("libdnnl.so.2")
-    libc = ctypes.CDLL(None)
+    from lightflax import native
+
+    lib, libc = ctypes.CDLL("libdnnl.so.2"), ctypes.CDLL(None)
+    ms, impl, t0 = {}, {}, native.call_times()
     with tempfile.TemporaryFile(mode="w+") as f:
         saved = os.dup(1)
         sys.stdout.flush()
         os.dup2(f.fileno(), 1)
         try:
             lib.dnnl_set_verbose(2)
-            step()
+            for _ in range(n):
+                step()
             lib.dnnl_set_verbose(0)
             libc.fflush(None)
         finally:
             os.dup2(saved, 1)
             os.close(saved)
         f.seek(0)
-        ms = {"backward_data": 0.0, "backward_weights": 0.0}
         for line in f:
             p = line.strip().split(",")
-            if len(p) > 6 and p[1] == "exec" and p[3] == "convolution" and p[5] in ms:
-                ms[p[5]] += float(p[-1])
-    return ms
+            if len(p) > 6 and p[1] == "exec":
+                for key, into in ((f"{p[3]}/{p[5]}", ms), (f"{p[3]}/{p[5]}/{p[4]}/{p[-2]}", impl)):
+                    into[key] = into.get(key, 0.0) + float(p[-1]) / n
+    t1 = native.call_times()
+    return {"primitive_ms": ms, "handler_ms": {k: (t1[k] - t0[k]) * 1e3 / n for k in t1},
+            "impl_ms": dict(sorted(impl.items(), key=lambda kv: -kv[1]))}
+
+
+def split_conv_bwd(key, ms, onednn):
+    """A conv_bwd handler call's ms split as oneDNN's verbose times split that handler's time."""
+    prim, hand = onednn["primitive_ms"], onednn["handler_ms"]["conv_bwd"]
+    d, w = prim.get("convolution/backward_data", 0.0), prim.get("convolution/backward_weights", 0.0)
+    rest = max(hand - d - w, 0.0)
+    tot = d + w + rest
+    return [(BWD_DATA, key + " (backward_data share)", ms * d / tot),
+            (BWD_W, key + " (backward_weights share)", ms * w / tot),
+            (BWD_REST, key + " (rest of handler)", ms * rest / tot)]
 
 
 def lightflax_worker(a):
@@ -203,7 +221,7 @@ def lightflax_worker(a):
     native.reset_call_counts()
     win_cpu, win_wall = window(step, a.steps, lambda: jax.profiler.start_trace(logdir), jax.profiler.stop_trace)
     handler_s = native.call_times()
-    split = onednn_verbose_split(step)
+    onednn = onednn_breakdown(step)
     ev = json.load(gzip.open(glob.glob(os.path.join(logdir, "plugins/profile/*/*.trace.json.gz"))[0]))
     by_thread = {}
     for e in ev["traceEvents"]:
@@ -216,12 +234,10 @@ def lightflax_worker(a):
     cats = {}
     for key, ms in ops.items():
         cat = xla_category(*index.get(key, ("?", "", "")), key)
-        if cat == "conv_bwd":
-            d, w = split["backward_data"], split["backward_weights"]
-            cats.setdefault(BWD_DATA, []).append((key + " (data share)", ms * d / (d + w)))
-            cat, ms, key = BWD_W, ms * w / (d + w), key + " (weights share)"
-        cats.setdefault(cat, []).append((key + " " + index.get(key.split(" ")[0], ("", "", ""))[1], ms))
-    info.update(jax=jax.__version__, native=native.status(), native_handler_s=handler_s, onednn_split_ms=split)
+        parts = split_conv_bwd(key, ms, onednn) if cat == "conv_bwd" else [(cat, key, ms)]
+        for cat, k, part in parts:
+            cats.setdefault(cat, []).append((k + " " + index.get(key, ("", "", ""))[1], part))
+    info.update(jax=jax.__version__, native=native.status(), native_handler_s=handler_s, onednn=onednn)
     return info, cpu, wall, win_cpu, win_wall, cats
 
 
@@ -356,12 +372,19 @@ def main():
     ap.add_argument("--core", type=int, default=0)
     ap.add_argument("--peers_python", default=os.path.join(ROOT, ".venv-peers", "bin", "python"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "profile"))
+    ap.add_argument("--from_json", help="print the tables of a raw result file again (no runs)")
     ap.add_argument("--worker", choices=["lightflax", "keras"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
+    if a.from_json:
+        if not os.path.isfile(a.from_json):
+            print(f"bad input: --from_json {a.from_json} is not a file (give a benchmarks/results/profile/*.json)",
+                  file=sys.stderr)
+            sys.exit(2)
+        return report(json.load(open(a.from_json)), a.from_json)
     models = a.models.split(",")
     bad = [m for m in models if m not in EXPECTED]
     if bad or not os.path.exists(a.peers_python) or min(a.size, a.batch, a.steps, a.repeats) < 1:
@@ -381,12 +404,18 @@ def main():
     path = os.path.join(a.out, f"{start['utc'][:10]}_{a.size}_{a.batch}_{int(time.time())}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1, default=str)
+    report(out, path)
+
+
+def report(out, path):
+    """The markdown tables of one raw result (``out`` as main writes it)."""
+    a, start = argparse.Namespace(**out["args"]), out["machine_start"]
     print(f"# profile_ops {start['utc']} UTC size={a.size} batch={a.batch} repeats={a.repeats} steps={a.steps} "
           f"load {start['loadavg'][0]:.1f}->{out['machine_end']['loadavg'][0]:.1f}; median (min-max) over runs; raw: "
-          f"{os.path.relpath(path, ROOT)}")
-    for model in models:
+          f"{os.path.relpath(os.path.abspath(path), ROOT)}")
+    for model in a.models.split(","):
         print(f"\n### {model}{f' K={a.k}' if model == 'xray_light' else ''}, {a.size}x{a.size}, batch {a.batch}\n")
-        print(table(runs, model))
+        print(table(out["runs"], model))
 
 
 sys.path.insert(0, PEERS)
