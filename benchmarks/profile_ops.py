@@ -283,9 +283,22 @@ def worker(a):
            for c, v in cats.items()}
     res = {"framework": a.worker, "info": info, "cpu_ms": [c * 1e3 for c in cpu], "wall_ms": [w * 1e3 for w in wall],
            "window_cpu_ms_per_step": win_cpu * 1e3 / a.steps, "window_wall_ms_per_step": win_wall * 1e3 / a.steps,
-           "cpu_share": share, "rows": rows, "top_ops": top}
+           "cpu_share": share, "rows": rows, "rows_min_wall": min_wall_rows(cats, a.steps), "top_ops": top}
     with open(a.result, "w") as f:
         json.dump(res, f, indent=1, default=str)
+
+
+def min_wall_rows(cats, steps):
+    """A check of the wall->CPU scaling: per category, the sum over op instances of the instance's
+    SHORTEST traced duration over the profiled steps (wall >= CPU on one thread, so each term is an
+    upper bound of that op's CPU, tight when one of the steps ran it without preemption)."""
+    out = {}
+    for c, v in cats.items():
+        per = {}
+        for k, ms in v:
+            per.setdefault(k, []).append(ms)
+        out[c] = sum(min(x) * len(x) / steps for x in per.values())
+    return out
 
 
 def _merge(items):
