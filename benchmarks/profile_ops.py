@@ -357,6 +357,7 @@ def table(runs, model):
 
     def cell(rs, key=None, cat=None):
         xs = [r["rows"].get(cat, 0.0) if cat else r[key] for r in rs]
+        xs = [x for x in xs if x == x] or [float("nan")]  # runs without the field (older raw files)
         m, lo, hi = med_range(xs)
         return m, f"{m:.1f} ({lo:.1f}-{hi:.1f})"
     gap = statistics.median(r["window_cpu_ms_per_step"] for r in lf) - statistics.median(
@@ -366,7 +367,12 @@ def table(runs, model):
     for cat in CATS:
         (m1, c1), (m2, c2) = cell(lf, cat=cat), cell(tk, cat=cat)
         lines.append(f"| {cat} | {c1} | {c2} | {m1 - m2:+.1f} | {100 * (m1 - m2) / gap:+.0f} % |")
-    for label, key in (("**total, profiled steps**", "window_cpu_ms_per_step"), ("**total, unprofiled steps**", "cpu")):
+    for r in lf + tk:
+        r["ops_ms"] = r["window_cpu_ms_per_step"] - r["rows"][OUTSIDE]
+        r["ops_min_wall_ms"] = sum(r.get("rows_min_wall", {}).values()) or float("nan")
+    for label, key in (("ops sum (the rows above except outside ops)", "ops_ms"),
+                       ("check: ops sum bound, shortest wall per op (>= CPU)", "ops_min_wall_ms"),
+                       ("**total, profiled steps**", "window_cpu_ms_per_step"), ("**total, unprofiled steps**", "cpu")):
         if key == "cpu":
             for r in lf + tk:
                 r["cpu_median_ms"] = statistics.median(r["cpu_ms"])
