@@ -45,8 +45,10 @@ def run(commit, date, tf_walls, lf_walls, contend=0, dirty=False, model="xray_co
     cell = {"model": model, "size": size,
             "workers": [worker("tf.keras", tf_walls, tf_walls), worker("lightflax", lf_walls,
                                                                       [2 * w for w in lf_walls])]}
+    state = {"loadavg": [0.5 + contend, 0.4, 0.3]}
     return {"format": 2, "commit": commit, "dirty": dirty, "date_utc": date, "batch": 32, "k": 5,
-            "contend": contend, "cells": [cell]}
+            "contend": contend, "cells": [cell], "machine_before": state,
+            "machine_after": {"loadavg": [1.25 + contend + 1.0 * dirty, 0.4, 0.3]}}
 
 
 def write(tmp_path, runs):
@@ -76,11 +78,11 @@ def test_rows_pool_every_round_of_every_run_and_mark_stale(tmp_path, repo, capsy
     # LightLayers: ratios 0.5, 0.8 -> median 0.65, p10 0.53, p90 0.77; its lightflax ms: median of 200, 320
     assert lines[2:] == [
         "| Conv2D | 64² | 32 | 0 | 0.50 (0.50-0.50) | 1.00 (1.00-1.00) | faster / at par | 100 | 50 | 1 (1) "
-        "| 2026-12-02 08:00 | STALE |",
+        "| 2026-12-02 08:00 | 0.5-2.2 | STALE |",
         "| Conv2D | 128² | 32 | 0 | 1.00 (0.70-1.80) | 2.00 (1.40-3.60) | at par / slower | 100 | 100 | 2 (5) "
-        "| 2026-12-02 06:40, 2026-12-02 07:45 |  |",
+        "| 2026-12-02 06:40, 2026-12-02 07:45 | 0.5-1.2 |  |",
         "| LightLayers K=5 | 224² | 32 | 1 | 0.65 (0.53-0.77) | 1.30 (1.06-1.54) | faster / slower | 400 | 260 "
-        "| 1 (2) | 2026-12-01 10:00 | STALE |",
+        "| 1 (2) | 2026-12-01 10:00 | 1.5-2.2 | STALE |",
     ]
 
 

@@ -6,7 +6,8 @@ One row per (model, size, batch, competing processes): lightflax / tf.keras, wal
 time per step, as the ratio per interleaved round (each round's figure: the median of its steps)
 pooled over every round of every run given -> median and 10-90 % range (lightflax.timing.pool),
 the verdict on each range (lightflax.timing.verdict: "faster" only when the whole range is below
-1.0), the pooled median ms/step of each, the number of runs and rounds, and the runs' dates.
+1.0), the pooled median ms/step of each, the number of runs and rounds, the runs' dates and the range of the 1-minute load
+averages recorded before and after them (the machine's other work: a loaded run is no quiet figure).
 A row is marked STALE when a run behind it measured a commit after which a file that defines the
 train step changed (``STEP_FILES``, ``git diff <commit> HEAD`` in --repo, default this checkout),
 when the commit is unknown there, or when the run measured a tree with uncommitted changes.
@@ -33,7 +34,8 @@ STEP_FILES = ("lightflax/native", "lightflax/steps.py", "lightflax/layers.py", "
 MODEL_NAMES = {"xray_conv2d": "Conv2D", "xray_light": "LightLayers"}
 HEADER = ("| model | size | batch | competing processes | lightflax / tf.keras wall, median (10-90 %) "
           "| CPU, median (10-90 %) | verdict wall / CPU | tf.keras ms/step | lightflax ms/step "
-          "| runs (rounds) | runs' dates (UTC) | stale |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| runs (rounds) | runs' dates (UTC) | 1-min load average (runs' range) | stale |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 class BadInput(Exception):
@@ -79,6 +81,13 @@ def collect(runs):
     return cells
 
 
+def load_range(runs):
+    """The 1-minute load averages recorded before and after the runs, as 'lo-hi' ('-' when none)."""
+    loads = [run[when]["loadavg"][0] for run in runs for when in ("machine_before", "machine_after")
+             if isinstance(run.get(when), dict) and run[when].get("loadavg")]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
+
+
 def _fmt(p):
     return f"{p['median']:.2f} ({p['p10']:.2f}-{p['p90']:.2f})"
 
@@ -98,7 +107,7 @@ def row(key, entries, repo):
     verdicts = " / ".join(timing.verdict(pooled[kind]["p10"], pooled[kind]["p90"]) for kind in ("wall", "cpu"))
     return (f"| {name} | {size}² | {batch} | {contend} | {_fmt(pooled['wall'])} | {_fmt(pooled['cpu'])} "
             f"| {verdicts} | {ms['tf.keras']:.0f} | {ms['lightflax']:.0f} | {len(entries)} "
-            f"({pooled['wall']['n_rounds']}) | {dates} | {stale} |")
+            f"({pooled['wall']['n_rounds']}) | {dates} | {load_range([run for run, _ in entries])} | {stale} |")
 
 
 def render(runs, repo=REPO):
