@@ -324,6 +324,15 @@ def git_state():
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "lightflax"))}
 
 
+def expected_params():
+    """The study's parameter counts, as run_peers.py checks them (imported in the driver only: the
+    tf.keras worker's Python has no lightflax/jax, which run_peers.py may import)."""
+    sys.path.insert(0, PEERS)
+    from run_peers import EXPECTED
+
+    return EXPECTED
+
+
 def run_worker(a, fw, model):
     """One worker process: one framework, one model, pinned to one core, one thread."""
     env = dict(os.environ, OMP_NUM_THREADS="1", LIGHTFLAX_NATIVE_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
@@ -340,7 +349,7 @@ def run_worker(a, fw, model):
             sys.exit(f"{fw} worker failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
         res = json.load(open(f.name))
     res.update(machine_before=before, machine_after=machine_state(), model=model)
-    want = EXPECTED[model]
+    want = expected_params()[model]
     if res["info"]["total_params"] != want:
         sys.exit(f"{fw} {model}: {res['info']['total_params']} parameters, expected {want}: not the study's model")
     return res
@@ -408,9 +417,9 @@ def main():
             sys.exit(2)
         return report(json.load(open(a.from_json)), a.from_json)
     models = a.models.split(",")
-    bad = [m for m in models if m not in EXPECTED]
+    bad = [m for m in models if m not in expected_params()]
     if bad or not os.path.exists(a.peers_python) or min(a.size, a.batch, a.steps, a.repeats) < 1:
-        print(f"bad input: models {bad} (choose from {sorted(EXPECTED)}), --peers_python {a.peers_python} "
+        print(f"bad input: models {bad} (choose from {sorted(expected_params())}), --peers_python {a.peers_python} "
               f"(must exist: python with tensorflow + tf_keras), size/batch/steps/repeats >= 1", file=sys.stderr)
         sys.exit(2)
     start, runs = machine_state(), []
@@ -439,9 +448,6 @@ def report(out, path):
         print(f"\n### {model}{f' K={a.k}' if model == 'xray_light' else ''}, {a.size}x{a.size}, batch {a.batch}\n")
         print(table(out["runs"], model))
 
-
-sys.path.insert(0, PEERS)
-from run_peers import EXPECTED  # noqa: E402  (the study's parameter counts)
 
 if __name__ == "__main__":
     try:
