@@ -56,7 +56,7 @@ def load_replicas(workdir: str, seed_index: Optional[int] = None):
     if seed_index is not None and not 0 <= seed_index < n:
         raise UserError(f"--seed_index {seed_index} is out of range: the run trained {n} replica(s); use 0 to "
                         f"{n - 1}, or leave it out to average them all")
-    decision_rule(results, path)  # a damaged decision entry stops here, before any work
+    read_decision(results, path)  # a damaged decision entry stops here, before any work
     module = models.create(cfg["model"], num_classes=results["dataset"]["num_classes"], **model_kwargs)
     target = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
     indices = list(range(n)) if seed_index is None else [seed_index]
@@ -67,7 +67,7 @@ def load_replicas(workdir: str, seed_index: Optional[int] = None):
     return module, variables, results, indices
 
 
-def decision_rule(results, path: str = "results.json") -> Dict[str, Any]:
+def read_decision(results, path: str = "results.json") -> Dict[str, Any]:
     """The run's decision entry, checked: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}
     (``{"rule": "argmax", ...None}`` for runs without one)."""
     d = results.get("decision")
@@ -97,7 +97,7 @@ def decision_rule(results, path: str = "results.json") -> Dict[str, Any]:
 
 
 def apply_rule(probabilities: np.ndarray, decision: Dict[str, Any]) -> np.ndarray:
-    """Predicted classes (N,) int64 of (N, C) probabilities under :func:`decision_rule`'s rule."""
+    """Predicted classes (N,) int64 of (N, C) probabilities under :func:`read_decision`'s rule."""
     p = np.asarray(probabilities, np.float64)
     if decision["threshold"] is not None:
         return (p[:, 1] > decision["threshold"]).astype(np.int64)
@@ -251,7 +251,7 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
     _check_output(output_npz)
     images = load_images(input_npz)
     module, variables, results, indices = load_replicas(workdir, seed_index)
-    decision = decision_rule(results)
+    decision = read_decision(results)
     p = predict_probabilities(module, variables, results, images, batch_size)
     y = apply_rule(p, decision)
     try:

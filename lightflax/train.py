@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from lightflax import (checkpoints, files, metrics as metrics_lib, models, native, parallel, progress, report, steps,
-                       summaries, summary, timing)
+                       param_counts, tensorboard, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
 from lightflax.errors import CheckpointError, UserError
@@ -376,12 +376,13 @@ def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer):
     check_resume_settings(cfg, (ckpt.latest_meta() or {}).get("progress", {}).get("config"))
     restored, meta = ckpt.restore_latest(_state_tree(state))
     state = parallel.replicate(_from_tree(state, restored), trainer.mesh)
-    progress, best = meta["progress"], ckpt.restore_best(_state_tree(state))
+    progress, best = meta["progress"], ckpt.restore_selected(_state_tree(state))
     tracker = _tracker(cfg, progress["tracker"])
     if best is None and max(tracker.best_epoch) > 0:
         raise CheckpointError(
-            f"the best checkpoint of {cfg.workdir} is missing (checkpoints/best is empty, but epoch "
-            f"{max(tracker.best_epoch)} was the best so far); restore it, or start again in another --workdir"
+            f"the selected checkpoint of {cfg.workdir} is missing ({os.path.relpath(checkpoints.selected_dir(ckpt.root), cfg.workdir)} "
+            f"is empty, but epoch {max(tracker.best_epoch)} was the best so far); restore it, or start again in "
+            f"another --workdir"
         )
     best_state = (parallel.replicate(_from_tree(state, best[0]), trainer.mesh) if best
                   else jax.tree_util.tree_map(jnp.copy, state))
@@ -490,12 +491,12 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
 
 
 def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
-    decision_rule(cfg, data)  # a decision the data cannot take stops the run before training
+    build_decision(cfg, data)  # a decision the data cannot take stops the run before training
     _announce(cfg, data)
     trainer = Trainer(cfg, data, init_variables=init_variables)
     ckpt = checkpoints.Checkpointer(cfg.workdir)
     state, best_state, first_epoch, history, tracker, times = start_or_resume(trainer, ckpt)
-    counts = summary.variables_counts({"params": _first_replica(state.params),
+    counts = param_counts.variables_counts({"params": _first_replica(state.params),
                                        "batch_stats": _first_replica(state.batch_stats)})
     keys, train_arrays = trainer.data_keys(), trainer.device_split("train")
     select_arrays = trainer.device_split(cfg.select_split)
@@ -527,7 +528,7 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
     """The epoch loop. ``best['state']``, ``history``, ``tracker`` and ``times`` are updated in place
     (a NonFiniteLossError leaves them at the last saved epoch)."""
     cfg = trainer.cfg
-    tb = summaries.Writer(cfg.workdir, enabled=jax.process_index() == 0)
+    tb = tensorboard.Writer(cfg.workdir, enabled=jax.process_index() == 0)
     with profile, tb:
         for epoch in range(first_epoch, cfg.epochs):
             if tracker.all_stopped:
@@ -545,7 +546,7 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
             improved, new_lrs = tracker.update(epoch + 1, select_loss, lrs)
             if cfg.lr_schedule == "constant":  # a schedule sets the rate itself, at every step
                 state = _set_learning_rates(trainer, state, new_lrs)
-            kept = improved if cfg.keep == "best" else active  # keep=last: the "best" slot holds the last epoch
+            kept = improved if cfg.keep == "best" else active  # keep=last: the selected slot holds the last epoch
             if kept.any():
                 best["state"] = _select(jnp.asarray(kept), state, best["state"])
             row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),
@@ -554,7 +555,7 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
             history.append(row)
             _save(ckpt, cfg, state, best["state"] if kept.any() else None, epoch, history, tracker, times)
             _print_epoch(cfg, row, trainer.steps_per_epoch, bool(improved.any()))
-            tb.epoch((epoch + 1) * trainer.steps_per_epoch, summaries.epoch_scalars(
+            tb.epoch((epoch + 1) * trainer.steps_per_epoch, tensorboard.epoch_scalars(
                 row, selected, cfg.select_split, float(np.median(step_timer.durations[n_timed:])),
                 trainer.steps_per_epoch * cfg.batch_size * cfg.num_seeds))
 
@@ -562,7 +563,7 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
 PREDICTIONS_FILE = "predictions.npz"
 
 
-def decision_rule(cfg: RunConfig, data) -> Dict[str, Any]:
+def build_decision(cfg: RunConfig, data) -> Dict[str, Any]:
     """results.json's ``decision``: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}.
 
     ``train_prior``: the training split's class frequencies. ``model_prior``: the class balance the
@@ -616,7 +617,7 @@ def write_predictions(path: str, predictions: Dict[str, Tuple[np.ndarray, np.nda
 def _finish(cfg: RunConfig, data, trainer: Trainer, best_state, counts, compiled, eval_compile_s, step_timer,
             times, history, tracker, select_arrays, extra) -> Dict[str, Any]:
     """Tests the best state, exports it and writes results.json, predictions.npz and the run's report."""
-    decision = decision_rule(cfg, data)
+    decision = build_decision(cfg, data)
     predictions = {cfg.select_split: trainer.log_probs(best_state, select_arrays)}
     if data.splits.get("test") and "test" not in predictions:
         predictions["test"] = trainer.log_probs(best_state, trainer.device_split("test"))
@@ -653,7 +654,7 @@ def _save(ckpt, cfg: RunConfig, state, best_state, epoch: int, history, tracker:
                 "config": cfg.to_json()}
     step = int(np.asarray(state.step)[0])
     if best_state is not None:
-        ckpt.save_best(step, _state_tree(best_state), {"progress": progress})
+        ckpt.save_selected(step, _state_tree(best_state), {"progress": progress})
     ckpt.save_latest(step, _state_tree(state), {"progress": progress})
     times.checkpoint_s += time.perf_counter() - t0
     times.tick()

@@ -373,8 +373,8 @@ def test_a_balanced_loss_is_corrected_from_a_uniform_prior():
 
     labels = np.array([0] * 26 + [1] * 74)
     data = SimpleNamespace(num_classes=2, name="x", splits={"train": SimpleNamespace(labels=labels)})
-    plain = train.decision_rule(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
-    balanced = train.decision_rule(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
+    plain = train.build_decision(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
+    balanced = train.build_decision(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
                                              class_weighting="balanced"), data)
     assert plain["threshold"] == pytest.approx(metrics.prior_threshold([0.26, 0.74], metrics.PNEUMONIA_TEST_PRIOR))
     assert balanced["model_prior"] == [0.5, 0.5] and balanced["train_prior"] == [0.26, 0.74]
