@@ -130,7 +130,7 @@ class RunOutcome:
     test_metrics: Optional[List[Dict[str, Any]]]
     n_devices: int
     steps_per_epoch: int
-    decision: Optional[Dict[str, Any]] = None  # lightflax.train.build_decision
+    decision: Optional[Dict[str, Any]] = None  # lightflax.decision.build
     select_ensemble: Optional[Dict[str, Any]] = None  # metrics of the replicas' averaged probabilities
     test_ensemble: Optional[Dict[str, Any]] = None
 

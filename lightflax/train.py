@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import (checkpoints, files, metrics as metrics_lib, models, native, parallel, progress, report, steps,
-                       param_counts, tensorboard, timing)
+from lightflax import (checkpoints, decision as decision_lib, files, metrics as metrics_lib, models, native,
+                       param_counts, parallel, progress, report, steps, tensorboard, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
 from lightflax.errors import CheckpointError, UserError
@@ -491,7 +491,7 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
 
 
 def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
-    build_decision(cfg, data)  # a decision the data cannot take stops the run before training
+    decision_lib.build(cfg, data)  # a decision the data cannot take stops the run before training
     _announce(cfg, data)
     trainer = Trainer(cfg, data, init_variables=init_variables)
     ckpt = checkpoints.Checkpointer(cfg.workdir)
@@ -563,48 +563,6 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
 PREDICTIONS_FILE = "predictions.npz"
 
 
-def build_decision(cfg: RunConfig, data) -> Dict[str, Any]:
-    """results.json's ``decision``: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}.
-
-    ``train_prior``: the training split's class frequencies. ``model_prior``: the class balance the
-    model's probabilities reflect: the training prior, or uniform with ``class_weighting="balanced"``
-    (a loss that weighs the classes equally trains at a uniform prior; correcting from the training
-    prior would shift the decision twice). ``target_prior``: the expected test class balance,
-    :data:`lightflax.metrics.PNEUMONIA_TEST_PRIOR` for two-class data (the X-ray datasets, and
-    synthetic data standing in for them), None otherwise. ``threshold``: with
-    ``rule="prior_corrected"`` the threshold on p(class 1) above which class 1 is predicted
-    (:func:`lightflax.metrics.prior_threshold` from the model prior); None with ``argmax``."""
-    k = data.num_classes
-    train_prior = metrics_lib.class_prior(data.splits["train"].labels, k)
-    model_prior = np.full(k, 1.0 / k) if cfg.class_weighting == "balanced" else train_prior
-    target = list(metrics_lib.PNEUMONIA_TEST_PRIOR) if k == 2 else None
-    threshold = None
-    if cfg.decision == "prior_corrected":
-        if target is None:
-            raise UserError(f"--decision=prior_corrected is for two-class data; {data.name} has {k} classes: "
-                            f"use --decision=argmax")
-        if np.any(train_prior == 0):
-            raise UserError("--decision=prior_corrected needs both classes in the training split; "
-                            "use --decision=argmax")
-        threshold = metrics_lib.prior_threshold(model_prior, target)
-    return {"rule": cfg.decision, "threshold": threshold, "train_prior": train_prior.tolist(),
-            "model_prior": model_prior.tolist(), "target_prior": target}
-
-
-def split_metrics(log_probs: np.ndarray, labels: np.ndarray, decision: Dict[str, Any]) -> Dict[str, Any]:
-    """One set of (N, C) log-probabilities: classification_metrics, plus shift_proxies where the
-    decision has a target prior, plus ``<accuracy|sensitivity|specificity>_prior_corrected`` with
-    the prior-corrected rule (the 0.5 figures stay under their own names)."""
-    out = metrics_lib.classification_metrics(log_probs, labels)
-    if decision["target_prior"] is not None:
-        out.update(metrics_lib.shift_proxies(log_probs, labels, source_prior=decision["model_prior"],
-                                             target_prior=decision["target_prior"]))
-    if decision["rule"] == "prior_corrected":
-        corrected = metrics_lib.threshold_metrics(log_probs, labels, decision["threshold"])
-        out.update({f"{k}_prior_corrected": v for k, v in corrected.items()})
-    return out
-
-
 def write_predictions(path: str, predictions: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
     """``predictions.npz``: per split ``<split>_log_probs`` (R, N, C) float32 and ``<split>_labels`` (N,)."""
     arrays = {}
@@ -617,13 +575,13 @@ def write_predictions(path: str, predictions: Dict[str, Tuple[np.ndarray, np.nda
 def _finish(cfg: RunConfig, data, trainer: Trainer, best_state, counts, compiled, eval_compile_s, step_timer,
             times, history, tracker, select_arrays, extra) -> Dict[str, Any]:
     """Tests the best state, exports it and writes results.json, predictions.npz and the run's report."""
-    decision = build_decision(cfg, data)
+    decision = decision_lib.build(cfg, data)
     predictions = {cfg.select_split: trainer.log_probs(best_state, select_arrays)}
     if data.splits.get("test") and "test" not in predictions:
         predictions["test"] = trainer.log_probs(best_state, trainer.device_split("test"))
-    per_replica = {split: [split_metrics(lp[r], y, decision) for r in range(trainer.num_seeds)]
+    per_replica = {split: [decision_lib.split_metrics(lp[r], y, decision) for r in range(trainer.num_seeds)]
                    for split, (lp, y) in predictions.items()}
-    ensemble = ({split: split_metrics(metrics_lib.ensemble_log_probs(lp), y, decision)
+    ensemble = ({split: decision_lib.split_metrics(metrics_lib.ensemble_log_probs(lp), y, decision)
                  for split, (lp, y) in predictions.items()} if trainer.num_seeds > 1 else {})
     outcome = report.RunOutcome(
         counts=counts, size_bytes=export_models(trainer, best_state), compiled=compiled,
