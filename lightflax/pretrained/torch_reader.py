@@ -26,7 +26,7 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import numpy as np
 
@@ -261,7 +261,3 @@ def load(path: str | os.PathLike) -> Any:
         raise TorchFileError(f"unreadable PyTorch file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
-
-def state_dict_shapes(state: Dict[str, np.ndarray]) -> Dict[str, Tuple[int, ...]]:
-    """{key: shape} of a state_dict (for error messages and tests)."""
-    return {k: tuple(v.shape) for k, v in state.items()}
