@@ -19,8 +19,7 @@ from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
-class H5FileError(ValueError):
-    """The file is not a readable Keras legacy HDF5 weight file (one line)."""
+from lightflax.errors import H5FileError
 
 
 def _decode(values: Iterable) -> list:

@@ -30,12 +30,10 @@ from typing import Any, Dict
 
 import numpy as np
 
+from lightflax.errors import TorchFileError
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-
-
-class TorchFileError(ValueError):
-    """The file is not a readable PyTorch weight file (message: one line)."""
 
 
 def _dtype_table() -> Dict[str, np.dtype]:
