@@ -94,7 +94,7 @@ def main(argv) -> None:
         except UserError as e:
             _die(str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 - one named class of run failure
-            from lightflax.train import NonFiniteLossError
+            from lightflax.errors import NonFiniteLossError
 
             if isinstance(e, NonFiniteLossError):
                 _die(str(e).splitlines()[0], code=1)

@@ -39,7 +39,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's lightflax (the runs use it through PYTHONPATH)
-KILL_ENV = "LIGHTFLAX_FAULT_KILL_AFTER_STEP"
+KILL_ENV = "LIGHTFLAX_FAULT_KILL_AFTER_STEP"  # lightflax._testing.FAULT_KILL_ENV (read by the child run)
 COMPARED = ("select_metrics", "test_accuracy", "test_loss", "epochs_run", "best_epoch")
 
 

@@ -22,7 +22,7 @@ from absl import flags
 
 from experiments import default_workdir, xray_transfer  # xray_transfer defines --pretrained_path, ...
 from experiments import _common as common
-from lightflax import report
+from lightflax import report, tables
 
 KS = flags.DEFINE_list("ks", ["1", "2", "3", "4", "5"], "LightLayers ranks to compare.")
 TRANSFER = flags.DEFINE_enum("transfer_backbone", "inception_v3", ["none", "inception_v3", "efficientnet_lite0"],
@@ -101,21 +101,21 @@ def _compare(workdir, data, plan_rows, backbone, notes):
             labels.append(f"transfer ({backbone})")
         except common.UserError as e:
             notes.append(f"transfer row skipped: {str(e).splitlines()[0]}")
-    table = report.comparison_rows(results, labels)
+    table = tables.comparison_rows(results, labels)
     split = table[0]["figure_split"]
     n_split = (data.splits.get(split).labels.shape[0] if data.splits.get(split) is not None else 0)
     dataset = f"{data.name}{' (SYNTHETIC)' if data.synthetic else ''}"
     header = (f"dataset: {dataset} ({data.source or 'generated'}); accuracy/AUC figures on the {split} split "
               f"({n_split} images){'; test columns are null: no test split' if split != 'test' else ''}; "
               f"batch {FLAGS.batch_size}; epochs {FLAGS.epochs}; seeds {FLAGS.num_seeds}")
-    md = report.comparison_markdown(table, note="\n".join([header] + [f"- {n}" for n in notes]))
+    md = tables.comparison_markdown(table, note="\n".join([header] + [f"- {n}" for n in notes]))
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(md)
     report.write_json(os.path.join(workdir, "comparison.json"), {"rows": table, "notes": notes,
                                                                 "synthetic": data.synthetic, "dataset": data.name,
                                                                 "figure_split": split})
     title = f"xray_compare: {dataset}, {split} split"
-    report.comparison_figure(os.path.join(workdir, "comparison.png"), table, title, synthetic=data.synthetic)
-    report.comparison_bar_charts(os.path.join(workdir, "comparison"), table, title=f"{dataset}, {split}",
+    tables.comparison_figure(os.path.join(workdir, "comparison.png"), table, title, synthetic=data.synthetic)
+    tables.comparison_bar_charts(os.path.join(workdir, "comparison"), table, title=f"{dataset}, {split}",
                                  synthetic=data.synthetic)
     print(md)

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from lightflax import files, pretrained, summary
+from lightflax import files, pretrained, param_counts
 from lightflax.errors import CheckpointError, DataError, UserError
 from lightflax.pretrained import backbone, efficientnet_lite0, features, inception_v3, torch_reader
 
@@ -113,9 +113,9 @@ def test_reader_refuses_truncated_and_foreign_files(tmp_path):
 # ---------------------------------------------------------------- EfficientNet-Lite0
 
 def test_lite0_parameter_counts(lite, lite_top):
-    assert summary.variables_counts(lite.variables) == {
+    assert param_counts.variables_counts(lite.variables) == {
         "total": 3_371_008 + 42_016, "trainable": 3_371_008, "non_trainable": 42_016}
-    assert summary.variables_counts(lite_top.variables)["trainable"] == 4_652_008
+    assert param_counts.variables_counts(lite_top.variables)["trainable"] == 4_652_008
 
 
 def test_lite0_chelsea_is_a_cat_without_torch(lite_top):
@@ -171,7 +171,7 @@ def test_block_names_are_param_prefixes(lite):
     assert pretrained.block_names("efficientnet_lite0")[:3] == ["stem", "blocks_0", "blocks_1"]
     names = pretrained.block_names("inception_v3")
     assert names[0] == "stem" and names[-1] == "mixed10" and len(names) == 12
-    abstract = backbone.abstract_variables(pretrained.build("inception_v3"), 75)
+    abstract = backbone.abstract_variables_and_order(pretrained.build("inception_v3"), 75)[0]
     assert sorted(names) == sorted(abstract["params"])
 
 
@@ -276,11 +276,11 @@ def test_inception_offline_error_says_where_it_looked(isolated_dirs, monkeypatch
 
 def test_inception_download_is_used_when_hash_matches(isolated_dirs, monkeypatch):
     """A fake 'download' of a tiny h5 with the matching md5 is cached, then loaded (and refused as too small)."""
-    from lightflax.pretrained import keras_h5
+    from keras_h5_writer import write_weights
 
     tmp_path = isolated_dirs
     fake = tmp_path / "fake.h5"
-    keras_h5.write_weights(fake, [("conv2d_1", [("kernel", np.zeros((3, 3, 3, 32), np.float32))])])
+    write_weights(fake, [("conv2d_1", [("kernel", np.zeros((3, 3, 3, 32), np.float32))])])
     payload = fake.read_bytes()
     name, url, _ = inception_v3.WEIGHTS[False]
     monkeypatch.setitem(inception_v3.WEIGHTS, False, (name, url, hashlib.md5(payload).hexdigest()))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_launch
+from lightflax._testing import FAULT_KILL_ENV
 
 TINY = ["--dataset=synthetic", "--epochs=1", "--steps_per_epoch=1", "--batch_size=16", "--synthetic_size=32",
         "--progress=quiet"]
@@ -264,7 +265,7 @@ def test_cosine_schedule_survives_resume(tmp_path):
     args = ["--experiment=xray_light", "--k=2", "--image_size=28", "--dataset=synthetic", "--epochs=3",
             "--steps_per_epoch=2", "--batch_size=16", "--synthetic_size=32", "--progress=quiet",
             "--lr_schedule=cosine", "--learning_rate=0.01", f"--workdir={wd}"]
-    proc = run_launch(args, env={"LIGHTFLAX_FAULT_KILL_AFTER_STEP": "3"})
+    proc = run_launch(args, env={FAULT_KILL_ENV: "3"})
     assert proc.returncode != 0
     run_launch(args + ["--resume"], check=0)
     r = json.loads((wd / "results.json").read_text())
@@ -368,14 +369,14 @@ def test_a_balanced_loss_is_corrected_from_a_uniform_prior():
     it (0.375 for the X-ray test balance), not from the training split's prior (0.633)."""
     from types import SimpleNamespace
 
-    from lightflax import metrics, train
+    from lightflax import decision, metrics
     from lightflax.config import RunConfig
 
     labels = np.array([0] * 26 + [1] * 74)
     data = SimpleNamespace(num_classes=2, name="x", splits={"train": SimpleNamespace(labels=labels)})
-    plain = train.decision_rule(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
-    balanced = train.decision_rule(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
-                                             class_weighting="balanced"), data)
+    plain = decision.build(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
+    balanced = decision.build(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
+                                        class_weighting="balanced"), data)
     assert plain["threshold"] == pytest.approx(metrics.prior_threshold([0.26, 0.74], metrics.PNEUMONIA_TEST_PRIOR))
     assert balanced["model_prior"] == [0.5, 0.5] and balanced["train_prior"] == [0.26, 0.74]
     assert balanced["threshold"] == pytest.approx(0.375)
