@@ -33,6 +33,26 @@ DECISIONS = ("argmax", "prior_corrected")  # the reported decision rule (lightfl
 
 
 @dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """The transfer-learning settings of a run (lightflax.transfer): a frozen ImageNet backbone +
+    a linear head, optionally a second stage that fine-tunes the backbone's last blocks."""
+
+    backbone: str  # a name of lightflax.pretrained
+    pretrained_path: Optional[str] = None  # a local weight file; None: the registry's search
+    cache_dir: Optional[str] = None  # feature cache; None: lightflax.transfer.default_cache_dir()
+    finetune_blocks: int = 0  # stage 2: unfreeze the last N blocks (0: head only)
+    finetune_epochs: int = 10
+    finetune_learning_rate: float = 1e-5
+
+    def __post_init__(self):
+        _check_int("finetune_blocks", self.finetune_blocks, 0)
+        _check_int("finetune_epochs", self.finetune_epochs, 1)
+        lr = self.finetune_learning_rate
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise UserError(f"--finetune_learning_rate must be a finite number > 0, got {lr!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs besides the data. Defaults: the study's protocol."""
 
@@ -71,9 +91,13 @@ class RunConfig:
     lr_schedule: str = "constant"  # "cosine": decay to 0 over the run's steps (after warmup_epochs)
     warmup_epochs: int = 0  # linear warm-up from 0 (lr_schedule="cosine" only)
     decision: str = "argmax"  # "prior_corrected": threshold moved to the target class prior (2 classes)
+    transfer: Optional[TransferConfig] = None  # lightflax.transfer.run_transfer's settings
+
 
     def __post_init__(self):
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        if isinstance(self.transfer, dict):  # read back from results.json
+            object.__setattr__(self, "transfer", TransferConfig(**self.transfer))
         if self.mean is not None:
             object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         for name in ("batch_size", "epochs", "num_seeds", "channels", "profile_steps"):
