@@ -93,7 +93,7 @@ def _hlo_counts(text):
 
 def paradox_mode():
     _header("paradox")
-    from lightflax import summary
+    from lightflax import param_counts
 
     print("| model | size | params | GFLOP/step | GB accessed/step | FLOP/byte | kernels (entry) | "
           "convolutions (entry) | convolutions (all computations) | temp MB |")
@@ -105,7 +105,7 @@ def paradox_mode():
             c = v.compiled
             kernels, convs, convs_all = _hlo_counts(c.compiled.as_text())
             state = v.args[0]
-            params = summary.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
+            params = param_counts.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
             temp = (c.memory or {}).get("temp_bytes") or 0
             print(f"| {spec} | {size} | {params['total']:,} | {c.flops / 1e9:.1f} | {c.bytes_accessed / 1e9:.2f} | "
                   f"{c.flops / max(c.bytes_accessed, 1):.2f} | {kernels} | {convs} | {convs_all} | "

@@ -1,9 +1,11 @@
-"""Checkpoints: the latest and the best training state (Orbax), and exported weights.
+"""Checkpoints: the latest and the selected training state (Orbax), and exported weights.
 
 Layout under a run's ``workdir``::
 
-  checkpoints/latest/<step>/{state,meta}   the most recent states (2 kept)
-  checkpoints/best/<step>/{state,meta}     the state with the best validation loss (1 kept)
+  checkpoints/latest/<step>/{state,meta}     the most recent states (2 kept)
+  checkpoints/selected/<step>/{state,meta}   the state the run reports and exports (1 kept): the best
+                                             validation loss with keep="best", the last epoch with
+                                             keep="last" (runs written before this name: checkpoints/best)
   model.msgpack                            exported variables (export_variables)
 
 ``state`` is any pytree of arrays (params, batch_stats, optimiser state with
@@ -24,7 +26,7 @@ Safety:
   mid-save leaves the previous checkpoint intact. Leftover tmp directories are
   never listed as steps, and are deleted when a Checkpointer opens the folder
   or a save fails.
-  ``latest`` and ``best`` are separate folders: saving one never touches the other.
+  ``latest`` and ``selected`` are separate folders: saving one never touches the other.
 * Restoring first compares the saved tree (leaf paths, shapes, dtypes) with
   the target, then checks the CRC-32: a damaged or mismatching checkpoint gives
   a one-line :class:`CheckpointError` (a flipped byte in an array file would
@@ -277,8 +279,20 @@ def _quiet(level: int = absl_logging.WARNING) -> Iterator[None]:
 # ----------------------------------------------------------------------------
 # Orbax-managed training checkpoints.
 
+SELECTED, LEGACY_SELECTED = "selected", "best"  # the slot's folder; its name before the rename
+
+
+def selected_dir(root: str) -> str:
+    """The selected slot's folder under ``root`` (``workdir/checkpoints``): ``selected``, or ``best``
+    for a run written before the rename (it keeps its folder, so --resume finds its state)."""
+    legacy = os.path.join(root, LEGACY_SELECTED)
+    if os.path.isdir(legacy) and not os.path.isdir(os.path.join(root, SELECTED)):
+        return legacy
+    return os.path.join(root, SELECTED)
+
+
 class Checkpointer:
-    """The latest and the best training state of one run, under ``workdir/checkpoints``.
+    """The latest and the selected training state of one run, under ``workdir/checkpoints``.
 
     Args:
       workdir: the run directory.
@@ -290,7 +304,7 @@ class Checkpointer:
         self.root = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self._managers = {
             "latest": self._open(os.path.join(self.root, "latest"), keep_latest),
-            "best": self._open(os.path.join(self.root, "best"), 1),
+            "selected": self._open(selected_dir(self.root), 1),
         }
 
     @staticmethod
@@ -361,9 +375,9 @@ class Checkpointer:
         """
         return self._save("latest", step, state, meta)
 
-    def save_best(self, step: int, state: Any, meta: Dict[str, Any]) -> bool:
-        """Saves ``state`` as the best checkpoint (replacing the previous best). See save_latest."""
-        return self._save("best", step, state, meta)
+    def save_selected(self, step: int, state: Any, meta: Dict[str, Any]) -> bool:
+        """Saves ``state`` as the selected checkpoint (replacing the previous one). See save_latest."""
+        return self._save("selected", step, state, meta)
 
     # -- reading ----------------------------------------------------------------
 
@@ -439,9 +453,9 @@ class Checkpointer:
         """
         return self._restore("latest", target)
 
-    def restore_best(self, target: Any) -> Optional[Tuple[Any, Dict[str, Any]]]:
-        """Restores the best checkpoint; see restore_latest."""
-        return self._restore("best", target)
+    def restore_selected(self, target: Any) -> Optional[Tuple[Any, Dict[str, Any]]]:
+        """Restores the selected checkpoint; see restore_latest."""
+        return self._restore("selected", target)
 
     def close(self) -> None:
         for manager in self._managers.values():

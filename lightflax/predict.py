@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightflax import checkpoints, files, models
+from lightflax import checkpoints, decision as decision_lib, files, models
 from lightflax.errors import CheckpointError, DataError, UserError
 
 
@@ -56,7 +56,7 @@ def load_replicas(workdir: str, seed_index: Optional[int] = None):
     if seed_index is not None and not 0 <= seed_index < n:
         raise UserError(f"--seed_index {seed_index} is out of range: the run trained {n} replica(s); use 0 to "
                         f"{n - 1}, or leave it out to average them all")
-    decision_rule(results, path)  # a damaged decision entry stops here, before any work
+    decision_lib.read(results, path)  # a damaged decision entry stops here, before any work
     module = models.create(cfg["model"], num_classes=results["dataset"]["num_classes"], **model_kwargs)
     target = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
     indices = list(range(n)) if seed_index is None else [seed_index]
@@ -65,54 +65,6 @@ def load_replicas(workdir: str, seed_index: Optional[int] = None):
         name = (results.get("model_path") if n == 1 else None) or f"model{f'_seed{r}' if n > 1 else ''}.msgpack"
         variables.append(checkpoints.load_exported(os.path.join(workdir, name), target))
     return module, variables, results, indices
-
-
-def decision_rule(results, path: str = "results.json") -> Dict[str, Any]:
-    """The run's decision entry, checked: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}
-    (``{"rule": "argmax", ...None}`` for runs without one)."""
-    d = results.get("decision")
-    if d is None:
-        return {"rule": "argmax", "threshold": None, "train_prior": None, "model_prior": None, "target_prior": None}
-    c = int(results["dataset"]["num_classes"])
-    try:
-        rule, threshold = d["rule"], d.get("threshold")
-        if rule not in ("argmax", "prior_corrected"):
-            raise ValueError(f"rule {rule!r} is not argmax or prior_corrected")
-        if threshold is not None:
-            threshold = float(threshold)
-            if c != 2 or not 0.0 <= threshold <= 1.0:
-                raise ValueError(f"threshold {threshold} needs a binary task and a value in [0, 1]")
-        priors = {}
-        for key in ("train_prior", "model_prior", "target_prior"):
-            v = d.get(key)
-            priors[key] = None if v is None else np.asarray(v, np.float64)
-            if v is not None and (priors[key].shape != (c,) or not np.all(priors[key] > 0)):
-                raise ValueError(f"{key} must hold {c} positive numbers")
-        if rule == "prior_corrected" and threshold is None and priors["train_prior"] is None:
-            raise ValueError("prior_corrected without a threshold needs train_prior")
-    except (TypeError, ValueError, AttributeError, KeyError) as e:
-        raise UserError(f"{path}: its decision entry is damaged ({e}); re-run the training or restore the "
-                        f"file") from None
-    return {"rule": rule, "threshold": threshold, **priors}
-
-
-def apply_rule(probabilities: np.ndarray, decision: Dict[str, Any]) -> np.ndarray:
-    """Predicted classes (N,) int64 of (N, C) probabilities under :func:`decision_rule`'s rule."""
-    p = np.asarray(probabilities, np.float64)
-    if decision["threshold"] is not None:
-        return (p[:, 1] > decision["threshold"]).astype(np.int64)
-    if decision["rule"] == "prior_corrected":
-        from lightflax import metrics
-
-        target = decision["target_prior"]
-        target = np.full(p.shape[1], 1.0 / p.shape[1]) if target is None else target
-        # the prior the model's probabilities carry: uniform for a class-balanced loss (model_prior),
-        # the training split's otherwise; runs older than model_prior carry only train_prior
-        source = decision.get("model_prior")
-        source = decision["train_prior"] if source is None else source
-        with np.errstate(divide="ignore"):
-            return np.argmax(metrics.prior_corrected_log_probs(np.log(p), source, target), axis=1).astype(np.int64)
-    return np.argmax(p, axis=1).astype(np.int64)
 
 
 def _describe_rule(decision: Dict[str, Any]) -> str:
@@ -251,9 +203,9 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
     _check_output(output_npz)
     images = load_images(input_npz)
     module, variables, results, indices = load_replicas(workdir, seed_index)
-    decision = decision_rule(results)
+    decision = decision_lib.read(results)
     p = predict_probabilities(module, variables, results, images, batch_size)
-    y = apply_rule(p, decision)
+    y = decision_lib.apply(p, decision)
     try:
         files.atomic_write(output_npz, lambda f: np.savez(f, probabilities=p, predictions=y))
     except OSError as e:  # atomic_write leaves neither a temporary file nor a partial output

@@ -116,7 +116,7 @@ def summarize_replicas(per_replica: Optional[List[Dict[str, Any]]]) -> Dict[str,
 class RunOutcome:
     """What a finished training loop measured (per-replica lists have num_seeds entries)."""
 
-    counts: Dict[str, int]  # summary.variables_counts of one replica
+    counts: Dict[str, int]  # param_counts.variables_counts of one replica
     size_bytes: List[int]  # exported model file sizes
     compiled: Any  # timing.CompiledStep of the train step
     eval_compile_s: float
@@ -130,7 +130,7 @@ class RunOutcome:
     test_metrics: Optional[List[Dict[str, Any]]]
     n_devices: int
     steps_per_epoch: int
-    decision: Optional[Dict[str, Any]] = None  # lightflax.train.decision_rule
+    decision: Optional[Dict[str, Any]] = None  # lightflax.decision.build
     select_ensemble: Optional[Dict[str, Any]] = None  # metrics of the replicas' averaged probabilities
     test_ensemble: Optional[Dict[str, Any]] = None
 

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import (checkpoints, files, metrics as metrics_lib, models, native, parallel, progress, report, steps,
-                       summaries, summary, timing)
+from lightflax import (checkpoints, decision as decision_lib, files, metrics as metrics_lib, models, native,
+                       param_counts, parallel, progress, report, steps, tensorboard, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
 from lightflax.errors import CheckpointError, UserError
@@ -376,12 +376,13 @@ def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer):
     check_resume_settings(cfg, (ckpt.latest_meta() or {}).get("progress", {}).get("config"))
     restored, meta = ckpt.restore_latest(_state_tree(state))
     state = parallel.replicate(_from_tree(state, restored), trainer.mesh)
-    progress, best = meta["progress"], ckpt.restore_best(_state_tree(state))
+    progress, best = meta["progress"], ckpt.restore_selected(_state_tree(state))
     tracker = _tracker(cfg, progress["tracker"])
     if best is None and max(tracker.best_epoch) > 0:
         raise CheckpointError(
-            f"the best checkpoint of {cfg.workdir} is missing (checkpoints/best is empty, but epoch "
-            f"{max(tracker.best_epoch)} was the best so far); restore it, or start again in another --workdir"
+            f"the selected checkpoint of {cfg.workdir} is missing ({os.path.relpath(checkpoints.selected_dir(ckpt.root), cfg.workdir)} "
+            f"is empty, but epoch {max(tracker.best_epoch)} was the best so far); restore it, or start again in "
+            f"another --workdir"
         )
     best_state = (parallel.replicate(_from_tree(state, best[0]), trainer.mesh) if best
                   else jax.tree_util.tree_map(jnp.copy, state))
@@ -490,12 +491,12 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
 
 
 def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
-    decision_rule(cfg, data)  # a decision the data cannot take stops the run before training
+    decision_lib.build(cfg, data)  # a decision the data cannot take stops the run before training
     _announce(cfg, data)
     trainer = Trainer(cfg, data, init_variables=init_variables)
     ckpt = checkpoints.Checkpointer(cfg.workdir)
     state, best_state, first_epoch, history, tracker, times = start_or_resume(trainer, ckpt)
-    counts = summary.variables_counts({"params": _first_replica(state.params),
+    counts = param_counts.variables_counts({"params": _first_replica(state.params),
                                        "batch_stats": _first_replica(state.batch_stats)})
     keys, train_arrays = trainer.data_keys(), trainer.device_split("train")
     select_arrays = trainer.device_split(cfg.select_split)
@@ -527,7 +528,7 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
     """The epoch loop. ``best['state']``, ``history``, ``tracker`` and ``times`` are updated in place
     (a NonFiniteLossError leaves them at the last saved epoch)."""
     cfg = trainer.cfg
-    tb = summaries.Writer(cfg.workdir, enabled=jax.process_index() == 0)
+    tb = tensorboard.Writer(cfg.workdir, enabled=jax.process_index() == 0)
     with profile, tb:
         for epoch in range(first_epoch, cfg.epochs):
             if tracker.all_stopped:
@@ -545,7 +546,7 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
             improved, new_lrs = tracker.update(epoch + 1, select_loss, lrs)
             if cfg.lr_schedule == "constant":  # a schedule sets the rate itself, at every step
                 state = _set_learning_rates(trainer, state, new_lrs)
-            kept = improved if cfg.keep == "best" else active  # keep=last: the "best" slot holds the last epoch
+            kept = improved if cfg.keep == "best" else active  # keep=last: the selected slot holds the last epoch
             if kept.any():
                 best["state"] = _select(jnp.asarray(kept), state, best["state"])
             row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),
@@ -554,54 +555,12 @@ def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first
             history.append(row)
             _save(ckpt, cfg, state, best["state"] if kept.any() else None, epoch, history, tracker, times)
             _print_epoch(cfg, row, trainer.steps_per_epoch, bool(improved.any()))
-            tb.epoch((epoch + 1) * trainer.steps_per_epoch, summaries.epoch_scalars(
+            tb.epoch((epoch + 1) * trainer.steps_per_epoch, tensorboard.epoch_scalars(
                 row, selected, cfg.select_split, float(np.median(step_timer.durations[n_timed:])),
                 trainer.steps_per_epoch * cfg.batch_size * cfg.num_seeds))
 
 
 PREDICTIONS_FILE = "predictions.npz"
-
-
-def decision_rule(cfg: RunConfig, data) -> Dict[str, Any]:
-    """results.json's ``decision``: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}.
-
-    ``train_prior``: the training split's class frequencies. ``model_prior``: the class balance the
-    model's probabilities reflect: the training prior, or uniform with ``class_weighting="balanced"``
-    (a loss that weighs the classes equally trains at a uniform prior; correcting from the training
-    prior would shift the decision twice). ``target_prior``: the expected test class balance,
-    :data:`lightflax.metrics.PNEUMONIA_TEST_PRIOR` for two-class data (the X-ray datasets, and
-    synthetic data standing in for them), None otherwise. ``threshold``: with
-    ``rule="prior_corrected"`` the threshold on p(class 1) above which class 1 is predicted
-    (:func:`lightflax.metrics.prior_threshold` from the model prior); None with ``argmax``."""
-    k = data.num_classes
-    train_prior = metrics_lib.class_prior(data.splits["train"].labels, k)
-    model_prior = np.full(k, 1.0 / k) if cfg.class_weighting == "balanced" else train_prior
-    target = list(metrics_lib.PNEUMONIA_TEST_PRIOR) if k == 2 else None
-    threshold = None
-    if cfg.decision == "prior_corrected":
-        if target is None:
-            raise UserError(f"--decision=prior_corrected is for two-class data; {data.name} has {k} classes: "
-                            f"use --decision=argmax")
-        if np.any(train_prior == 0):
-            raise UserError("--decision=prior_corrected needs both classes in the training split; "
-                            "use --decision=argmax")
-        threshold = metrics_lib.prior_threshold(model_prior, target)
-    return {"rule": cfg.decision, "threshold": threshold, "train_prior": train_prior.tolist(),
-            "model_prior": model_prior.tolist(), "target_prior": target}
-
-
-def split_metrics(log_probs: np.ndarray, labels: np.ndarray, decision: Dict[str, Any]) -> Dict[str, Any]:
-    """One set of (N, C) log-probabilities: classification_metrics, plus shift_proxies where the
-    decision has a target prior, plus ``<accuracy|sensitivity|specificity>_prior_corrected`` with
-    the prior-corrected rule (the 0.5 figures stay under their own names)."""
-    out = metrics_lib.classification_metrics(log_probs, labels)
-    if decision["target_prior"] is not None:
-        out.update(metrics_lib.shift_proxies(log_probs, labels, source_prior=decision["model_prior"],
-                                             target_prior=decision["target_prior"]))
-    if decision["rule"] == "prior_corrected":
-        corrected = metrics_lib.threshold_metrics(log_probs, labels, decision["threshold"])
-        out.update({f"{k}_prior_corrected": v for k, v in corrected.items()})
-    return out
 
 
 def write_predictions(path: str, predictions: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
@@ -616,13 +575,13 @@ def write_predictions(path: str, predictions: Dict[str, Tuple[np.ndarray, np.nda
 def _finish(cfg: RunConfig, data, trainer: Trainer, best_state, counts, compiled, eval_compile_s, step_timer,
             times, history, tracker, select_arrays, extra) -> Dict[str, Any]:
     """Tests the best state, exports it and writes results.json, predictions.npz and the run's report."""
-    decision = decision_rule(cfg, data)
+    decision = decision_lib.build(cfg, data)
     predictions = {cfg.select_split: trainer.log_probs(best_state, select_arrays)}
     if data.splits.get("test") and "test" not in predictions:
         predictions["test"] = trainer.log_probs(best_state, trainer.device_split("test"))
-    per_replica = {split: [split_metrics(lp[r], y, decision) for r in range(trainer.num_seeds)]
+    per_replica = {split: [decision_lib.split_metrics(lp[r], y, decision) for r in range(trainer.num_seeds)]
                    for split, (lp, y) in predictions.items()}
-    ensemble = ({split: split_metrics(metrics_lib.ensemble_log_probs(lp), y, decision)
+    ensemble = ({split: decision_lib.split_metrics(metrics_lib.ensemble_log_probs(lp), y, decision)
                  for split, (lp, y) in predictions.items()} if trainer.num_seeds > 1 else {})
     outcome = report.RunOutcome(
         counts=counts, size_bytes=export_models(trainer, best_state), compiled=compiled,
@@ -653,7 +612,7 @@ def _save(ckpt, cfg: RunConfig, state, best_state, epoch: int, history, tracker:
                 "config": cfg.to_json()}
     step = int(np.asarray(state.step)[0])
     if best_state is not None:
-        ckpt.save_best(step, _state_tree(best_state), {"progress": progress})
+        ckpt.save_selected(step, _state_tree(best_state), {"progress": progress})
     ckpt.save_latest(step, _state_tree(state), {"progress": progress})
     times.checkpoint_s += time.perf_counter() - t0
     times.tick()

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from lightflax import files, report, summary, train
+from lightflax import files, report, param_counts, train
 from lightflax.config import RunConfig
 from lightflax.errors import UserError
 
@@ -91,7 +91,7 @@ def run_transfer(data, cfg: RunConfig, *, extra: Optional[Dict[str, Any]] = None
     fdata, feature_s, info = extract_features(bb, data, cache_dir=t.cache_dir, backbone=t.backbone)
     results = train.train_and_evaluate(_on_features(cfg, model="linear_head", workdir=stage1_dir), fdata,
                                        extra=extra)
-    bcounts = summary.variables_counts(bb.variables)
+    bcounts = param_counts.variables_counts(bb.variables)
     backbone_bytes = len(serialization.to_bytes(bb.variables))
     results.update({
         "backbone": t.backbone,
@@ -162,7 +162,7 @@ def finetune(bb, data, stage1_dir: str, cfg: RunConfig, *, blocks: int, cache_di
     cfg = dataclasses.replace(cfg, model="backbone_tail", model_kwargs=kwargs, channels=channels)
     results = train.train_and_evaluate(cfg, adata, init_variables=init, extra=extra)
     frozen = {c: {n: v for n, v in bb.variables.get(c, {}).items() if n not in tail} for c in ("params", "batch_stats")}
-    fcounts = summary.variables_counts(frozen)
+    fcounts = param_counts.variables_counts(frozen)
     frozen_bytes = len(serialization.to_bytes(frozen))
     results.update({
         "backbone": bb.name,

@@ -97,7 +97,7 @@ def _array_file(step_dir):
 def test_round_trip_is_bitwise_exact(tmp_path, trained):
     _, state = trained
     ckpt = checkpoints.Checkpointer(str(tmp_path))
-    assert ckpt.latest_step() is None and ckpt.restore_latest(state) is None and ckpt.restore_best(state) is None
+    assert ckpt.latest_step() is None and ckpt.restore_latest(state) is None and ckpt.restore_selected(state) is None
     meta = {"epoch": 2, "best_loss": [math.inf, 0.25], "history": [{"epoch": 1, "loss": 1.5}]}
     assert ckpt.save_latest(2, state, meta)
     _, target = _init(seed=1)
@@ -111,10 +111,27 @@ def test_round_trip_is_bitwise_exact(tmp_path, trained):
 def test_restore_into_shape_dtype_structs(tmp_path, trained):
     _, state = trained
     ckpt = checkpoints.Checkpointer(str(tmp_path))
-    ckpt.save_best(2, state, {})
+    ckpt.save_selected(2, state, {})
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored, _ = ckpt.restore_best(abstract)
+    restored, _ = ckpt.restore_selected(abstract)
     _assert_bitwise_equal(state, restored)
+
+
+def test_a_run_written_before_the_slot_rename_keeps_its_best_folder(tmp_path, trained):
+    """Runs written before ``best`` was renamed ``selected`` hold checkpoints/best: it is read, and
+    written on (so a --resume continues the same slot), and no empty ``selected`` is created."""
+    model, s1 = trained
+    s2 = _train(s1, model, 2, 3)
+    with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save_selected(1, s1, {"which": 1})
+    os.rename(tmp_path / "checkpoints" / "selected", tmp_path / "checkpoints" / "best")  # the old layout
+    with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
+        restored, meta = ckpt.restore_selected(s2)
+        _assert_bitwise_equal(s1, restored)
+        assert meta == {"which": 1}
+        assert ckpt.save_selected(2, s2, {"which": 2})
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best", "latest"]
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "best")) == ["2"]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -129,22 +146,22 @@ def test_resume_continues_exactly(tmp_path):
     _assert_bitwise_equal(straight, resumed)
 
 
-def test_latest_and_best_are_kept_apart(tmp_path, trained):
+def test_latest_and_selected_are_kept_apart(tmp_path, trained):
     model, s1 = trained
     s2 = _train(s1, model, 2, 3)
     s3 = _train(s2, model, 3, 4)
     ckpt = checkpoints.Checkpointer(str(tmp_path))
-    assert ckpt.save_best(1, s1, {"which": 1})
+    assert ckpt.save_selected(1, s1, {"which": 1})
     for i, s in [(1, s1), (2, s2), (3, s3)]:
         assert ckpt.save_latest(i, s, {"which": i})
     assert ckpt.latest_step() == 3
     assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["2", "3"]  # two kept
-    best, meta = ckpt.restore_best(s1)
+    best, meta = ckpt.restore_selected(s1)
     _assert_bitwise_equal(s1, best)
     assert meta == {"which": 1}
-    assert ckpt.save_best(3, s3, {"which": 3})
-    assert sorted(os.listdir(tmp_path / "checkpoints" / "best")) == ["3"]
-    _assert_bitwise_equal(s3, ckpt.restore_best(s1)[0])
+    assert ckpt.save_selected(3, s3, {"which": 3})
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "selected")) == ["3"]
+    _assert_bitwise_equal(s3, ckpt.restore_selected(s1)[0])
     # A step that is not newer is not written and changes nothing.
     assert not ckpt.save_latest(3, s1, {"which": "again"})
     assert not ckpt.save_latest(2, s1, {})

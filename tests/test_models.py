@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightflax import models, summary
+from lightflax import models, param_counts
 
 # (model, kwargs, input NHWC, total, trainable) — SEED_SPEC section 2 and Tables 1, 2, 4.
 PUBLISHED = [
@@ -40,19 +40,19 @@ PUBLISHED = [
 @pytest.mark.parametrize("name,kwargs,shape,total,trainable", PUBLISHED)
 def test_parameter_counts_match_published_tables(name, kwargs, shape, total, trainable):
     model = models.create(name, **kwargs)
-    counts = summary.param_counts(model, shape)
+    counts = param_counts.param_counts(model, shape)
     assert counts["total"] == total
     if trainable is not None:
         assert counts["trainable"] == trainable
     # the non-trainable variables are exactly BatchNorm's moving mean and variance: 2 per channel of
     # every BatchNorm layer (channels read from the layers' output shapes, not from the variables)
-    bn_channels = {path: out[-1] for path, kind, out, _ in summary.layer_table(model, shape) if kind == "BatchNorm"}
+    bn_channels = {path: out[-1] for path, kind, out, _ in param_counts.layer_table(model, shape) if kind == "BatchNorm"}
     assert bn_channels and counts["non_trainable"] == 2 * sum(bn_channels.values())
 
 
 def test_parameter_counts_do_not_depend_on_input_size():
     m = models.create("xray_light", k=5)
-    assert summary.param_counts(m, (2, 64, 48, 3)) == summary.param_counts(m, (1, 299, 299, 3))
+    assert param_counts.param_counts(m, (2, 64, 48, 3)) == param_counts.param_counts(m, (1, 299, 299, 3))
 
 
 def test_registry_lists_required_models():
@@ -64,7 +64,7 @@ def test_registry_lists_required_models():
 
 @pytest.mark.parametrize("k", [1, 7, 32])
 def test_xray_light_any_k(k):
-    counts = summary.param_counts(models.create("xray_light", k=k), (1, 64, 64, 3))
+    counts = param_counts.param_counts(models.create("xray_light", k=k), (1, 64, 64, 3))
     assert counts["total"] == 2_753 + (k - 1) * (4_600 - 2_753)  # linear in k
 
 
@@ -94,12 +94,12 @@ def test_output_shapes(name, kwargs, shape):
 
 
 def test_xray_intermediate_shapes_at_299():
-    rows = {r[0]: r[2] for r in summary.layer_table(models.create("xray_conv2d"), (1, 299, 299, 3))}
+    rows = {r[0]: r[2] for r in param_counts.layer_table(models.create("xray_conv2d"), (1, 299, 299, 3))}
     assert rows["block1_conv1"] == (1, 297, 297, 8)
     assert rows["block1_conv3"] == (1, 293, 293, 8)
     assert rows["block2_conv1"] == (1, 144, 144, 16)
     assert rows["block3_conv3"] == (1, 64, 64, 32)
-    rows = {r[0]: r[2] for r in summary.layer_table(models.create("xray_light", k=5), (1, 299, 299, 3))}
+    rows = {r[0]: r[2] for r in param_counts.layer_table(models.create("xray_light", k=5), (1, 299, 299, 3))}
     assert rows["block1_conv1"] == (1, 299, 299, 8)
     assert rows["block2_shortcut"] == (1, 149, 149, 16)
     assert rows["block3_conv2"] == (1, 74, 74, 32)
@@ -181,9 +181,9 @@ def test_too_small_or_wrong_inputs_raise_one_line_errors():
 
 
 def test_summary_cli_prints_keras_table(capsys):
-    assert summary.main(["--model=xray_light", "--k=5"]) == 0
+    assert param_counts.main(["--model=xray_light", "--k=5"]) == 0
     out = capsys.readouterr().out
     assert "Total params: 10,141" in out and "Trainable params: 9,805" in out
     assert "block1_conv1 (LightConv2D)" in out
-    assert summary.main(["--model=nope"]) == 2
+    assert param_counts.main(["--model=nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err

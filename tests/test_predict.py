@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightflax import checkpoints, models, predict
+from lightflax import checkpoints, decision, models, predict
 from lightflax.errors import UserError
 
 N_SEEDS, SIZE = 3, 16
@@ -92,16 +92,16 @@ def test_apply_rule_brute_force():
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(3), size=50)
     train, target = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.2, 0.6])
-    got = predict.apply_rule(p, {"rule": "prior_corrected", "threshold": None, "train_prior": train,
+    got = decision.apply(p, {"rule": "prior_corrected", "threshold": None, "train_prior": train,
                                  "target_prior": target})
     want = [max(range(3), key=lambda c: p[i, c] * target[c] / train[c]) for i in range(50)]
     np.testing.assert_array_equal(got, want)
-    got = predict.apply_rule(p, {"rule": "prior_corrected", "threshold": None, "train_prior": train,
+    got = decision.apply(p, {"rule": "prior_corrected", "threshold": None, "train_prior": train,
                                  "target_prior": None})  # uniform target
     np.testing.assert_array_equal(got, np.argmax(p / train, axis=1))
     # a class-balanced loss: the probabilities carry the uniform model_prior, not the training split's
     model = np.full(3, 1 / 3)
-    got = predict.apply_rule(p, {"rule": "prior_corrected", "threshold": None, "train_prior": train,
+    got = decision.apply(p, {"rule": "prior_corrected", "threshold": None, "train_prior": train,
                                  "model_prior": model, "target_prior": target})
     want = [max(range(3), key=lambda c: p[i, c] * target[c] / model[c]) for i in range(50)]
     np.testing.assert_array_equal(got, want)

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from lightflax import files, pretrained, summary
+from lightflax import files, pretrained, param_counts
 from lightflax.errors import CheckpointError, DataError, UserError
 from lightflax.pretrained import backbone, efficientnet_lite0, features, inception_v3, torch_reader
 
@@ -113,9 +113,9 @@ def test_reader_refuses_truncated_and_foreign_files(tmp_path):
 # ---------------------------------------------------------------- EfficientNet-Lite0
 
 def test_lite0_parameter_counts(lite, lite_top):
-    assert summary.variables_counts(lite.variables) == {
+    assert param_counts.variables_counts(lite.variables) == {
         "total": 3_371_008 + 42_016, "trainable": 3_371_008, "non_trainable": 42_016}
-    assert summary.variables_counts(lite_top.variables)["trainable"] == 4_652_008
+    assert param_counts.variables_counts(lite_top.variables)["trainable"] == 4_652_008
 
 
 def test_lite0_chelsea_is_a_cat_without_torch(lite_top):

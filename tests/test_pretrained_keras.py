@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from lightflax import pretrained, summary
+from lightflax import pretrained, param_counts
 from lightflax.errors import CheckpointError
 from lightflax.pretrained import inception_v3, keras_h5
 from lightflax.pretrained.backbone import abstract_variables
@@ -99,7 +99,7 @@ def test_keras_parameter_counts_match(keras_inception):
     keras = keras_inception[0]
     kmodel = keras.applications.InceptionV3(weights=None, include_top=False, pooling="avg",
                                             input_shape=(299, 299, 3))
-    counts = summary.variables_counts(abstract_variables(pretrained.build("inception_v3"), 299))
+    counts = param_counts.variables_counts(abstract_variables(pretrained.build("inception_v3"), 299))
     assert counts["total"] == kmodel.count_params() == 21_802_784
     assert counts["trainable"] == sum(int(np.prod(w.shape)) for w in kmodel.trainable_weights) == 21_768_352
 

@@ -369,14 +369,14 @@ def test_a_balanced_loss_is_corrected_from_a_uniform_prior():
     it (0.375 for the X-ray test balance), not from the training split's prior (0.633)."""
     from types import SimpleNamespace
 
-    from lightflax import metrics, train
+    from lightflax import decision, metrics
     from lightflax.config import RunConfig
 
     labels = np.array([0] * 26 + [1] * 74)
     data = SimpleNamespace(num_classes=2, name="x", splits={"train": SimpleNamespace(labels=labels)})
-    plain = train.decision_rule(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
-    balanced = train.decision_rule(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
-                                             class_weighting="balanced"), data)
+    plain = decision.build(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
+    balanced = decision.build(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
+                                        class_weighting="balanced"), data)
     assert plain["threshold"] == pytest.approx(metrics.prior_threshold([0.26, 0.74], metrics.PNEUMONIA_TEST_PRIOR))
     assert balanced["model_prior"] == [0.5, 0.5] and balanced["train_prior"] == [0.26, 0.74]
     assert balanced["threshold"] == pytest.approx(0.375)

@@ -231,8 +231,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     proc = run_launch(args + [f"--workdir={killed}", "--resume", "--batch_size=4", "--learning_rate=0.01"], check=2)
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "--batch_size 8 -> 4" in err[0] and "--learning_rate 0.001 -> 0.01" in err[0], err
+    # the killed run as the code before the checkpoint slot rename wrote it (checkpoints/best): it resumes exactly
+    os.rename(killed / "checkpoints" / "selected", killed / "checkpoints" / "best")
     proc = run_launch(args + [f"--workdir={killed}", "--resume"], check=0)
     assert "resumed" in proc.stdout
+    assert sorted(os.listdir(killed / "checkpoints")) == ["best", "latest"]
     a = json.loads((full / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
     assert a["epochs_run"] == b["epochs_run"] == 3
@@ -273,14 +276,16 @@ def test_eval_image_size_evaluates_at_another_resolution():
     assert run_python(code).stdout.strip().endswith("ok")
 
 
-def test_resume_notices_a_deleted_best_checkpoint(tmp_path):
+def test_resume_notices_a_deleted_selected_checkpoint(tmp_path):
     args = ["--experiment=xray_light", "--k=1", *TINY, "--steps_per_epoch=2", f"--workdir={tmp_path / 'w'}"]
     run_launch(args + ["--epochs=1"], check=0)
-    best = tmp_path / "w" / "checkpoints" / "best"
-    for step in best.iterdir():
+    # written as a run before the slot rename would have it (checkpoints/best): that folder is the one named
+    os.rename(tmp_path / "w" / "checkpoints" / "selected", tmp_path / "w" / "checkpoints" / "best")
+    for step in (tmp_path / "w" / "checkpoints" / "best").iterdir():
         shutil.rmtree(step)
     proc = run_launch(args + ["--epochs=2", "--resume"], check=2)
-    assert "best checkpoint" in proc.stderr and "is missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert "selected checkpoint" in proc.stderr and "checkpoints/best is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_second_run_on_a_locked_workdir_stops(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_launch
-from lightflax import models, pretrained, summary
+from lightflax import models, pretrained, param_counts
 
 
 def test_inception_v3_plus_head_matches_the_study_row():
@@ -17,8 +17,8 @@ def test_inception_v3_plus_head_matches_the_study_row():
     backbone = pretrained.build("inception_v3", include_top=False)
     variables = jax.eval_shape(lambda x: backbone.init(jax.random.key(0), x),
                                jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
-    b = summary.variables_counts(variables)
-    h = summary.variables_counts(jax.eval_shape(
+    b = param_counts.variables_counts(variables)
+    h = param_counts.variables_counts(jax.eval_shape(
         lambda x: models.create("linear_head", num_classes=2).init(jax.random.key(0), x),
         jax.ShapeDtypeStruct((1, 2048), jnp.float32)))
     assert b["total"] == 21_802_784 and h["total"] == 4_098

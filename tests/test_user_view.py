@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_launch, run_python
-from lightflax import native, report, summaries, tables
+from lightflax import native, report, tensorboard, tables
 
 FEW = ["--epochs=2", "--steps_per_epoch=3", "--batch_size=16"]
 
@@ -76,7 +76,7 @@ def test_main_command_figures_and_tensorboard(main_run):
     _, runs = main_run
     with Image.open(runs[0] / "curves.png") as im:
         assert im.size == (1000, 430)
-    scalars = summaries.read_scalars(str(runs[0]))
+    scalars = tensorboard.read_scalars(str(runs[0]))
     for tag in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/roc_auc", "learning_rate",
                 "step_time_s", "images_per_s"):
         assert [s for s, _ in scalars[tag]] == [3, 6], tag
@@ -163,19 +163,19 @@ def test_curves_mark_the_epoch_whose_weights_were_kept(tmp_path, monkeypatch):
 
 
 def test_summaries_round_trip(tmp_path):
-    with summaries.Writer(str(tmp_path)) as tb:
+    with tensorboard.Writer(str(tmp_path)) as tb:
         tb.epoch(5, {"train/loss": 0.5, "val/roc_auc": None})
         tb.epoch(10, {"train/loss": 0.25})
-    assert summaries.read_scalars(str(tmp_path)) == {"train/loss": [(5, 0.5), (10, 0.25)]}
+    assert tensorboard.read_scalars(str(tmp_path)) == {"train/loss": [(5, 0.5), (10, 0.25)]}
 
 
 def test_summaries_do_not_import_torch(tmp_path):
     """tensorboardX imports PyTorch when it is installed (seconds per run start); the writer keeps it
     out, and a later `import torch` still works."""
-    code = (f"import sys, importlib.util\nfrom lightflax import summaries\n"
-            f"with summaries.Writer({str(tmp_path)!r}) as w:\n    w.epoch(1, {{'a': 0.5}})\n"
+    code = (f"import sys, importlib.util\nfrom lightflax import tensorboard\n"
+            f"with tensorboard.Writer({str(tmp_path)!r}) as w:\n    w.epoch(1, {{'a': 0.5}})\n"
             f"assert 'torch' not in sys.modules, 'torch imported'\n"
-            f"assert summaries.read_scalars({str(tmp_path)!r}) == {{'a': [(1, 0.5)]}}\n"
+            f"assert tensorboard.read_scalars({str(tmp_path)!r}) == {{'a': [(1, 0.5)]}}\n"
             f"if importlib.util.find_spec('torch'):\n    import torch\n    print('torch', torch.__name__)\n")
     out = run_python(code).stdout
     import importlib.util

@@ -19,7 +19,7 @@ def main():
     def build():
         import jax
 
-        from lightflax import native, speed, summary, timing
+        from lightflax import native, speed, param_counts, timing
 
         kwargs = {"k": a.k} if a.model == "xray_light" else {}
         if a.impl:
@@ -36,7 +36,7 @@ def main():
             args[0] = v.next_args(out, args[0])
 
         state = v.args[0]
-        counts = summary.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
+        counts = param_counts.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
         return step, {"framework": f"lightflax {used} (jax {jax.__version__})" + (f" impl={a.impl}" if a.impl else "")
                                    + (f" threads={a.threads}" if a.threads else "")
                                    + (" huge_pages=1" if a.huge_pages else ""),

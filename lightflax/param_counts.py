@@ -1,6 +1,6 @@
 """Parameter counts as Keras counts them, and a Keras-like per-layer table.
 
-    python -m lightflax.summary --model=xray_light --k=5 --input_shape=1,299,299,3
+    python -m lightflax.param_counts --model=xray_light --k=5 --input_shape=1,299,299,3
 
 Trainable = the ``params`` collection; non-trainable = every other collection
 (BatchNorm moving mean/variance in ``batch_stats``), as Keras' model.summary().

@@ -1,8 +1,8 @@
 """TensorBoard scalar summaries in the run folder (tensorboardX: pure Python, no TensorFlow).
 
-    with summaries.Writer(workdir) as tb:          # events.out.tfevents.* in workdir
+    with tensorboard.Writer(workdir) as tb:          # events.out.tfevents.* in workdir
         tb.epoch(global_step, {"train/loss": 0.3, "val/roc_auc": 0.9, ...})
-    summaries.read_scalars(workdir)                # {tag: [(step, value), ...]}
+    tensorboard.read_scalars(workdir)                # {tag: [(step, value), ...]}
 
 ``tensorboard --logdir runs/`` shows every run's curves (and, with --profile, the
 profiler trace written into the same folder). Tags: train/loss, train/accuracy,
