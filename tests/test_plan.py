@@ -111,3 +111,37 @@ def test_a_run_folder_from_before_the_configs_stays_readable(tmp_path):
     check_resume_settings(now, saved)  # the same settings: no complaint
     with pytest.raises(Exception, match="--resume with settings that differ"):
         check_resume_settings(dataclasses.replace(now, batch_size=16), saved)
+
+
+def _documented_commands():
+    """Every `python launch.py --experiment=...` command of README.md, docs/*.md and the experiments'
+    docstrings, with the docs' shell variables filled in ($C: docs/robust.md's common flags)."""
+    import re
+
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "experiments").glob("*.py")),
+            REPO / "launch.py"]
+    subst = {"$C": "--dataset=pneumonia_mnist --num_seeds=3 --replica_mode=loop --kernels=native", "${k}": "1",
+             "$k": "1", "${s}": "0", "$s": "0"}
+    out = set()
+    for path in docs:
+        for m in re.finditer(r"python launch\.py (--experiment[= ][a-z_0-9]+[^`|)\n]*)", path.read_text()):
+            line = m.group(1).split("#")[0].split(";")[0]
+            for var, value in subst.items():
+                line = line.replace(var, value)
+            out.add(" ".join(a for a in line.split() if not a.startswith(("[", "...")) and a != "--helpfull"))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("command", _documented_commands())
+def test_every_documented_command_still_parses(command, tmp_path):
+    """Each flag of each documented command is still a flag of its experiment (an alias of a config
+    field) and its value is accepted; training experiments also resolve to a plan."""
+    argv = command.replace("--experiment ", "--experiment=").split()
+    experiment = argv[0].split("=", 1)[1]
+    args = [a for a in argv[1:] if not a.startswith("--workdir")]
+    config, explicit = _parsed(experiment, args, tmp_path)
+    if experiment in TRAINING:
+        from experiments import plan
+
+        config.data.dataset, config.data.data_dir, config.data.manual_dir = "synthetic", None, None  # offline
+        plan.resolve(config, explicit)
