@@ -9,6 +9,7 @@ flags are global: only launch.py calls :func:`define` (once, for the one experim
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable, Dict, FrozenSet, Optional, Sequence, Tuple, Union
 
@@ -248,7 +249,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         choices = a.choices() if callable(a.choices) else a.choices
         if choices is not None and value not in choices:
             raise UserError(f"--{a.flag} must be one of {', '.join(choices)}, got {value!r}")
-        if a.lower is not None and not value >= a.lower:
-            raise UserError(f"--{a.flag} must be >= {a.lower:g}, got {value!r}")
+        finite = "a finite number " if isinstance(value, float) else ""
+        lower = a.lower if a.lower is not None else -math.inf
+        if not value >= lower or finite and not math.isfinite(value):
+            raise UserError(f"--{a.flag} must be {finite}>= {lower:g}, got {value!r}")
         if a.upper is not None and not value <= a.upper:
             raise UserError(f"--{a.flag} must be <= {a.upper:g}, got {value!r}")
