@@ -249,6 +249,8 @@ def check(config: ml_collections.ConfigDict) -> None:
         choices = a.choices() if callable(a.choices) else a.choices
         if choices is not None and value not in choices:
             raise UserError(f"--{a.flag} must be one of {', '.join(choices)}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
         finite = "a finite number " if isinstance(value, float) else ""
         lower = a.lower if a.lower is not None else -math.inf
         if not value >= lower or finite and not math.isfinite(value):

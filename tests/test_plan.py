@@ -145,3 +145,14 @@ def test_every_documented_command_still_parses(command, tmp_path):
 
         config.data.dataset, config.data.data_dir, config.data.manual_dir = "synthetic", None, None  # offline
         plan.resolve(config, explicit)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.k=0", "--k must be >= 1"), ("--config.runtime.dtype=float16", "--dtype must be one of"),
+    ("--config.optimizer.learning_rate=nan", "--learning_rate must be a finite number"),
+    ("--config.model.dropout=1.5", "--dropout must be <= 0.99")])
+def test_a_config_override_is_checked_like_its_short_flag(override, message, tmp_path):
+    from lightflax.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        _parsed("xray_light", [override], tmp_path)
