@@ -21,7 +21,8 @@ import ml_collections
 
 from experiments import cli, recipes
 from lightflax import data as data_lib, models
-from lightflax.config import RunConfig, TransferConfig
+from lightflax.config import (CallbacksConfig, DataConfig, ModelConfig, OptimizerConfig, RunConfig, RuntimeConfig,
+                              ScheduleConfig, TransferConfig)
 from lightflax.errors import UserError
 
 XRAY_DEFAULT, XRAY_EMBEDDED = "chest_xray", "pneumonia_mnist"
@@ -210,25 +211,26 @@ def _transfer(section: ml_collections.ConfigDict, backbone: Optional[str] = None
 
 def _run_config(config: ml_collections.ConfigDict, model: str, kwargs: Dict[str, Any], size: Optional[int],
                 workdir: str, transfer: Optional[TransferConfig], **fields) -> RunConfig:
-    """The row's RunConfig (validated on construction); the mean of --mean_subtraction comes after loading."""
+    """The row's RunConfig, section by section from the config's (validated on construction); ``fields``:
+    flat overrides (the paper protocol's). The mean of --mean_subtraction comes after loading."""
     m, d, o, s, c, r = (config.model, config.data, config.optimizer, config.schedule, config.callbacks,
                         config.runtime)
     kwargs = dict(kwargs, **({"impl": m.impl} if m.impl is not None else {}),
                   **({"dropout": m.dropout} if m.dropout else {}))
-    values = dict(
-        workdir=workdir, model=model, model_kwargs=kwargs, experiment=config.experiment, channels=m.channels,
-        l2=m.l2 if m.l2 is not None else models.info(model).reference_l2, image_size=size,
-        eval_image_size=d.eval_image_size, augment=d.augment, batch_size=o.batch_size,
-        learning_rate=o.learning_rate, class_weighting=o.class_weighting, epochs=s.epochs,
-        lr_schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs, steps_per_epoch=s.steps_per_epoch,
-        select_split=c.select_split, early_stopping_patience=c.early_stopping_patience,
-        reduce_lr_patience=c.reduce_lr_patience, reduce_lr_factor=c.reduce_lr_factor, decision=c.decision,
-        seed=r.seed, num_seeds=r.num_seeds, replica_mode=r.replica_mode, parallel=r.parallel, dtype=r.dtype,
-        kernels=r.kernels, resume=r.resume, profile_start_step=r.profile_start_step, profile_steps=r.profile_steps,
-        profile_dir=r.profile_dir or (workdir if r.profile else None),  # the trace next to the scalars
-        transfer=transfer)
-    values.update(fields)
-    return RunConfig(**values)
+    run = RunConfig(
+        workdir=workdir, experiment=config.experiment, transfer=transfer,
+        model=ModelConfig(model, kwargs, channels=m.channels,
+                          l2=m.l2 if m.l2 is not None else models.info(model).reference_l2),
+        data=DataConfig(image_size=size, eval_image_size=d.eval_image_size, augment=d.augment),
+        optimizer=OptimizerConfig(learning_rate=o.learning_rate, batch_size=o.batch_size,
+                                  class_weighting=o.class_weighting),
+        schedule=ScheduleConfig(**s),
+        callbacks=CallbacksConfig(**c),
+        runtime=RuntimeConfig(seed=r.seed, num_seeds=r.num_seeds, replica_mode=r.replica_mode, parallel=r.parallel,
+                              dtype=r.dtype, kernels=r.kernels, resume=r.resume,
+                              profile_dir=r.profile_dir or (workdir if r.profile else None),  # next to the scalars
+                              profile_start_step=r.profile_start_step, profile_steps=r.profile_steps))
+    return run.replace(**fields) if fields else run
 
 
 def _load_args(config: ml_collections.ConfigDict, dataset: str, size: int, paper: bool) -> Dict[str, Any]:

@@ -7,7 +7,6 @@ here comes from the data itself or from training, and an early one leaves no run
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 from typing import Any, Dict, FrozenSet
@@ -52,7 +51,7 @@ def train_row(plan: plan_lib.Plan, row: plan_lib.Row, data) -> Dict[str, Any]:
     cfg = row.run
     if plan.mean_subtraction:
         mean = pipeline.channel_mean(data.splits["train"].images)
-        cfg = dataclasses.replace(cfg, mean=mean * cfg.channels if len(mean) == 1 and cfg.channels > 1 else mean)
+        cfg = cfg.replace(mean=mean * cfg.channels if len(mean) == 1 and cfg.channels > 1 else mean)
     extra = dict(plan.record, **({"data_default": plan.note} if plan.note else {}))
     if cfg.transfer is not None:
         from lightflax import transfer

@@ -4,7 +4,7 @@
 
 ``cfg`` (a RunConfig) carries the protocol (epochs, batch, seeds, workdir); the
 head and fine-tuning stages are trained with new configs derived from it by
-``dataclasses.replace`` (model, workdir, learning rate), never by mutation.
+``cfg.replace`` (model, workdir, learning rate), never by mutation.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def warn_ignored_flags(cfg: RunConfig) -> None:
 def _on_features(cfg: RunConfig, **fields) -> RunConfig:
     """``cfg`` for a model fed with cached backbone outputs: no image preprocessing or augmentation."""
     kwargs = {"dropout": cfg.model_kwargs["dropout"]} if cfg.model_kwargs.get("dropout") else {}
-    return dataclasses.replace(cfg, model_kwargs=kwargs, image_size=None, eval_image_size=None, mean=None,
-                               augment="none", **fields)
+    return cfg.replace(model_kwargs=kwargs, image_size=None, eval_image_size=None, mean=None,
+                       augment="none", **fields)
 
 
 def extract_features(bb, data, *, cache_dir: Optional[str] = None, backbone: str = "") -> tuple:
@@ -159,7 +159,7 @@ def finetune(bb, data, stage1_dir: str, cfg: RunConfig, *, blocks: int, cache_di
             "batch_stats": {"backbone": {n: v for n, v in bb.variables.get("batch_stats", {}).items() if n in tail}}}
     channels = int(adata.splits["train"].images.shape[-1])
     kwargs = dict(cfg.model_kwargs, backbone=bb.name, first_block=cut)
-    cfg = dataclasses.replace(cfg, model="backbone_tail", model_kwargs=kwargs, channels=channels)
+    cfg = cfg.replace(model="backbone_tail", model_kwargs=kwargs, channels=channels)
     results = train.train_and_evaluate(cfg, adata, init_variables=init, extra=extra)
     frozen = {c: {n: v for n, v in bb.variables.get(c, {}).items() if n not in tail} for c in ("params", "batch_stats")}
     fcounts = param_counts.variables_counts(frozen)

@@ -176,7 +176,7 @@ def test_train_step_uses_the_balanced_loss():
     images = np.asarray(d.splits["train"].images)
     labels = np.array([0] * 30 + [1] * 10, np.int32)
     np.random.default_rng(0).shuffle(labels)
-    cfg = RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 2}, batch_size=16, image_size=28,
+    cfg = RunConfig.flat(workdir="unused", model="xray_light", model_kwargs={"k": 2}, batch_size=16, image_size=28,
                     class_weighting="balanced", shuffle=False)
     model = models.create("xray_light", num_classes=2, bn_axis_name=parallel.AXIS, k=2)
     w = steps.class_weights(labels, 2)
@@ -221,7 +221,7 @@ def test_cosine_schedule_is_the_rate_adam_applies(warmup_epochs):
     from lightflax import steps
     from lightflax.config import RunConfig
 
-    cfg = RunConfig(workdir="unused", model="xray_light", epochs=4, learning_rate=2e-3, lr_schedule="cosine",
+    cfg = RunConfig.flat(workdir="unused", model="xray_light", epochs=4, learning_rate=2e-3, lr_schedule="cosine",
                     warmup_epochs=warmup_epochs)
     spe = 5
     tx = steps.make_optimizer(steps.learning_rate_schedule(cfg, spe))
@@ -243,18 +243,18 @@ def test_knob_validation():
 
     base = dict(workdir="unused", model="xray_light")
     with pytest.raises(UserError, match="cannot be combined with --reduce_lr_patience"):
-        RunConfig(**base, lr_schedule="cosine", reduce_lr_patience=2)
+        RunConfig.flat(**base, lr_schedule="cosine", reduce_lr_patience=2)
     with pytest.raises(UserError, match="--warmup_epochs needs --lr_schedule=cosine"):
-        RunConfig(**base, warmup_epochs=1)
+        RunConfig.flat(**base, warmup_epochs=1)
     with pytest.raises(UserError, match="smaller than --epochs"):
-        RunConfig(**base, lr_schedule="cosine", warmup_epochs=3, epochs=3)
+        RunConfig.flat(**base, lr_schedule="cosine", warmup_epochs=3, epochs=3)
     for name in ("class_weighting", "lr_schedule", "decision"):
         with pytest.raises(UserError, match=f"--{name} must be one of"):
-            RunConfig(**base, **{name: "bogus"})
-    cosine = RunConfig(**base, lr_schedule="cosine", epochs=4)
+            RunConfig.flat(**base, **{name: "bogus"})
+    cosine = RunConfig.flat(**base, lr_schedule="cosine", epochs=4)
     with pytest.raises(UserError, match="--epochs 4 -> 6"):  # the schedule spans the run's epochs
-        check_resume_settings(RunConfig(**base, lr_schedule="cosine", epochs=6), cosine.to_json())
-    check_resume_settings(RunConfig(**base, epochs=6), RunConfig(**base, epochs=4).to_json())  # constant: may
+        check_resume_settings(RunConfig.flat(**base, lr_schedule="cosine", epochs=6), cosine.to_json())
+    check_resume_settings(RunConfig.flat(**base, epochs=6), RunConfig.flat(**base, epochs=4).to_json())  # constant: may
 
 
 def test_cosine_schedule_survives_resume(tmp_path):
@@ -374,8 +374,8 @@ def test_a_balanced_loss_is_corrected_from_a_uniform_prior():
 
     labels = np.array([0] * 26 + [1] * 74)
     data = SimpleNamespace(num_classes=2, name="x", splits={"train": SimpleNamespace(labels=labels)})
-    plain = decision.build(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
-    balanced = decision.build(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
+    plain = decision.build(RunConfig.flat(workdir="w", model="xray_light", decision="prior_corrected"), data)
+    balanced = decision.build(RunConfig.flat(workdir="w", model="xray_light", decision="prior_corrected",
                                         class_weighting="balanced"), data)
     assert plain["threshold"] == pytest.approx(metrics.prior_threshold([0.26, 0.74], metrics.PNEUMONIA_TEST_PRIOR))
     assert balanced["model_prior"] == [0.5, 0.5] and balanced["train_prior"] == [0.26, 0.74]
