@@ -36,9 +36,10 @@ def configure(config: ml_collections.ConfigDict) -> None:
 def load(plan: plan_lib.Plan):
     """The plan's dataset, its note printed once and recorded in the data's notes (results.json)."""
     if plan.dataset == "synthetic":
-        return data_lib.load("synthetic", **plan.load)
-    with progress.task(f"loading {plan.dataset}"):
-        data = data_lib.load(plan.dataset, **plan.load)
+        data = data_lib.load("synthetic", **plan.load)
+    else:
+        with progress.task(f"loading {plan.dataset}"):
+            data = data_lib.load(plan.dataset, **plan.load)
     if plan.note:
         print(plan.note, flush=True)
         data.notes.insert(0, plan.note)

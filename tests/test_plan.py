@@ -155,3 +155,15 @@ def test_a_config_override_is_checked_like_its_short_flag(override, message, tmp
 
     with pytest.raises(UserError, match=message):
         _parsed("xray_light", [override], tmp_path)
+
+
+def test_the_paper_protocol_is_in_the_plan_and_the_data_notes(tmp_path):
+    from experiments import plan, training
+
+    p = plan.resolve(*_parsed("mnist", ["--dataset=synthetic", "--paper_protocol", "--synthetic_size=8"], tmp_path))
+    run = p.rows[0].run
+    assert (run.callbacks.select_split, run.data.shuffle, run.callbacks.keep) == ("test", False, "last")
+    assert p.load["synthetic_shape"] == (28, 28, 1) and p.data_notes == (plan.PAPER_NOTE,)
+    assert plan.PAPER_NOTE in training.load(p).notes
+    with pytest.raises(Exception, match="--paper_protocol selects on the test split"):
+        plan.resolve(*_parsed("mnist", ["--dataset=synthetic", "--paper_protocol", "--select_split=val"], tmp_path))
