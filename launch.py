@@ -26,11 +26,8 @@ def exit_codes():
     The first matching row wins; anything else is a bug (a traceback, status 1)."""
     from lightflax import errors
 
-    non_finite = getattr(errors, "NonFiniteLossError", None)
-    if non_finite is None:
-        from lightflax.train import NonFiniteLossError as non_finite
     return ((KeyboardInterrupt, 130, "interrupted; resume with --resume"),
-            (non_finite, 1, None),
+            (errors.NonFiniteLossError, 1, None),
             (errors.UserError, 2, None))
 
 

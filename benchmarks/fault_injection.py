@@ -32,7 +32,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KILL_ENV = "LIGHTFLAX_FAULT_KILL_AFTER_STEP"
+KILL_ENV = "LIGHTFLAX_FAULT_KILL_AFTER_STEP"  # lightflax._testing.FAULT_KILL_ENV (read by the child run)
 COMPARED = ("select_metrics", "test_accuracy", "test_loss", "epochs_run", "best_epoch")
 
 

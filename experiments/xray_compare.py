@@ -19,7 +19,7 @@ as skipped when neither is available.
 import os
 
 from experiments import plan as plan_lib, training
-from lightflax import report
+from lightflax import report, tables
 from lightflax.errors import UserError
 
 
@@ -48,21 +48,21 @@ def _train_rows(plan, data):
 def _compare(plan, data):
     workdir, run = plan.workdir, plan.rows[0].run
     results, labels, notes = _train_rows(plan, data)
-    table = report.comparison_rows(results, labels)
+    table = tables.comparison_rows(results, labels)
     split = table[0]["figure_split"]
     n_split = (data.splits.get(split).labels.shape[0] if data.splits.get(split) is not None else 0)
     dataset = f"{data.name}{' (SYNTHETIC)' if data.synthetic else ''}"
     header = (f"dataset: {dataset} ({data.source or 'generated'}); accuracy/AUC figures on the {split} split "
               f"({n_split} images){'; test columns are null: no test split' if split != 'test' else ''}; "
               f"batch {run.batch_size}; epochs {run.epochs}; seeds {run.num_seeds}")
-    md = report.comparison_markdown(table, note="\n".join([header] + [f"- {n}" for n in notes]))
+    md = tables.comparison_markdown(table, note="\n".join([header] + [f"- {n}" for n in notes]))
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(md)
     report.write_json(os.path.join(workdir, "comparison.json"), {"rows": table, "notes": notes,
                                                                 "synthetic": data.synthetic, "dataset": data.name,
                                                                 "figure_split": split})
     title = f"xray_compare: {dataset}, {split} split"
-    report.comparison_figure(os.path.join(workdir, "comparison.png"), table, title, synthetic=data.synthetic)
-    report.comparison_bar_charts(os.path.join(workdir, "comparison"), table, title=f"{dataset}, {split}",
+    tables.comparison_figure(os.path.join(workdir, "comparison.png"), table, title, synthetic=data.synthetic)
+    tables.comparison_bar_charts(os.path.join(workdir, "comparison"), table, title=f"{dataset}, {split}",
                                  synthetic=data.synthetic)
     print(md)

@@ -1,4 +1,5 @@
-"""Errors that reach the user as one line (launch.py prints them and exits 2)."""
+"""Every error class of the library. Those reaching the user as one line: UserError and its
+subclasses (launch.py exits 2), NonFiniteLossError (exits 1)."""
 
 
 class UserError(ValueError):
@@ -23,3 +24,8 @@ class DownloadError(DataError, CheckpointError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss (launch.py exits 1). The message says what was kept: after
+    good epochs the selected checkpoint, and model.msgpack/results.json written from it."""

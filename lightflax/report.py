@@ -1,4 +1,4 @@
-"""Run reports: results.json, history.csv, curves.png, and the study's comparison.
+"""Run reports: results.json, history.csv and curves.png of one run (comparisons across runs: lightflax.tables).
 
 results.json carries the study's columns under fixed keys (read by external
 checks): total_params, trainable_params, size_bytes, test_accuracy,
@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from lightflax import files, metrics, tables
+from lightflax import figures, files, metrics, tables
 
 STUDY_COLUMNS = ("total_params", "trainable_params", "size_bytes", "test_accuracy", "total_time_s",
                  "time_per_epoch_s")
@@ -106,9 +106,9 @@ def summarize_replicas(per_replica: Optional[List[Dict[str, Any]]]) -> Dict[str,
     for key in per_replica[0]:
         vals = [r[key] for r in per_replica if r.get(key) is not None]
         if len(vals) == len(per_replica):
-            out[key] = float(np.mean(vals))
-            if len(vals) > 1:
-                out[key + "_std"] = float(np.std(vals, ddof=1))
+            out[key], std = tables.mean_std(vals)
+            if std is not None:
+                out[key + "_std"] = std
     return out
 
 
@@ -317,13 +317,9 @@ def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "", selec
     distinct colours (one shade per seed), integer epoch ticks, the epoch whose weights the run
     kept marked (``best_epoch``, one per replica, labelled ``epoch_label``), and a SYNTHETIC banner
     when the data were random images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    fig, axes = figures.pyplot().subplots(1, 2, figsize=(10, 4.3))
     epochs = [r["epoch"] for r in history]
     best = best_epoch if isinstance(best_epoch, list) else [best_epoch]
     for ax, metric in zip(axes, ("accuracy", "loss")):
@@ -342,12 +338,8 @@ def plot_curves(path: str, history: List[Dict[str, Any]], title: str = "", selec
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    if synthetic:
-        fig.text(0.5, 0.5, "SYNTHETIC DATA - accuracy is meaningless", ha="center", va="center", fontsize=20,
-                 color="red", alpha=0.35, rotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figures.save(fig, path, banner="SYNTHETIC DATA - accuracy is meaningless" if synthetic else None,
+                 banner_size=20, banner_alpha=0.35, banner_rotation=20)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -367,146 +359,3 @@ def write_run(workdir: str, results: Dict[str, Any], history: List[Dict[str, Any
                     synthetic=bool(results.get("synthetic")),
                     best_epoch=results.get("kept_epoch") if last else results.get("best_epoch"),
                     epoch_label="kept epoch (last)" if last else "selected epoch")
-
-
-# ----------------------------------------------------------------------------
-# The study's comparison table
-# ----------------------------------------------------------------------------
-
-# (row key, header, format, where it comes from: a results.json key or "select.<metric>")
-COMPARISON_COLUMNS = [
-    ("total_params", "total params", "{:,}", "total_params"),
-    ("trainable_params", "trainable", "{:,}", "trainable_params"),
-    ("size_kb", "size KB", "{:,.1f}", "size_bytes"),
-    ("test_accuracy", "test acc", "{:.4f}", "test_accuracy"),
-    ("test_roc_auc", "test AUC", "{:.4f}", "roc_auc"),
-    ("select_accuracy", "val acc", "{:.4f}", "select.accuracy"),
-    ("select_roc_auc", "val AUC", "{:.4f}", "select.roc_auc"),
-    ("select_sensitivity", "val sens", "{:.4f}", "select.sensitivity"),
-    ("select_specificity", "val spec", "{:.4f}", "select.specificity"),
-    ("majority_baseline", "val majority", "{:.4f}", "majority"),
-    ("total_time_s", "total s", "{:.1f}", "total_time_s"),
-    ("time_per_epoch_s", "s/epoch", "{:.2f}", "time_per_epoch_s"),
-    ("images_per_s", "img/s", "{:.0f}", "images_per_s"),
-    ("compile_time_s", "compile s", "{:.2f}", "compile_time_s"),
-]
-# The combined figure's panels: (row key, title)
-FIGURE_PANELS = [("accuracy", "accuracy"), ("roc_auc", "ROC AUC"), ("total_params", "parameters"),
-                 ("size_kb", "size (KB)"), ("time_per_epoch_s", "s / epoch")]
-
-
-def _column_value(r: Dict[str, Any], source: str):
-    """(value, std or None) of one column in one results.json."""
-    if source == "majority":
-        split = r.get("select_split", "val")
-        return (r.get("majority_baseline") or {}).get(split), None
-    if source.startswith("select."):
-        sel, name = r.get("select_metrics") or {}, source.split(".", 1)[1]
-        return sel.get(name), sel.get(name + "_std")
-    std_key = {"test_accuracy": "test_accuracy_std", "roc_auc": None}.get(source)
-    value = r.get(source)
-    if source == "size_bytes" and value is not None:
-        value = value / 1024
-    test_std = (r.get("test_metrics") or {}).get("roc_auc_std") if source == "roc_auc" else None
-    return value, r.get(std_key) if std_key else test_std
-
-
-def comparison_rows(results: Sequence[Dict[str, Any]], labels: Sequence[str]) -> List[Dict[str, Any]]:
-    """One row per run: every column's value and, over seeds, its ``<key>_std``; plus the split
-    the accuracy figures come from and ``accuracy``/``roc_auc`` (test when there is one, else
-    the selection split) for the combined figure."""
-    rows = []
-    for label, r in zip(labels, results):
-        row: Dict[str, Any] = {"model": label, "select_split": r.get("select_split", "val")}
-        for key, _, _, source in COMPARISON_COLUMNS:
-            row[key], std = _column_value(r, source)
-            if std is not None:
-                row[key + "_std"] = std
-        on_test = row["test_accuracy"] is not None
-        row["figure_split"] = "test" if on_test else row["select_split"]
-        for name in ("accuracy", "roc_auc"):
-            key = f"{'test' if on_test else 'select'}_{name}"
-            row[name], row[name + "_std"] = row[key], row.get(key + "_std")
-        rows.append(row)
-    return rows
-
-
-def _fmt(fmt: str, value, std=None) -> str:
-    if value is None:
-        return "null"
-    return fmt.format(value) + (f" ± {fmt.format(std)}" if std is not None else "")
-
-
-def comparison_markdown(rows: List[Dict[str, Any]], note: str = "") -> str:
-    """The study's table; ``val`` columns are the checkpoint-selection split's, ``val majority``
-    the accuracy of always predicting the training split's most frequent class."""
-    select = rows[0]["select_split"] if rows else "val"
-    header = ["model"] + [h.replace("val ", f"{select} ") for _, h, _, _ in COMPARISON_COLUMNS]
-    table = tables.markdown_table(header, [[row["model"]] + [_fmt(f, row[k], row.get(k + "_std"))
-                                                             for k, _, f, _ in COMPARISON_COLUMNS] for row in rows])
-    return (note + "\n\n" if note else "") + table
-
-
-def comparison_figure(path: str, rows: List[Dict[str, Any]], title: str, synthetic: bool = False) -> str:
-    """One figure of the comparison: accuracy, ROC AUC, parameters, size in KB and s/epoch, every
-    bar labelled with its value (and error bar over seeds); ``title`` names the dataset and split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["model"] for r in rows]
-    fig, axes = plt.subplots(1, len(FIGURE_PANELS), figsize=(3.2 * len(FIGURE_PANELS), 3.8 + 0.1 * len(rows)))
-    for ax, (key, name) in zip(axes, FIGURE_PANELS):
-        vals = [r.get(key) for r in rows]
-        stds = [r.get(key + "_std") or 0.0 for r in rows]
-        height = [v if v is not None else 0.0 for v in vals]
-        bars = ax.bar(range(len(rows)), height, yerr=stds if any(stds) else None, capsize=3,
-                      color=[f"C{i}" for i in range(len(rows))])
-        for bar, v in zip(bars, vals):
-            text = "n/a" if v is None else (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}")
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=7, xytext=(0, 2), textcoords="offset points")
-        split = rows[0]["figure_split"] if rows and key in ("accuracy", "roc_auc") else ""
-        ax.set_title(f"{name}{f' ({split})' if split else ''}", fontsize=9)
-        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
-        ax.margins(y=0.15)
-    fig.suptitle(title, fontsize=10)
-    if synthetic:
-        fig.text(0.5, 0.5, "SYNTHETIC DATA", ha="center", va="center", fontsize=28, color="red", alpha=0.3,
-                 rotation=15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def comparison_bar_charts(path_prefix: str, rows: List[Dict[str, Any]], title: str = "",
-                          synthetic: bool = False) -> List[str]:
-    """One bar chart per column, as the study did (each bar labelled); returns the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for key, header, fmt, _ in COMPARISON_COLUMNS:
-        vals = [row[key] for row in rows]
-        if all(v is None for v in vals):
-            continue
-        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 3.8))
-        stds = [row.get(key + "_std") or 0.0 for row in rows]
-        bars = ax.bar([r["model"] for r in rows], [v if v is not None else 0 for v in vals],
-                      yerr=stds if any(stds) else None, capsize=3, color="C0")
-        for bar, v in zip(bars, vals):
-            ax.annotate("n/a" if v is None else fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-        ax.set_title(f"{header}{' - ' + title if title else ''}{' - SYNTHETIC' if synthetic else ''}", fontsize=9)
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
-        ax.margins(y=0.15)
-        fig.tight_layout()
-        path = f"{path_prefix}_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from lightflax import layers, tables, timing
+from lightflax import figures, layers, tables, timing
 
 LAYER_KINDS = ("conv2d", "separable", "light_conv", "light_einsum", "lowrank")
 
@@ -116,12 +116,7 @@ def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
 
 def roofline_plot(path: str, rows: List[Dict[str, Any]], title: str = "") -> None:
     """Achieved GFLOP/s against arithmetic intensity (FLOPs per byte) per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = figures.pyplot().subplots(figsize=(7, 5))
     kinds = sorted({r["variant"].split(" ")[0] for r in rows})
     for i, kind in enumerate(kinds):
         pts = [r for r in rows if r["variant"].split(" ")[0] == kind and r.get("arithmetic_intensity")]
@@ -134,18 +129,11 @@ def roofline_plot(path: str, rows: List[Dict[str, Any]], title: str = "") -> Non
     ax.set_ylabel("achieved GFLOP/s")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def time_plot(path: str, rows: List[Dict[str, Any]], x: str, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figures.pyplot().subplots(figsize=(7, 4.5))
     for i, name in enumerate(sorted({(r["variant"], r.get("mode")) for r in rows})):
         pts = sorted((r[x], r["median_ms"]) for r in rows if (r["variant"], r.get("mode")) == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name[0]} ({name[1]})", color=f"C{i % 10}")
@@ -154,6 +142,4 @@ def time_plot(path: str, rows: List[Dict[str, Any]], x: str, title: str = "") ->
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figures.save(fig, path)

@@ -1,4 +1,4 @@
-"""Tables with error bars from finished runs: rows over seeds, mean ± std.
+"""Tables with error bars from finished runs: rows over seeds, mean ± std; and the study's comparison.
 
     python -m lightflax.tables RUNS_DIR [--metrics=test_accuracy,test_loss] [--chart=PREFIX]
 
@@ -25,10 +25,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from lightflax import figures
 from lightflax.errors import UserError
 
 DEFAULT_METRICS = ("test_accuracy", "test_loss")
@@ -41,6 +43,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
 _SEED = re.compile(r"^(?P<row>.+)_s(?P<seed>\d+)$")
 
 
@@ -123,12 +127,18 @@ def collect(runs_dir: str) -> Dict[str, List[Dict[str, Any]]]:
     return rows
 
 
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """The mean and the sample standard deviation (ddof=1; None for one value) of every spread
+    this library reports: rows over seeds here, a run's seeds in its results.json."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
 def summarize(values: Sequence[Optional[float]]) -> Dict[str, Any]:
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return {"n": 0, "mean": None, "std": None, "values": []}
-    return {"n": len(vals), "mean": statistics.fmean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": vals}
+    mean, std = mean_std(vals)
+    return {"n": len(vals), "mean": mean, "std": std, "values": vals}
 
 
 def check_metrics(rows: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str]) -> None:
@@ -180,22 +190,128 @@ def markdown(entries: List[Dict[str, Any]], metrics: Sequence[str], extra: Seque
 
 
 def bar_chart(path: str, entries: List[Dict[str, Any]], metric: str) -> str:
-    """Bar chart of ``metric`` per row with ±1 std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 1.0 * len(entries)), 3.5))
-    means = [e[metric]["mean"] or 0 for e in entries]
-    stds = [e[metric]["std"] or 0 for e in entries]
-    ax.bar([e["row"] for e in entries], means, yerr=stds, capsize=3, color="C0")
+    """Bar chart of ``metric`` per row with ±1 std error bars, each bar labelled with its mean."""
+    fig, ax = figures.pyplot().subplots(figsize=(max(4, 1.0 * len(entries)), 3.5))
+    figures.labelled_bars(ax, [e["row"] for e in entries], [e[metric]["mean"] for e in entries],
+                          [e[metric]["std"] for e in entries], "{:.4g}".format)
     ax.set_title(f"{metric} (mean ± std over seeds)")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# The study's comparison: one row per run (xray_compare), from each run's own summary over seeds
+# ----------------------------------------------------------------------------
+
+# (row key, header, format, where it comes from: a results.json key or "select.<metric>")
+COMPARISON_COLUMNS = [
+    ("total_params", "total params", "{:,}", "total_params"),
+    ("trainable_params", "trainable", "{:,}", "trainable_params"),
+    ("size_kb", "size KB", "{:,.1f}", "size_bytes"),
+    ("test_accuracy", "test acc", "{:.4f}", "test_accuracy"),
+    ("test_roc_auc", "test AUC", "{:.4f}", "roc_auc"),
+    ("select_accuracy", "val acc", "{:.4f}", "select.accuracy"),
+    ("select_roc_auc", "val AUC", "{:.4f}", "select.roc_auc"),
+    ("select_sensitivity", "val sens", "{:.4f}", "select.sensitivity"),
+    ("select_specificity", "val spec", "{:.4f}", "select.specificity"),
+    ("majority_baseline", "val majority", "{:.4f}", "majority"),
+    ("total_time_s", "total s", "{:.1f}", "total_time_s"),
+    ("time_per_epoch_s", "s/epoch", "{:.2f}", "time_per_epoch_s"),
+    ("images_per_s", "img/s", "{:.0f}", "images_per_s"),
+    ("compile_time_s", "compile s", "{:.2f}", "compile_time_s"),
+]
+# The combined figure's panels: (row key, title)
+FIGURE_PANELS = [("accuracy", "accuracy"), ("roc_auc", "ROC AUC"), ("total_params", "parameters"),
+                 ("size_kb", "size (KB)"), ("time_per_epoch_s", "s / epoch")]
+
+
+def _column_value(r: Dict[str, Any], source: str):
+    """(value, std or None) of one column in one results.json."""
+    if source == "majority":
+        split = r.get("select_split", "val")
+        return (r.get("majority_baseline") or {}).get(split), None
+    if source.startswith("select."):
+        sel, name = r.get("select_metrics") or {}, source.split(".", 1)[1]
+        return sel.get(name), sel.get(name + "_std")
+    std_key = {"test_accuracy": "test_accuracy_std", "roc_auc": None}.get(source)
+    value = r.get(source)
+    if source == "size_bytes" and value is not None:
+        value = value / 1024
+    test_std = (r.get("test_metrics") or {}).get("roc_auc_std") if source == "roc_auc" else None
+    return value, r.get(std_key) if std_key else test_std
+
+
+def comparison_rows(results: Sequence[Dict[str, Any]], labels: Sequence[str]) -> List[Dict[str, Any]]:
+    """One row per run: every column's value and, over seeds, its ``<key>_std``; plus the split
+    the accuracy figures come from and ``accuracy``/``roc_auc`` (test when there is one, else
+    the selection split) for the combined figure."""
+    rows = []
+    for label, r in zip(labels, results):
+        row: Dict[str, Any] = {"model": label, "select_split": r.get("select_split", "val")}
+        for key, _, _, source in COMPARISON_COLUMNS:
+            row[key], std = _column_value(r, source)
+            if std is not None:
+                row[key + "_std"] = std
+        on_test = row["test_accuracy"] is not None
+        row["figure_split"] = "test" if on_test else row["select_split"]
+        for name in ("accuracy", "roc_auc"):
+            key = f"{'test' if on_test else 'select'}_{name}"
+            row[name], row[name + "_std"] = row[key], row.get(key + "_std")
+        rows.append(row)
+    return rows
+
+
+def _fmt(fmt: str, value, std=None) -> str:
+    if value is None:
+        return "null"
+    return fmt.format(value) + (f" ± {fmt.format(std)}" if std is not None else "")
+
+
+def comparison_markdown(rows: List[Dict[str, Any]], note: str = "") -> str:
+    """The study's table; ``val`` columns are the checkpoint-selection split's, ``val majority``
+    the accuracy of always predicting the training split's most frequent class."""
+    select = rows[0]["select_split"] if rows else "val"
+    header = ["model"] + [h.replace("val ", f"{select} ") for _, h, _, _ in COMPARISON_COLUMNS]
+    table = markdown_table(header, [[row["model"]] + [_fmt(f, row[k], row.get(k + "_std"))
+                                                      for k, _, f, _ in COMPARISON_COLUMNS] for row in rows])
+    return (note + "\n\n" if note else "") + table
+
+
+def _value_label(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def comparison_figure(path: str, rows: List[Dict[str, Any]], title: str, synthetic: bool = False) -> str:
+    """One figure of the comparison: accuracy, ROC AUC, parameters, size in KB and s/epoch, every
+    bar labelled with its value (and error bar over seeds); ``title`` names the dataset and split."""
+    labels = [r["model"] for r in rows]
+    fig, axes = figures.pyplot().subplots(1, len(FIGURE_PANELS),
+                                          figsize=(3.2 * len(FIGURE_PANELS), 3.8 + 0.1 * len(rows)))
+    for ax, (key, name) in zip(axes, FIGURE_PANELS):
+        figures.labelled_bars(ax, range(len(rows)), [r.get(key) for r in rows], [r.get(key + "_std") for r in rows],
+                              _value_label, color=[f"C{i}" for i in range(len(rows))])
+        split = rows[0]["figure_split"] if rows and key in ("accuracy", "roc_auc") else ""
+        ax.set_title(f"{name}{f' ({split})' if split else ''}", fontsize=9)
+        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return figures.save(fig, path, banner="SYNTHETIC DATA" if synthetic else None)
+
+
+def comparison_bar_charts(path_prefix: str, rows: List[Dict[str, Any]], title: str = "",
+                          synthetic: bool = False) -> List[str]:
+    """One bar chart per column, as the study did (each bar labelled); returns the written paths."""
+    paths = []
+    for key, header, fmt, _ in COMPARISON_COLUMNS:
+        vals = [row[key] for row in rows]
+        if all(v is None for v in vals):
+            continue
+        fig, ax = figures.pyplot().subplots(figsize=(max(4, 1.1 * len(rows)), 3.8))
+        figures.labelled_bars(ax, [r["model"] for r in rows], vals, [row.get(key + "_std") for row in rows],
+                              fmt.format)
+        ax.set_title(f"{header}{' - ' + title if title else ''}{' - SYNTHETIC' if synthetic else ''}", fontsize=9)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        paths.append(figures.save(fig, f"{path_prefix}_{key}.png"))
+    return paths
 
 
 def main(argv: Sequence[str]) -> int:

@@ -5,14 +5,16 @@
 One compiled train step (lightflax.steps, wrapped once by lightflax.parallel)
 reads batches from the device-resident dataset; compilation is ahead-of-time
 and timed apart; every step is synchronised before the clock is read; the
-best checkpoint by the selection split's loss (or, with ``keep="last"``, each
-replica's last epoch, in the same slot) and the latest are kept with
-Orbax and a run resumes exactly (parameters, optimiser state, step, RNG, data
-order). Every state carries a leading replica axis (``num_seeds``, also 1).
+selected checkpoint (each seed's best epoch by the selection split's loss, or
+with ``keep="last"`` its last) and the latest are kept with Orbax and a run
+resumes exactly (parameters, optimiser state, step, RNG, data order). Every
+state carries a leading seed axis (``num_seeds``, also 1).
 
-The loop's parts, in order: :func:`start_or_resume`, :func:`run_epoch`,
-:class:`PlateauTracker` (per-seed reduce-LR-on-plateau and early stopping),
-:func:`export_models`, ``report.build_results``.
+The loop is one :class:`Loop` object passed whole through its parts, in order:
+:func:`start_or_resume` (creates it), :func:`prepare`, :func:`run_epoch` per
+epoch with ``lightflax.plateau`` (per-seed reduce-LR-on-plateau and early
+stopping), :func:`export_models`, ``report.build_results``. The decision rule
+is ``lightflax.decision``, the memory check ``lightflax.memory``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
-import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -32,29 +32,20 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import (checkpoints, decision as decision_lib, files, metrics as metrics_lib, models, native,
-                       param_counts, parallel, progress, report, steps, tensorboard, timing)
+from lightflax import (_testing, checkpoints, decision as decision_lib, files, memory, metrics as metrics_lib,
+                       models, native, param_counts, parallel, plateau, progress, report, steps, tensorboard, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
-from lightflax.errors import CheckpointError, UserError
+from lightflax.errors import CheckpointError, NonFiniteLossError, UserError
 
 Array = jax.Array
 
-# The one debug hook: SIGKILL this process after that many training steps of the
-# run (counting from step 0 of epoch 0). Used by the resume-after-kill tests.
-FAULT_KILL_ENV = "LIGHTFLAX_FAULT_KILL_AFTER_STEP"
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss. The message says what was kept: after good epochs the
-    best checkpoint, and model.msgpack/results.json written from it."""
-
-
-def _first_replica(tree: Any) -> Any:
+def _first_seed(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda a: a[0], tree)
 
 
-def _replicas(tree: Any, n: int) -> List[Any]:
+def _per_seed(tree: Any, n: int) -> List[Any]:
     return [jax.tree_util.tree_map(lambda a, i=i: a[i], tree) for i in range(n)]
 
 
@@ -82,38 +73,6 @@ def _check_model_input(model, cfg: RunConfig, stored_shape: Tuple[int, ...]) -> 
             f"--eval_image_size {cfg.eval_image_size} is too small for {cfg.model.name}: it needs at least {min_size}"
         )
     return (h, w, cfg.channels)
-
-
-def available_memory_bytes(device=None) -> Optional[int]:
-    """Memory of one device: an accelerator's own limit, else the host's physical memory (None: unknown)."""
-    device = device or jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def memory_lower_bound(trainer) -> int:
-    """Bytes one device needs at least: per replica four float32 copies of the variables (parameters,
-    gradients, Adam's two moments) plus one float32 batch of inputs and of the first layer's outputs."""
-    shapes = jax.eval_shape(lambda: trainer.model.init(jax.random.key(0), jnp.zeros((1, *trainer.input_shape)),
-                                                       train=False))
-    n_vars = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes))
-    batch = trainer.local_batch * int(np.prod(trainer.input_shape)) * 4 * 2
-    return trainer.num_seeds * (16 * n_vars + batch)
-
-
-def check_memory(trainer) -> None:
-    """Refuses (one line) a --num_seeds whose lower-bound estimate exceeds the device's memory."""
-    need, have = memory_lower_bound(trainer), available_memory_bytes()
-    if have and need > have:
-        per = need / trainer.num_seeds
-        raise UserError(f"--num_seeds {trainer.num_seeds} needs at least {need / 2**30:.1f} GiB "
-                        f"({per / 2**20:.0f} MiB per replica) but the device has {have / 2**30:.1f} GiB; use "
-                        f"--num_seeds={max(1, int(have // per))} or fewer, or a smaller --batch_size")
 
 
 def _state_tree(state: steps.TrainState) -> Dict[str, Any]:
@@ -158,7 +117,7 @@ class Trainer:
         self.class_weights = (steps.class_weights(train.labels, data.num_classes)
                               if cfg.class_weighting == "balanced" else None)
         self.num_seeds = cfg.num_seeds
-        check_memory(self)
+        memory.check_memory(self.model, self.input_shape, self.local_batch, self.num_seeds)
         self.seeds = np.arange(cfg.seed, cfg.seed + cfg.num_seeds)
         self.dev_ids = parallel.device_ids(self.mesh)
         self._build()
@@ -243,65 +202,6 @@ class Trainer:
 
 
 @dataclasses.dataclass
-class PlateauTracker:
-    """Per-seed Keras ReduceLROnPlateau + EarlyStopping on the selection split's loss.
-
-    Keras semantics, per replica: a loss below the best so far is an improvement
-    (resets both counters); otherwise after ``reduce_patience`` epochs the learning
-    rate is multiplied by ``factor`` (and that counter restarts) and after
-    ``stop_patience`` epochs the replica stops (its state is frozen as its best).
-    Not ``optax.contrib.reduce_on_plateau``: that transform scales the updates
-    inside the optimiser from losses fed to every update step, whereas the study
-    (Keras callbacks) changes Adam's learning rate once per epoch from the
-    validation loss, and early stopping shares the same counter.
-    """
-
-    num_seeds: int
-    reduce_patience: int = 0  # 0 = off
-    factor: float = 0.1
-    stop_patience: int = 0  # 0 = off
-    best_loss: List[float] = None
-    best_epoch: List[int] = None
-    since_best: List[int] = None
-    since_lr_change: List[int] = None
-    stopped: List[bool] = None
-
-    def __post_init__(self):
-        n = self.num_seeds
-        for name, value in (("best_loss", math.inf), ("best_epoch", 0), ("since_best", 0),
-                            ("since_lr_change", 0), ("stopped", False)):
-            if getattr(self, name) is None:
-                setattr(self, name, [value] * n)
-
-    @property
-    def all_stopped(self) -> bool:
-        return all(self.stopped)
-
-    def update(self, epoch: int, losses: np.ndarray, lrs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """After epoch ``epoch`` (1-based): returns (improved mask, new learning rates)."""
-        lrs = np.array(lrs, dtype=float)
-        improved = (np.asarray(losses) < np.array(self.best_loss)) & ~np.array(self.stopped)
-        for r in range(self.num_seeds):
-            if self.stopped[r]:
-                continue
-            if improved[r]:
-                self.best_loss[r], self.best_epoch[r] = float(losses[r]), epoch
-                self.since_best[r] = self.since_lr_change[r] = 0
-                continue
-            self.since_best[r] += 1
-            self.since_lr_change[r] += 1
-            if self.reduce_patience and self.since_lr_change[r] >= self.reduce_patience:
-                lrs[r] *= self.factor
-                self.since_lr_change[r] = 0
-            if self.stop_patience and self.since_best[r] >= self.stop_patience:
-                self.stopped[r] = True
-        return improved, lrs
-
-    def to_json(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in ("best_loss", "best_epoch", "since_best", "since_lr_change", "stopped")}
-
-
-@dataclasses.dataclass
 class RunTimes:
     """Training time that survives --resume: saved with every checkpoint, continued after it.
 
@@ -340,27 +240,41 @@ def check_resume_settings(cfg: RunConfig, saved: Optional[Dict[str, Any]]) -> No
                         f"--profile_* may change) or choose another --workdir")
 
 
-def _tracker(cfg: RunConfig, saved: Optional[Dict[str, Any]] = None) -> PlateauTracker:
-    return PlateauTracker(cfg.num_seeds, cfg.reduce_lr_patience, cfg.reduce_lr_factor, cfg.early_stopping_patience,
-                          **(saved or {}))
+@dataclasses.dataclass
+class Loop:
+    """One run's epoch loop: everything its parts read and update, passed whole.
+
+    ``state`` is the training state, ``selected`` the state the run reports and exports (each seed's
+    best epoch by the selection split's loss, or its last with ``keep="last"``: the checkpoint slot
+    of that name). The epoch loop updates ``state``, ``selected``, ``history``, ``tracker`` and
+    ``times`` in place; a NonFiniteLossError leaves them at the last saved epoch. The fields after
+    ``times`` are set by :func:`prepare` (device arrays, the compiled step, timers)."""
+
+    trainer: Trainer
+    ckpt: checkpoints.Checkpointer
+    state: Any
+    selected: Any
+    first_epoch: int
+    history: List[Dict[str, Any]]
+    tracker: plateau.PlateauTracker
+    times: RunTimes
+    counts: Dict[str, int] = None  # variables of one seed (param_counts.variables_counts)
+    keys: Any = None  # (seeds,) PRNG keys of the data order, dropout and augmentation
+    train_arrays: Any = None
+    select_arrays: Any = None
+    compiled: Any = None  # timing.aot_compile's result
+    eval_compile_s: float = 0.0
+    step_timer: Optional[timing.StepTimer] = None
+    profile: Optional[timing.ProfileWindow] = None
+    hook: Optional[Callable[[int], None]] = None  # lightflax._testing.fault_hook
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.trainer.cfg
 
 
-def fault_hook() -> Optional[Callable[[int], None]]:
-    """The debug hook of :data:`FAULT_KILL_ENV` (None when unset): called after each global step."""
-    value = os.environ.get(FAULT_KILL_ENV)
-    if not value:
-        return None
-    kill_after = int(value)
-
-    def hook(global_step: int) -> None:
-        if global_step + 1 == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer):
-    """(state, best_state, epoch, history, tracker, times): fresh, or restored from ``workdir`` with --resume."""
+def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer) -> Loop:
+    """The loop's state: fresh, or restored from ``workdir`` with --resume."""
     cfg = trainer.cfg
     state = trainer.init_state()
     latest = ckpt.latest_step()
@@ -372,39 +286,41 @@ def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer):
     if latest is None:
         if cfg.resume:
             print(f"--resume: {cfg.workdir} holds no checkpoint yet; starting a fresh run there", flush=True)
-        return state, jax.tree_util.tree_map(jnp.copy, state), 0, [], _tracker(cfg), RunTimes()
+        return Loop(trainer, ckpt, state, jax.tree_util.tree_map(jnp.copy, state), 0, [],
+                    plateau.from_config(cfg), RunTimes())
     check_resume_settings(cfg, (ckpt.latest_meta() or {}).get("progress", {}).get("config"))
     restored, meta = ckpt.restore_latest(_state_tree(state))
     state = parallel.replicate(_from_tree(state, restored), trainer.mesh)
-    progress, best = meta["progress"], ckpt.restore_selected(_state_tree(state))
-    tracker = _tracker(cfg, progress["tracker"])
-    if best is None and max(tracker.best_epoch) > 0:
+    progress, selected = meta["progress"], ckpt.restore_selected(_state_tree(state))
+    tracker = plateau.from_config(cfg, progress["tracker"])
+    if selected is None and max(tracker.best_epoch) > 0:
         raise CheckpointError(
-            f"the selected checkpoint of {cfg.workdir} is missing ({os.path.relpath(checkpoints.selected_dir(ckpt.root), cfg.workdir)} "
-            f"is empty, but epoch {max(tracker.best_epoch)} was the best so far); restore it, or start again in "
-            f"another --workdir"
+            f"the selected checkpoint of {cfg.workdir} is missing "
+            f"({os.path.relpath(checkpoints.selected_dir(ckpt.root), cfg.workdir)} is empty, but epoch "
+            f"{max(tracker.best_epoch)} was the best so far); restore it, or start again in another --workdir"
         )
-    best_state = (parallel.replicate(_from_tree(state, best[0]), trainer.mesh) if best
-                  else jax.tree_util.tree_map(jnp.copy, state))
+    selected = (parallel.replicate(_from_tree(state, selected[0]), trainer.mesh) if selected
+                else jax.tree_util.tree_map(jnp.copy, state))
     logging.info("resumed from step %d (epoch %d)", latest, progress["epoch"])
     print(f"resumed {cfg.workdir} at epoch {progress['epoch']} (step {latest})", flush=True)
-    return state, best_state, progress["epoch"], progress["history"], tracker, RunTimes(**progress["times"])
+    return Loop(trainer, ckpt, state, selected, progress["epoch"], progress["history"], tracker,
+                RunTimes(**progress["times"]))
 
 
-def run_epoch(trainer: Trainer, compiled, state, epoch: int, train_arrays, keys, step_timer: timing.StepTimer,
-              profile: timing.ProfileWindow, hook: Optional[Callable[[int], None]], bar=None):
-    """One epoch of train steps; returns (state, mean loss (replicas,), mean accuracy (replicas,)).
-    ``bar``: a :class:`lightflax.progress.Bar`, given the running loss (read only when it redraws)."""
-    images, labels = train_arrays
+def run_epoch(loop: Loop, epoch: int, bar=None):
+    """One epoch of train steps from ``loop.state``; returns (state, mean loss (seeds,), mean accuracy
+    (seeds,)). ``bar``: a :class:`lightflax.progress.Bar`, given the running loss (read only when it redraws)."""
+    trainer, (images, labels), state = loop.trainer, loop.train_arrays, loop.state
     perm = timing.sync(trainer.permutations(epoch))
     step_metrics = []
     for i in range(trainer.steps_per_epoch):
         global_step = epoch * trainer.steps_per_epoch + i
-        with profile.step(global_step):
-            state, m = step_timer.run(compiled.compiled, state, images, labels, perm, keys, trainer.dev_ids)
+        with loop.profile.step(global_step):
+            state, m = loop.step_timer.run(loop.compiled.compiled, state, images, labels, perm, loop.keys,
+                                           trainer.dev_ids)
         step_metrics.append(m)
-        if hook is not None:
-            hook(global_step)
+        if loop.hook is not None:
+            loop.hook(global_step)
         if bar is not None:  # the step is already synchronised: its loss is ready
             bar.update(loss=lambda: float(np.mean([np.mean(np.asarray(x["loss"])) for x in step_metrics])))
     loss = np.mean(np.stack([np.asarray(m["loss"]) for m in step_metrics]), axis=0)
@@ -414,26 +330,17 @@ def run_epoch(trainer: Trainer, compiled, state, epoch: int, train_arrays, keys,
     return state, loss, accuracy
 
 
-def kept_epochs(cfg: RunConfig, tracker: PlateauTracker, epochs_run: int) -> List[int]:
-    """The epoch whose weights each replica reports and exports: its best (``keep="best"``) or its
-    last (``keep="last"``: the epoch early stopping stopped it, best + patience, else the last run)."""
-    if cfg.keep == "best":
-        return list(tracker.best_epoch)
-    return [min(b + cfg.early_stopping_patience, epochs_run) if stopped else epochs_run
-            for b, stopped in zip(tracker.best_epoch, tracker.stopped)]
-
-
 def _set_learning_rates(trainer: Trainer, state, lrs: np.ndarray):
     hyper = dict(state.opt_state.hyperparams,
                  learning_rate=parallel.replicate(jnp.asarray(lrs, jnp.float32), trainer.mesh))
     return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
 
 
-def export_models(trainer: Trainer, best_state) -> List[int]:
-    """Writes each replica's best variables (model.msgpack, or model_seed<r>.msgpack); returns their sizes."""
+def export_models(trainer: Trainer, selected) -> List[int]:
+    """Writes each replica's selected variables (model.msgpack, or model_seed<r>.msgpack); returns their sizes."""
     n, primary = trainer.num_seeds, jax.process_index() == 0
     paths = [os.path.join(trainer.cfg.workdir, f"model{f'_seed{r}' if n > 1 else ''}.msgpack") for r in range(n)]
-    for path, tree in zip(paths, _replicas(_state_tree(best_state), n)):
+    for path, tree in zip(paths, _per_seed(_state_tree(selected), n)):
         if primary:  # one writer; every process holds the same replicated values
             checkpoints.export_variables(path, {"params": tree["params"], "batch_stats": tree["batch_stats"]})
     if jax.process_count() > 1:
@@ -494,70 +401,76 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
     decision_lib.build(cfg, data)  # a decision the data cannot take stops the run before training
     _announce(cfg, data)
     trainer = Trainer(cfg, data, init_variables=init_variables)
-    ckpt = checkpoints.Checkpointer(cfg.workdir)
-    state, best_state, first_epoch, history, tracker, times = start_or_resume(trainer, ckpt)
-    counts = param_counts.variables_counts({"params": _first_replica(state.params),
-                                       "batch_stats": _first_replica(state.batch_stats)})
-    keys, train_arrays = trainer.data_keys(), trainer.device_split("train")
-    select_arrays = trainer.device_split(cfg.select_split)
-    compiled, eval_compile_s = _compile(trainer, state, train_arrays, keys, first_epoch, select_arrays)
-    step_timer, hook = timing.StepTimer(warmup=1), fault_hook()
-    profile = timing.ProfileWindow(cfg.profile_dir, cfg.profile_start_step, cfg.profile_steps)
-    times.start()
-    best = {"state": best_state}  # the epoch loop keeps it current, also when it stops on a NaN
-    loop = (trainer, ckpt, compiled, state, best, first_epoch, history, tracker, times, keys, train_arrays,
-            select_arrays, step_timer, profile, hook)
+    loop = start_or_resume(trainer, checkpoints.Checkpointer(cfg.workdir))
+    prepare(loop)
     try:
-        _epochs(*loop)
+        _epochs(loop)
     except NonFiniteLossError as e:
-        if not history:
+        if not loop.history:
             raise NonFiniteLossError(f"{e}; stopped before the first checkpoint, nothing was kept "
                                      f"(try a lower --learning_rate)") from None
-        _finish(cfg, data, trainer, best["state"], counts, compiled, eval_compile_s, step_timer, times, history,
-                tracker, select_arrays, extra)
+        _finish(loop, data, extra)
         raise NonFiniteLossError(f"{e}; stopped: the {cfg.keep} checkpoint (epoch "
-                                 f"{max(kept_epochs(cfg, tracker, len(history)))}) is kept in "
+                                 f"{max(plateau.kept_epochs(cfg, loop.tracker, len(loop.history)))}) is kept in "
                                  f"{cfg.workdir} and model.msgpack/results.json were written from it (try a lower "
                                  f"--learning_rate)") from None
-    return _finish(cfg, data, trainer, best["state"], counts, compiled, eval_compile_s, step_timer, times, history,
-                   tracker, select_arrays, extra)
+    return _finish(loop, data, extra)
 
 
-def _epochs(trainer: Trainer, ckpt, compiled, state, best: Dict[str, Any], first_epoch: int, history, tracker,
-            times, keys, train_arrays, select_arrays, step_timer, profile, hook) -> None:
-    """The epoch loop. ``best['state']``, ``history``, ``tracker`` and ``times`` are updated in place
-    (a NonFiniteLossError leaves them at the last saved epoch)."""
-    cfg = trainer.cfg
+def prepare(loop: Loop) -> None:
+    """Counts the variables, puts the splits on the devices, compiles, and starts the loop's clock."""
+    trainer, cfg = loop.trainer, loop.cfg
+    loop.counts = param_counts.variables_counts({"params": _first_seed(loop.state.params),
+                                                 "batch_stats": _first_seed(loop.state.batch_stats)})
+    loop.keys, loop.train_arrays = trainer.data_keys(), trainer.device_split("train")
+    loop.select_arrays = trainer.device_split(cfg.select_split)
+    loop.compiled, loop.eval_compile_s = _compile(trainer, loop.state, loop.train_arrays, loop.keys,
+                                                  loop.first_epoch, loop.select_arrays)
+    loop.step_timer, loop.hook = timing.StepTimer(warmup=1), _testing.fault_hook()
+    loop.profile = timing.ProfileWindow(cfg.profile_dir, cfg.profile_start_step, cfg.profile_steps)
+    loop.times.start()
+
+
+def _epochs(loop: Loop) -> None:
+    """The epoch loop, from ``loop.first_epoch`` until ``cfg.epochs`` or every seed stopped early."""
+    cfg, trainer = loop.cfg, loop.trainer
     tb = tensorboard.Writer(cfg.workdir, enabled=jax.process_index() == 0)
-    with profile, tb:
-        for epoch in range(first_epoch, cfg.epochs):
-            if tracker.all_stopped:
+    with loop.profile, tb:
+        for epoch in range(loop.first_epoch, cfg.epochs):
+            if loop.tracker.all_stopped:
                 break
-            t0, n_timed = time.perf_counter(), len(step_timer.durations)
+            t0, n_timed = time.perf_counter(), len(loop.step_timer.durations)
             with progress.bar(trainer.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
-                state, train_loss, train_acc = run_epoch(trainer, compiled, state, epoch, train_arrays, keys,
-                                                         step_timer, profile, hook, bar)
+                loop.state, train_loss, train_acc = run_epoch(loop, epoch, bar)
             train_s = time.perf_counter() - t0
-            selected = trainer.evaluate(state, select_arrays)
-            times.epoch_s.append(time.perf_counter() - t0)
-            select_loss = np.array([m["loss"] for m in selected])
-            lrs = np.asarray(state.opt_state.hyperparams["learning_rate"], float)
-            active = ~np.array(tracker.stopped)  # the replicas that trained this epoch
-            improved, new_lrs = tracker.update(epoch + 1, select_loss, lrs)
-            if cfg.lr_schedule == "constant":  # a schedule sets the rate itself, at every step
-                state = _set_learning_rates(trainer, state, new_lrs)
-            kept = improved if cfg.keep == "best" else active  # keep=last: the selected slot holds the last epoch
-            if kept.any():
-                best["state"] = _select(jnp.asarray(kept), state, best["state"])
-            row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),
-                   "select_loss": select_loss.tolist(), "select_accuracy": [m["accuracy"] for m in selected],
-                   "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": times.epoch_s[-1]}
-            history.append(row)
-            _save(ckpt, cfg, state, best["state"] if kept.any() else None, epoch, history, tracker, times)
-            _print_epoch(cfg, row, trainer.steps_per_epoch, bool(improved.any()))
+            selected = trainer.evaluate(loop.state, loop.select_arrays)
+            loop.times.epoch_s.append(time.perf_counter() - t0)
+            row = _end_epoch(loop, epoch, train_loss, train_acc, train_s, selected)
             tb.epoch((epoch + 1) * trainer.steps_per_epoch, tensorboard.epoch_scalars(
-                row, selected, cfg.select_split, float(np.median(step_timer.durations[n_timed:])),
+                row, selected, cfg.select_split, float(np.median(loop.step_timer.durations[n_timed:])),
                 trainer.steps_per_epoch * cfg.batch_size * cfg.num_seeds))
+
+
+def _end_epoch(loop: Loop, epoch: int, train_loss, train_acc, train_s: float, selected) -> Dict[str, Any]:
+    """After an epoch's steps and evaluation: the plateau tracker, the selected state, the history
+    row, the checkpoints and the epoch line. Returns the row."""
+    cfg = loop.cfg
+    select_loss = np.array([m["loss"] for m in selected])
+    lrs = np.asarray(loop.state.opt_state.hyperparams["learning_rate"], float)
+    active = ~np.array(loop.tracker.stopped)  # the seeds that trained this epoch
+    improved, new_lrs = loop.tracker.update(epoch + 1, select_loss, lrs)
+    if cfg.lr_schedule == "constant":  # a schedule sets the rate itself, at every step
+        loop.state = _set_learning_rates(loop.trainer, loop.state, new_lrs)
+    kept = improved if cfg.keep == "best" else active  # keep=last: the selected slot holds the last epoch
+    if kept.any():
+        loop.selected = _select(jnp.asarray(kept), loop.state, loop.selected)
+    row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),
+           "select_loss": select_loss.tolist(), "select_accuracy": [m["accuracy"] for m in selected],
+           "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": loop.times.epoch_s[-1]}
+    loop.history.append(row)
+    _save(loop, epoch, selected_changed=bool(kept.any()))
+    _print_epoch(cfg, row, loop.trainer.steps_per_epoch, bool(improved.any()))
+    return row
 
 
 PREDICTIONS_FILE = "predictions.npz"
@@ -572,48 +485,48 @@ def write_predictions(path: str, predictions: Dict[str, Tuple[np.ndarray, np.nda
     files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def _finish(cfg: RunConfig, data, trainer: Trainer, best_state, counts, compiled, eval_compile_s, step_timer,
-            times, history, tracker, select_arrays, extra) -> Dict[str, Any]:
-    """Tests the best state, exports it and writes results.json, predictions.npz and the run's report."""
+def _finish(loop: Loop, data, extra) -> Dict[str, Any]:
+    """Tests the selected state, exports it and writes results.json, predictions.npz and the run's report."""
+    cfg, trainer, selected = loop.cfg, loop.trainer, loop.selected
     decision = decision_lib.build(cfg, data)
-    predictions = {cfg.select_split: trainer.log_probs(best_state, select_arrays)}
+    predictions = {cfg.select_split: trainer.log_probs(selected, loop.select_arrays)}
     if data.splits.get("test") and "test" not in predictions:
-        predictions["test"] = trainer.log_probs(best_state, trainer.device_split("test"))
-    per_replica = {split: [decision_lib.split_metrics(lp[r], y, decision) for r in range(trainer.num_seeds)]
-                   for split, (lp, y) in predictions.items()}
+        predictions["test"] = trainer.log_probs(selected, trainer.device_split("test"))
+    per_seed = {split: [decision_lib.split_metrics(lp[r], y, decision) for r in range(trainer.num_seeds)]
+                for split, (lp, y) in predictions.items()}
     ensemble = ({split: decision_lib.split_metrics(metrics_lib.ensemble_log_probs(lp), y, decision)
                  for split, (lp, y) in predictions.items()} if trainer.num_seeds > 1 else {})
     outcome = report.RunOutcome(
-        counts=counts, size_bytes=export_models(trainer, best_state), compiled=compiled,
-        eval_compile_s=eval_compile_s, step_stats=step_timer.stats(), epoch_times=times.epoch_s,
-        total_s=times.loop_s, checkpoint_s=times.checkpoint_s, history=history, best_epoch=tracker.best_epoch,
-        select_metrics=per_replica[cfg.select_split], test_metrics=per_replica.get("test"),
-        n_devices=trainer.n_devices, steps_per_epoch=trainer.steps_per_epoch, decision=decision,
-        select_ensemble=ensemble.get(cfg.select_split), test_ensemble=ensemble.get("test"))
-    epochs = kept_epochs(cfg, tracker, len(history))
+        counts=loop.counts, size_bytes=export_models(trainer, selected), compiled=loop.compiled,
+        eval_compile_s=loop.eval_compile_s, step_stats=loop.step_timer.stats(), epoch_times=loop.times.epoch_s,
+        total_s=loop.times.loop_s, checkpoint_s=loop.times.checkpoint_s, history=loop.history,
+        best_epoch=loop.tracker.best_epoch, select_metrics=per_seed[cfg.select_split],
+        test_metrics=per_seed.get("test"), n_devices=trainer.n_devices, steps_per_epoch=trainer.steps_per_epoch,
+        decision=decision, select_ensemble=ensemble.get(cfg.select_split), test_ensemble=ensemble.get("test"))
+    epochs = plateau.kept_epochs(cfg, loop.tracker, len(loop.history))
     extra = dict(extra, kept_checkpoint=cfg.keep, kept_epoch=epochs if cfg.num_seeds > 1 else epochs[0])
     results = report.build_results(cfg, data, outcome, extra)
     if jax.process_index() == 0:
         write_predictions(os.path.join(cfg.workdir, PREDICTIONS_FILE), predictions)
     if jax.process_index() == 0:
-        report.write_run(cfg.workdir, results, history, select_split=cfg.select_split,
+        report.write_run(cfg.workdir, results, loop.history, select_split=cfg.select_split,
                          title=cfg.experiment)
     print(f"wrote {os.path.join(cfg.workdir, 'results.json')}: {report.summary_line(results)}", flush=True)
     return results
 
 
-def _save(ckpt, cfg: RunConfig, state, best_state, epoch: int, history, tracker: PlateauTracker,
-          times: RunTimes) -> None:
-    """The latest (and, when it improved, the best) checkpoint after ``epoch``, with the progress
+def _save(loop: Loop, epoch: int, selected_changed: bool) -> None:
+    """The latest (and, when it changed, the selected) checkpoint after ``epoch``, with the progress
     a resume needs: history, plateau tracker, the run's times so far and its settings."""
+    cfg, times = loop.cfg, loop.times
     t0 = time.perf_counter()
     times.tick()
-    progress = {"epoch": epoch + 1, "history": history, "tracker": tracker.to_json(), "times": times.to_json(),
-                "config": cfg.to_json()}
-    step = int(np.asarray(state.step)[0])
-    if best_state is not None:
-        ckpt.save_selected(step, _state_tree(best_state), {"progress": progress})
-    ckpt.save_latest(step, _state_tree(state), {"progress": progress})
+    progress = {"epoch": epoch + 1, "history": loop.history, "tracker": loop.tracker.to_json(),
+                "times": times.to_json(), "config": cfg.to_json()}
+    step = int(np.asarray(loop.state.step)[0])
+    if selected_changed:
+        loop.ckpt.save_selected(step, _state_tree(loop.selected), {"progress": progress})
+    loop.ckpt.save_latest(step, _state_tree(loop.state), {"progress": progress})
     times.checkpoint_s += time.perf_counter() - t0
     times.tick()
 
@@ -621,7 +534,7 @@ def _save(ckpt, cfg: RunConfig, state, best_state, epoch: int, history, tracker:
 def _announce(cfg: RunConfig, data) -> None:
     if data.synthetic:
         print("NOTE: training on SYNTHETIC data (random images); accuracy figures are meaningless.", flush=True)
-    print(f"{cfg.experiment}: model {cfg.model} {cfg.model_kwargs}, dataset {data.name} "
+    print(f"{cfg.experiment}: model {cfg.model.name} {cfg.model_kwargs}, dataset {data.name} "
           f"({'synthetic' if data.synthetic else data.source}), workdir {cfg.workdir}", flush=True)
     k = native.status()
     print(f"kernels: {k['kernels']} ({k['reason']})", flush=True)

@@ -386,7 +386,7 @@ def test_failed_export_keeps_the_old_file(tmp_path, trained, monkeypatch):
     def fail(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoints.os, "replace", fail)
+    monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(CheckpointError, match="could not write"):
         checkpoints.export_variables(path, {"params": jax.tree_util.tree_map(jnp.zeros_like, state["params"])})
     assert _read(path) == before

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lightflax import train
+from lightflax import plateau, train
 from lightflax.config import RunConfig
 from lightflax.data.types import DatasetSplits, Split
 from lightflax.errors import UserError
@@ -47,8 +47,8 @@ def _history(workdir):
 ])
 def test_kept_epochs(keep, stopped, expected):
     cfg = RunConfig.flat(workdir="unused", model="xray_light", keep=keep, early_stopping_patience=2, num_seeds=2)
-    tracker = train.PlateauTracker(2, stop_patience=2, best_epoch=[2, 5], stopped=stopped)
-    assert train.kept_epochs(cfg, tracker, 7) == expected
+    tracker = plateau.PlateauTracker(2, stop_patience=2, best_epoch=[2, 5], stopped=stopped)
+    assert plateau.kept_epochs(cfg, tracker, 7) == expected
 
 
 def test_keep_is_checked():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_launch
+from lightflax._testing import FAULT_KILL_ENV
 
 TINY = ["--dataset=synthetic", "--epochs=1", "--steps_per_epoch=1", "--batch_size=16", "--synthetic_size=32",
         "--progress=quiet"]
@@ -264,7 +265,7 @@ def test_cosine_schedule_survives_resume(tmp_path):
     args = ["--experiment=xray_light", "--k=2", "--image_size=28", "--dataset=synthetic", "--epochs=3",
             "--steps_per_epoch=2", "--batch_size=16", "--synthetic_size=32", "--progress=quiet",
             "--lr_schedule=cosine", "--learning_rate=0.01", f"--workdir={wd}"]
-    proc = run_launch(args, env={"LIGHTFLAX_FAULT_KILL_AFTER_STEP": "3"})
+    proc = run_launch(args, env={FAULT_KILL_ENV: "3"})
     assert proc.returncode != 0
     run_launch(args + ["--resume"], check=0)
     r = json.loads((wd / "results.json").read_text())

@@ -108,20 +108,21 @@ def test_nan_after_good_epochs_writes_the_best_model(tmp_path):
         f"""
         from lightflax import data, train
         from lightflax.config import RunConfig
+        from lightflax.errors import NonFiniteLossError
         d = data.load("synthetic", synthetic_shape=(16, 16, 1), synthetic_sizes={{"train": 16, "val": 8,
                       "test": 8}}, num_classes=2, seed=0)
         original = train.run_epoch
-        def run_epoch(trainer, compiled, state, epoch, *rest):
-            out = original(trainer, compiled, state, epoch, *rest)
+        def run_epoch(loop, epoch, *rest):
+            out = original(loop, epoch, *rest)
             if epoch == 1:
-                raise train.NonFiniteLossError("non-finite training loss [nan] in epoch 2")
+                raise NonFiniteLossError("non-finite training loss [nan] in epoch 2")
             return out
         train.run_epoch = run_epoch
         cfg = RunConfig.flat(workdir={str(tmp_path / 'w')!r}, model="xray_light", model_kwargs={{"k": 1}},
                         batch_size=8, epochs=3, image_size=16, channels=3)
         try:
             train.train_and_evaluate(cfg, d)
-        except train.NonFiniteLossError as e:
+        except NonFiniteLossError as e:
             print("ERR", e)
         """
     )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_launch, run_python
+from lightflax._testing import FAULT_KILL_ENV
 
 # Runs a few steps of the real Trainer on tiny synthetic data and prints losses
 # and the parameters as JSON. SGD (momentum 0.9): Adam's first updates are
@@ -221,7 +222,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
     run_launch(args + [f"--workdir={full}"], check=0)
     killed = tmp_path / "killed"
-    proc = run_launch(args + [f"--workdir={killed}"], env={"LIGHTFLAX_FAULT_KILL_AFTER_STEP": "5"})
+    proc = run_launch(args + [f"--workdir={killed}"], env={FAULT_KILL_ENV: "5"})
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL mid epoch 2
     assert not (killed / "results.json").exists()
     # without --resume the existing run is protected

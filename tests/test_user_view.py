@@ -124,14 +124,14 @@ def _fake_results(acc, auc, seeds=1, synthetic=False):
 
 
 def test_comparison_table_and_combined_figure(tmp_path):
-    rows = report.comparison_rows([_fake_results(0.9, 0.95, seeds=3), _fake_results(0.8, 0.85)], ["A", "B"])
-    md = report.comparison_markdown(rows, note="dataset: x")
+    rows = tables.comparison_rows([_fake_results(0.9, 0.95, seeds=3), _fake_results(0.8, 0.85)], ["A", "B"])
+    md = tables.comparison_markdown(rows, note="dataset: x")
     head = md.splitlines()[2]
     for column in ("size KB", "val AUC", "val sens", "val spec", "val majority", "test acc"):
         assert column in head
     assert "| A | 1,000 | 900 | 20.0 | null | null | 0.9000 ± 0.0100 | 0.9500 ± 0.0200 | 0.9000 | 0.5000 | 0.7400 |" in md
     assert rows[0]["figure_split"] == "val" and rows[0]["accuracy"] == 0.9 and rows[1]["accuracy_std"] is None
-    path = report.comparison_figure(str(tmp_path / "c.png"), rows, "dataset x, val split")
+    path = tables.comparison_figure(str(tmp_path / "c.png"), rows, "dataset x, val split")
     with Image.open(path) as im:
         assert im.size[0] == 1600
 
