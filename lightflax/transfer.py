@@ -65,36 +65,14 @@ def extract_features(bb, data, *, cache_dir: Optional[str] = None, backbone: str
     return dataclasses.replace(data, splits=splits), time.perf_counter() - t0, info
 
 
-def run_transfer(data, cfg: RunConfig, *, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Stage 1: frozen backbone + linear head on cached features. With
-    ``cfg.transfer.finetune_blocks`` = N > 0, stage 2 then unfreezes the backbone's last N
-    blocks and trains them with the head at ``cfg.transfer.finetune_learning_rate`` for
-    ``cfg.transfer.finetune_epochs``, fed with the cached activations of the frozen trunk.
-    Stage 1 then lives in ``workdir/head``, stage 2 in ``workdir/finetune``, and
-    ``workdir/results.json`` reports the final (stage-2) model. ``extra``: see
-    ``train.train_and_evaluate``."""
-    from lightflax import pretrained
+def _with_backbone(results: Dict[str, Any], bb, backbone: str, feature_s: float, info) -> Dict[str, Any]:
+    """Stage 1's results with the frozen backbone counted in: parameters, size, feature-extraction time."""
     from flax import serialization
 
-    workdir, t = cfg.workdir, cfg.transfer
-    if t is None:
-        raise ValueError("run_transfer needs cfg.transfer (a TransferConfig)")
-    warn_ignored_flags(cfg)
-    bb = pretrained.load(t.backbone, path=t.pretrained_path, include_top=False)
-    names = bb.block_names()
-    if not 0 <= t.finetune_blocks < len(names):
-        raise UserError(f"--finetune_blocks must be in 0..{len(names) - 1} for {t.backbone} (blocks, input to "
-                        f"output: {', '.join(names)}), got {t.finetune_blocks}")
-    if t.finetune_blocks and cfg.num_seeds != 1:
-        raise UserError("--finetune_blocks needs --num_seeds=1 (every replica would start from one stage-1 head)")
-    stage1_dir = os.path.join(workdir, "head") if t.finetune_blocks else workdir
-    fdata, feature_s, info = extract_features(bb, data, cache_dir=t.cache_dir, backbone=t.backbone)
-    results = train.train_and_evaluate(_on_features(cfg, model="linear_head", workdir=stage1_dir), fdata,
-                                       extra=extra)
     bcounts = param_counts.variables_counts(bb.variables)
     backbone_bytes = len(serialization.to_bytes(bb.variables))
     results.update({
-        "backbone": t.backbone,
+        "backbone": backbone,
         "backbone_params": bcounts["total"],
         "head_params": results["total_params"],
         "total_params": bcounts["total"] + results["total_params"],
@@ -113,6 +91,35 @@ def run_transfer(data, cfg: RunConfig, *, extra: Optional[Dict[str, Any]] = None
         "transfer: backbone frozen; features computed once per split and cached "
         f"(feature extraction {feature_s:.1f} s, included in total_time_s; cache hits take ~0 s); "
         "size_bytes = backbone variables + head as msgpack"]
+    return results
+
+
+def run_transfer(data, cfg: RunConfig, *, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Stage 1: frozen backbone + linear head on cached features. With
+    ``cfg.transfer.finetune_blocks`` = N > 0, stage 2 then unfreezes the backbone's last N
+    blocks and trains them with the head at ``cfg.transfer.finetune_learning_rate`` for
+    ``cfg.transfer.finetune_epochs``, fed with the cached activations of the frozen trunk.
+    Stage 1 then lives in ``workdir/head``, stage 2 in ``workdir/finetune``, and
+    ``workdir/results.json`` reports the final (stage-2) model. ``extra``: see
+    ``train.train_and_evaluate``."""
+    from lightflax import pretrained
+
+    workdir, t = cfg.workdir, cfg.transfer
+    if t is None:
+        raise ValueError("run_transfer needs cfg.transfer (a TransferConfig)")
+    warn_ignored_flags(cfg)
+    bb = pretrained.load(t.backbone, path=t.pretrained_path, include_top=False)
+    names = bb.block_names()
+    if not 0 <= t.finetune_blocks < len(names):
+        raise UserError(f"--finetune_blocks must be in 0..{len(names) - 1} for {t.backbone} (blocks, input to "
+                        f"output: {', '.join(names)}), got {t.finetune_blocks}")
+    if t.finetune_blocks and cfg.num_seeds != 1:
+        raise UserError("--finetune_blocks needs --num_seeds=1 (every replica would start from one stage-1 head)")
+    stage1_dir = os.path.join(workdir, "head") if t.finetune_blocks else workdir
+    fdata, feature_s, info = extract_features(bb, data, cache_dir=t.cache_dir, backbone=t.backbone)
+    results = train.train_and_evaluate(_on_features(cfg, model="linear_head", workdir=stage1_dir), fdata,
+                                       extra=extra)
+    results = _with_backbone(results, bb, t.backbone, feature_s, info)
     report.write_json(os.path.join(stage1_dir, "results.json"), results)
     if not t.finetune_blocks:
         return results
