@@ -15,7 +15,7 @@ import dataclasses
 import datetime
 import functools
 import os
-from typing import Any, Dict, FrozenSet, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, NamedTuple, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -64,17 +64,32 @@ def default_workdir(experiment: str, tags: Sequence[str] = ()) -> str:
     return os.path.join("runs", "-".join([experiment, *tags, stamp]))
 
 
+class _Draft(NamedTuple):
+    """A row before its RunConfig: what _rows decided."""
+
+    label: str
+    subfolder: str  # "" for a one-row experiment; xray_compare: light_k1, ..., conv2d, transfer
+    model: str
+    kwargs: Dict[str, Any]
+    image_size: Optional[int]
+    transfer: Optional[TransferConfig]
+    fields: Dict[str, Any]  # flat RunConfig overrides (the paper protocol's)
+
+
 def resolve(config: ml_collections.ConfigDict, explicit: FrozenSet[str] = frozenset()) -> Plan:
-    """The plan of a training experiment (xray_*, mnist, fashion_mnist, cifar10, cifar100)."""
+    """The plan of a training experiment (xray_*, mnist, fashion_mnist, cifar10, cifar100), in order:
+    the recipe (recipes.apply), the dataset (resolve_dataset), each row's model and input size (_rows,
+    image_size), the workdir (default_workdir, check_workdir), each row's RunConfig (_run_config, which
+    validates) and the data's loading arguments (_load_args)."""
     config, recipe_record = recipes.apply(config, explicit)
     dataset, note = resolve_dataset(config.data)
-    rows, tags, notes = _rows(config, explicit, dataset)
+    drafts, tags, notes = _rows(config, explicit, dataset)
     workdir = config.workdir or default_workdir(config.experiment, tags)
     check_workdir(workdir, config.runtime.resume)
-    single = len(rows) == 1 and config.experiment != "xray_compare"
-    rows = tuple(Row(label, _run_config(config, model, kwargs, size, workdir if single else os.path.join(workdir, sub),
-                                        transfer, **fields))
-                 for label, sub, model, kwargs, size, transfer, fields in rows)
+    rows = tuple(Row(d.label, _run_config(config, d.model, d.kwargs, d.image_size,
+                                          os.path.join(workdir, d.subfolder) if d.subfolder else workdir,
+                                          d.transfer, **d.fields))
+                 for d in drafts)
     paper = bool(config.get("paper_protocol"))
     size = max((r.run.image_size or 299) for r in rows)  # the transfer head: the study's 299 when stored
     return Plan(config.experiment, workdir, dataset, note, _load_args(config, dataset, size, paper), rows,
@@ -129,19 +144,19 @@ def image_size(config: ml_collections.ConfigDict, label: str, model: str, kwargs
 
 
 def _rows(config: ml_collections.ConfigDict, explicit: FrozenSet[str], dataset: str) -> Tuple[list, list, list]:
-    """([(label, subfolder, model, kwargs, size, transfer, RunConfig fields)], default workdir tags, notes)."""
+    """([_Draft], default workdir tags, notes)."""
     if config.experiment == "xray_compare":
         return _compare_rows(config, dataset)
     if "transfer" in config:
-        return [(config.model.name, "", "linear_head", {}, config.data.image_size, _transfer(config.transfer), {})], \
-            [config.transfer.backbone], []
+        return [_Draft(config.model.name, "", "linear_head", {}, config.data.image_size, _transfer(config.transfer),
+                       {})], [config.transfer.backbone], []
     model, kwargs, fields = config.model.name, {}, {}
     if "method" in config.model:  # the LightLayers paper's experiments
         model, kwargs, fields = _paper_model(config, explicit)
     elif "k" in config.model:
         kwargs = {"k": config.model.k}
     size = image_size(config, model, model, kwargs, dataset)
-    return [(model, "", model, kwargs, size, None, fields)], _tags(kwargs, size), []
+    return [_Draft(model, "", model, kwargs, size, None, fields)], _tags(kwargs, size), []
 
 
 def _tags(kwargs: Dict[str, Any], size: Optional[int]) -> list:
@@ -172,13 +187,13 @@ def _compare_rows(config: ml_collections.ConfigDict, dataset: str) -> Tuple[list
         raise UserError(f"--ks values must be >= 1, got {config.model.ks}")
     rows = [(f"LightLayers K={k}", f"light_k{k}", "xray_light", {"k": k}) for k in ks]
     rows.append(("Conv2D", "conv2d", "xray_conv2d", {}))
-    out = [(label, sub, model, kwargs, image_size(config, label, model, kwargs, dataset), None, {})
+    out = [_Draft(label, sub, model, kwargs, image_size(config, label, model, kwargs, dataset), None, {})
            for label, sub, model, kwargs in rows]
-    sizes = sorted({r[4] for r in out})
+    sizes = sorted({d.image_size for d in out})
     backbone, note = transfer_backbone(config.transfer)
     if backbone:
-        out.append((f"transfer ({backbone})", "transfer", "linear_head", {}, config.data.image_size,
-                    _transfer(config.transfer, backbone=backbone), {}))
+        out.append(_Draft(f"transfer ({backbone})", "transfer", "linear_head", {}, config.data.image_size,
+                          _transfer(config.transfer, backbone=backbone), {}))
     return out, ["-".join(f"{s}px" for s in sizes)], [note] if note else []
 
 
