@@ -29,3 +29,13 @@ class DownloadError(DataError, CheckpointError):
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss (launch.py exits 1). The message says what was kept: after
     good epochs the selected checkpoint, and model.msgpack/results.json written from it."""
+
+
+class H5FileError(ValueError):
+    """The file is not a readable Keras legacy HDF5 weight file (one line); the loaders turn it
+    into a CheckpointError naming the file."""
+
+
+class TorchFileError(ValueError):
+    """The file is not a readable PyTorch weight file (message: one line); the loaders turn it
+    into a CheckpointError naming the file."""

@@ -15,7 +15,7 @@ docs/speed.md ("Engine timings": pmap vs shard_map).
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -100,6 +100,12 @@ def distribute(
         mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
         return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
 
+    return _over_pmap(fn, mesh, in_specs, out_specs, tuple(donate_argnums))
+
+
+def _over_pmap(fn: Callable, mesh: Mesh, in_specs: Tuple[Any, ...], out_specs: Any,
+               donate_argnums: Tuple[int, ...]) -> Callable:
+    """:func:`distribute`'s ``mode='pmap'``: global arrays split into a leading device axis and back."""
     n = mesh.devices.size
     in_axes = tuple(0 if _is_sharded(s) else None for s in in_specs)
     out_tuple = out_specs if isinstance(out_specs, tuple) else (out_specs,)
@@ -110,7 +116,7 @@ def distribute(
         in_axes=in_axes,
         out_axes=out_axes if isinstance(out_specs, tuple) else out_axes[0],
         devices=list(mesh.devices.flat),
-        donate_argnums=tuple(donate_argnums),
+        donate_argnums=donate_argnums,
     )
 
     def split_args(args):

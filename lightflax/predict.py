@@ -29,12 +29,6 @@ from lightflax import checkpoints, decision as decision_lib, files, models
 from lightflax.errors import CheckpointError, DataError, UserError
 
 
-def load_run(workdir: str, seed_index: int = 0):
-    """(module, variables, results) of one replica of a finished run (its exported model)."""
-    module, variables, results, _ = load_replicas(workdir, seed_index)
-    return module, variables[0], results
-
-
 def load_replicas(workdir: str, seed_index: Optional[int] = None):
     """(module, [variables of each replica used], results, replica indices) of a finished run:
     every replica when ``seed_index`` is None, else that one."""

@@ -97,7 +97,7 @@ def _jsonable(value):
     return repr(value)
 
 
-def summarize_replicas(per_replica: Optional[List[Dict[str, Any]]]) -> Dict[str, Any]:
+def summarize_over_seeds(per_replica: Optional[List[Dict[str, Any]]]) -> Dict[str, Any]:
     """Mean and sample standard deviation (ddof=1, as ``lightflax.tables``) over replicas for
     every numeric metric; one replica gives the values alone (no ``_std``)."""
     out: Dict[str, Any] = {}
@@ -186,11 +186,11 @@ def _majority_baseline(data, splits: Sequence[str]) -> Dict[str, Optional[float]
             if data.splits.get(s) is not None}
 
 
-def _replica_section(cfg, o: RunOutcome) -> Dict[str, Any]:
+def _seeds_section(cfg, o: RunOutcome) -> Dict[str, Any]:
     """Multi-seed runs: the spread over replicas and every replica's own numbers."""
     if cfg.num_seeds == 1:
         return {}
-    test = summarize_replicas(o.test_metrics)
+    test = summarize_over_seeds(o.test_metrics)
     return {
         "test_accuracy_std": test.get("accuracy_std"),
         "test_loss_std": test.get("loss_std"),
@@ -221,7 +221,7 @@ def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = No
             f"{data.name} has no test split here: test columns are null; the best checkpoint was selected "
             f"on '{cfg.select_split}' and its figures are reported under select_metrics, never as test figures"
         )
-    test = summarize_replicas(o.test_metrics)
+    test = summarize_over_seeds(o.test_metrics)
     results: Dict[str, Any] = {
         "experiment": cfg.experiment,
         "model": cfg.model.name,
@@ -250,7 +250,7 @@ def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = No
         "roc_auc": test.get("roc_auc"),
         "test_metrics": test or None,
         "select_split": cfg.select_split,
-        "select_metrics": summarize_replicas(o.select_metrics),
+        "select_metrics": summarize_over_seeds(o.select_metrics),
         "majority_baseline": _majority_baseline(data, [cfg.select_split, "test"]),
         "decision": o.decision,
         **_decision_section(cfg, o, test),
@@ -262,7 +262,7 @@ def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = No
         "devices": device_info(),
         "versions": versions(),
         "config": cfg.to_json(),
-        **_replica_section(cfg, o),
+        **_seeds_section(cfg, o),
         **(extra or {}),
     }
     return _jsonable(results)

@@ -48,7 +48,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 _SEED = re.compile(r"^(?P<row>.+)_s(?P<seed>\d+)$")
 
 
-def _replicas(r: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _per_seed(r: Dict[str, Any]) -> List[Dict[str, Any]]:
     """One dict per replica with flat metric keys (``select.<m>`` and top-level keys)."""
     per = r.get("replicas")
     base = {k: v for k, v in r.items() if not isinstance(v, (dict, list)) and not k.endswith("_std")}
@@ -119,7 +119,7 @@ def collect(runs_dir: str) -> Dict[str, List[Dict[str, Any]]]:
             raise UserError(f"{path} is damaged ({e}); re-run that training or remove its directory") from None
         m = _SEED.match(name)
         row = m.group("row") if m else name
-        for rep in _replicas(r):
+        for rep in _per_seed(r):
             rep["_run"] = name
             rows.setdefault(row, []).append(rep)
     if not rows:

@@ -84,11 +84,6 @@ class CompiledStep:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.compiled(*args, **kwargs)
 
-    @property
-    def total_compile_s(self) -> float:
-        """Lowering plus XLA compilation, in seconds."""
-        return self.lower_s + self.compile_s
-
 
 def cost_analysis(compiled: Any) -> Dict[str, float]:
     """XLA's cost analysis of a compiled executable as one flat dict.
@@ -241,16 +236,6 @@ class StepTimer:
     def measured(self) -> List[float]:
         """Durations of the steps after warm-up, in seconds."""
         return self.durations[self.warmup:]
-
-    @property
-    def total_s(self) -> float:
-        """Seconds spent in all recorded steps, warm-up included."""
-        return float(sum(self.durations))
-
-    @property
-    def measured_s(self) -> float:
-        """Seconds spent in the steps after warm-up."""
-        return float(sum(self.measured))
 
     def stats(self) -> Dict[str, Any]:
         """:func:`summarize` of the steps after warm-up."""

@@ -1,21 +1,31 @@
-"""The package's shape, checked: the layer table of docs/design.md, no flags in the library, short functions.
+"""The package's shape, checked: the layer table of docs/design.md, no flags in the library, short code.
 
 A module under lightflax/ may import lightflax modules of its own layer or a lower one
 (the table in docs/design.md, section "Layers", is the single source of truth: a new
 module fails here until it has a row). No module under lightflax/ may import absl
-flags or the entry layer (experiments/, launch.py), and no function may grow past
-80 lines.
+flags or the entry layer (experiments/, launch.py). In the library and the entry layer
+(LIMITED_ROOTS) no function may grow past 60 lines and no Python file past 600 lines.
 """
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "lightflax"
-MAX_FUNCTION_LINES = 80
+MAX_FUNCTION_LINES = 60
+MAX_FILE_LINES = 600
+# Where the size limits hold (tests excepted); configs/ counts once the entry layer has it.
+LIMITED_ROOTS = ("lightflax", "experiments", "launch.py", "configs")
+# Known to be over a limit, each with its reason. The check fails on any other offender, and on
+# an entry here that is no longer over (delete it then), so the list can only shrink.
+KNOWN_OVER_LIMIT = {
+    "lightflax/layers.py": "frozen this session: the speed table measures it; split it with the kernels.py move",
+    "lightflax/transfer.py:run_transfer": "shortened on the redesign-entry branch (RunConfig sections)",
+}
 
 
 def layer_table():
@@ -106,15 +116,56 @@ def test_the_library_reads_no_flags_and_never_imports_the_entry_layer():
     assert not bad, "flags belong to launch.py and experiments/:\n" + "\n".join(bad)
 
 
-def test_functions_stay_short():
-    long = []
-    for path in sources():
-        for node in ast.walk(ast.parse(path.read_text())):
+def limited_sources(roots=LIMITED_ROOTS):
+    """Python files under the roots that exist (a root may be a file), C++ sources excluded."""
+    out = []
+    for root in roots:
+        path = REPO / root
+        if path.is_file():
+            out.append(path)
+        elif path.is_dir():
+            out += sorted(p for p in path.rglob("*.py") if "csrc" not in p.parts)
+    return out
+
+
+def over_limit(paths, max_function=MAX_FUNCTION_LINES, max_file=MAX_FILE_LINES):
+    """{'path' or 'path:function': its line count} for every file and function over the limits."""
+    found = {}
+    for path in paths:
+        text = path.read_text()
+        name = path.relative_to(REPO).as_posix()
+        if len(text.splitlines()) > max_file:
+            found[name] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
-                if n > MAX_FUNCTION_LINES:
-                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} has {n} lines")
-    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+                if n > max_function:
+                    found[f"{name}:{node.name}"] = n
+    return found
+
+
+def test_the_limits_cover_the_library_and_the_entry_layer():
+    covered = {p.relative_to(REPO).parts[0] for p in limited_sources()}
+    assert {"lightflax", "experiments", "launch.py"} <= covered, covered
+
+
+def test_functions_and_files_stay_short():
+    found = over_limit(limited_sources())
+    new = {k: n for k, n in found.items() if k not in KNOWN_OVER_LIMIT}
+    fixed = sorted(k for k in KNOWN_OVER_LIMIT if k not in found)
+    assert not new, (f"over {MAX_FUNCTION_LINES} lines per function / {MAX_FILE_LINES} per file:\n"
+                     + "\n".join(f"{k} has {n} lines" for k, n in sorted(new.items())))
+    assert not fixed, f"now within the limits: delete them from KNOWN_OVER_LIMIT: {fixed}"
+
+
+def test_the_size_check_can_fail(tmp_path, monkeypatch):
+    """A 61-line function and a 601-line file are both reported (the limit checks can fail)."""
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    body = "def f():\n" + "    x = 1\n" * 60
+    (tmp_path / "long.py").write_text(body + "\n" * (MAX_FILE_LINES - 61 + 1))
+    assert over_limit([tmp_path / "long.py"]) == {"long.py": 601, "long.py:f": 61}
+    (tmp_path / "ok.py").write_text("def f():\n" + "    x = 1\n" * 59)
+    assert over_limit([tmp_path / "ok.py"]) == {}
 
 
 @pytest.mark.parametrize("source, expected", [

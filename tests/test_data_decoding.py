@@ -52,7 +52,8 @@ def test_embedded_copy_is_the_default_and_real(tmp_path, capsys):
     d = data.load("pneumonia_mnist")
     assert d.source.startswith("embedded") and "sha256 verified" in d.source and not d.synthetic
     assert d.notes[0] == pneumonia_mnist.EMBEDDED_NOTE and "\n" not in d.notes[0]
-    assert d.class_counts("train") == [1214, 3494] and d.class_counts("val") == [135, 389]
+    assert np.bincount(d.splits["train"].labels).tolist() == [1214, 3494]
+    assert np.bincount(d.splits["val"].labels).tolist() == [135, 389]
     assert d.splits["test"] is None and any("no test split" in n for n in d.notes)
     assert any(n.startswith("8 val image(s) also occur") for n in d.notes)
     for split, digest in EMBEDDED_CONTENT.items():  # sha256 of images + labels, from the data's README

@@ -13,8 +13,9 @@ import pytest
 
 from lightflax import pretrained, param_counts
 from lightflax.errors import CheckpointError
+from keras_h5_writer import write_weights
 from lightflax.pretrained import inception_v3, keras_h5
-from lightflax.pretrained.backbone import abstract_variables
+from lightflax.pretrained.backbone import abstract_variables_and_order
 
 SIZE = 139  # smallest size where every stage keeps > 1x1 (final map 3x3); Keras minimum is 75
 
@@ -68,8 +69,8 @@ def keras_inception(tmp_path_factory):
     layers = [(ranks.get(layer.name, layer.name), _random_layer_weights(layer, rng)) for layer in model.layers]
     d = tmp_path_factory.mktemp("inception")
     top, notop = str(d / "random_top.h5"), str(d / "random_notop.h5")
-    keras_h5.write_weights(top, layers)
-    keras_h5.write_weights(notop, [(n, w) for n, w in layers if n != "predictions"])
+    write_weights(top, layers)
+    write_weights(notop, [(n, w) for n, w in layers if n != "predictions"])
     model.load_weights(top)  # Keras loads legacy files by position
     return keras, model, top, notop
 
@@ -99,7 +100,7 @@ def test_keras_parameter_counts_match(keras_inception):
     keras = keras_inception[0]
     kmodel = keras.applications.InceptionV3(weights=None, include_top=False, pooling="avg",
                                             input_shape=(299, 299, 3))
-    counts = param_counts.variables_counts(abstract_variables(pretrained.build("inception_v3"), 299))
+    counts = param_counts.variables_counts(abstract_variables_and_order(pretrained.build("inception_v3"), 299)[0])
     assert counts["total"] == kmodel.count_params() == 21_802_784
     assert counts["trainable"] == sum(int(np.prod(w.shape)) for w in kmodel.trainable_weights) == 21_768_352
 
@@ -119,7 +120,7 @@ def test_load_from_path_and_wrong_include_top(keras_inception, tmp_path):
 
 def test_truncated_h5_is_one_line_error(tmp_path):
     whole = tmp_path / "whole.h5"
-    keras_h5.write_weights(whole, [("conv2d_1", [("kernel", np.ones((3, 3, 3, 32), np.float32))])])
+    write_weights(whole, [("conv2d_1", [("kernel", np.ones((3, 3, 3, 32), np.float32))])])
     bad = tmp_path / "truncated.h5"
     bad.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(CheckpointError) as e:
@@ -135,12 +136,12 @@ def _first_layers(n_conv_correct: bool):
 
 def test_h5_of_other_architecture_names_first_mismatch(tmp_path):
     other = tmp_path / "other.h5"
-    keras_h5.write_weights(other, _first_layers(False))
+    write_weights(other, _first_layers(False))
     with pytest.raises(CheckpointError, match=r"other\.h5: weight conv2d_1/conv2d_1/kernel:0: "
                                               r"expected shape \(3, 3, 3, 32\), found \(3, 3, 3, 64\)"):
         pretrained.load("inception_v3", path=str(other))
     short = tmp_path / "short.h5"
-    keras_h5.write_weights(short, _first_layers(True))
+    write_weights(short, _first_layers(True))
     with pytest.raises(CheckpointError, match=r"short\.h5: weight batch_normalization_1/beta "
                                               r"\(expected shape \(32,\)\) is missing"):
         pretrained.load("inception_v3", path=str(short))

@@ -85,7 +85,7 @@ def test_predict_rejects_a_results_json_of_the_wrong_shape(run_dir, tmp_path):
         wd.mkdir()
         (wd / "results.json").write_text(json.dumps(content))
         with pytest.raises(UserError, match="shape of a lightflax results.json"):
-            predict.load_run(str(wd))
+            predict.load_replicas(str(wd))
 
 
 def test_predict_refuses_a_flipped_byte_in_model_msgpack(run_dir, tmp_path):

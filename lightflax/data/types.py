@@ -58,7 +58,3 @@ class DatasetSplits:
         parts = [f"{k} {'none' if v is None else len(v)}" for k, v in self.splits.items()]
         tag = "SYNTHETIC" if self.synthetic else self.source
         return f"{self.name} ({tag}): " + ", ".join(parts)
-
-    def class_counts(self, split: str) -> Optional[List[int]]:
-        s = self.splits.get(split)
-        return None if s is None else np.bincount(s.labels, minlength=self.num_classes).tolist()

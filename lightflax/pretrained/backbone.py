@@ -52,11 +52,6 @@ def unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
     return tree
 
 
-def abstract_variables(module: nn.Module, resolution: int) -> Dict[str, Any]:
-    """Shapes of ``module.init`` on a (1, r, r, 3) input, without allocating anything."""
-    return abstract_variables_and_order(module, resolution)[0]
-
-
 def abstract_variables_and_order(module: nn.Module, resolution: int) -> Tuple[Dict[str, Any], list]:
     """(abstract variables, their paths in model order).
 

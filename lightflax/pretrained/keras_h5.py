@@ -19,8 +19,7 @@ from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
-class H5FileError(ValueError):
-    """The file is not a readable Keras legacy HDF5 weight file (one line)."""
+from lightflax.errors import H5FileError
 
 
 def _decode(values: Iterable) -> list:
@@ -90,27 +89,3 @@ def read_weights(path: str | os.PathLike, auto_prefixes: Iterable[str] = ()) -> 
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise H5FileError(f"damaged HDF5 file ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-
-
-def write_weights(path: str | os.PathLike, layers: Iterable[Tuple[str, Iterable[Tuple[str, np.ndarray]]]]) -> None:
-    """Writes ``[(layer_name, [(weight_name, array), ...]), ...]`` in the legacy layout.
-
-    Used by tests and tools; ``weight_name`` is written as ``<layer>/<weight>:0``
-    (Keras 2 style). Layers with no weights get an empty ``weight_names``.
-    """
-    import h5py
-
-    with h5py.File(os.fspath(path), "w") as f:
-        names = []
-        for layer, ws in layers:
-            names.append(layer.encode("utf8"))
-            g = f.create_group(layer)
-            wnames = []
-            for w, arr in ws:
-                full = f"{layer}/{w}:0"
-                g.create_dataset(full, data=arr)
-                wnames.append(full.encode("utf8"))
-            g.attrs["weight_names"] = np.array(wnames, dtype="S") if wnames else np.array([], dtype="S1")
-        f.attrs["layer_names"] = np.array(names, dtype="S")
-        f.attrs["backend"] = b"tensorflow"
-        f.attrs["keras_version"] = b"2.1.2"

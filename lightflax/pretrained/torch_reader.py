@@ -26,16 +26,14 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import numpy as np
 
+from lightflax.errors import TorchFileError
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-
-
-class TorchFileError(ValueError):
-    """The file is not a readable PyTorch weight file (message: one line)."""
 
 
 def _dtype_table() -> Dict[str, np.dtype]:
@@ -261,7 +259,3 @@ def load(path: str | os.PathLike) -> Any:
         raise TorchFileError(f"unreadable PyTorch file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
-
-def state_dict_shapes(state: Dict[str, np.ndarray]) -> Dict[str, Tuple[int, ...]]:
-    """{key: shape} of a state_dict (for error messages and tests)."""
-    return {k: tuple(v.shape) for k, v in state.items()}
