@@ -3,13 +3,15 @@
     python launch.py --experiment=xray_light --k=5
     python launch.py --experiment=xray_compare --dataset=pneumonia_mnist --image_size=64
     python launch.py --experiment=mnist --method=light --k=3 --helpfull
+    python launch.py --experiment=xray_light --config.model.k=5 --config.schedule.epochs=3
 
-Only the named experiment's module is imported (absl flags are global). Exit
-status: 2 with one line for bad input (an unknown experiment, a wrong flag value,
-missing data, a damaged checkpoint or model file, a workdir in use); 1 with one line
-for a non-finite training loss; 1 with a traceback for a bug in lightflax; 130 with
-"interrupted; resume with --resume" on Ctrl-C (SIGINT) or SIGTERM (every finished
-epoch is already checkpointed). README: "Errors and exit codes".
+Each experiment is a config (configs/NAME.py, get_config()) plus a small main (experiments/NAME.py).
+Every short flag is an alias of one config field (experiments/cli.py, ALIASES); --config.PATH=VALUE
+sets any field; --helpfull (or --help full) lists them. Exit status (exit_codes() below): 2 with one line
+for bad input (an unknown experiment, a wrong flag value, missing data, a damaged checkpoint or model
+file, a workdir in use); 1 with one line for a non-finite training loss; 1 with a traceback for a bug
+in lightflax; 130 with "interrupted; resume with --resume" on Ctrl-C (SIGINT) or SIGTERM (every
+finished epoch is already checkpointed). README: "Errors and exit codes".
 """
 
 import os
@@ -19,8 +21,18 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def exit_codes():
+    """The one table: error class -> (exit status, message or None for the error's own first line).
+    The first matching row wins; anything else is a bug (a traceback, status 1)."""
+    from lightflax import errors
+
+    return ((KeyboardInterrupt, 130, "interrupted; resume with --resume"),
+            (errors.NonFiniteLossError, 1, None),
+            (errors.UserError, 2, None))
+
+
 def available() -> list:
-    folder = os.path.join(HERE, "experiments")
+    folder = os.path.join(HERE, "configs")
     return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
 
 
@@ -44,6 +56,9 @@ def _strip_experiment(argv) -> list:
         if arg == "--experiment":
             skip = True
             continue
+        if arg == "full" and i and argv[i - 1] == "--help":  # --help full: the long listing
+            out[-1] = "--helpfull"
+            continue
         out.append(arg)
     return out
 
@@ -51,6 +66,24 @@ def _strip_experiment(argv) -> list:
 def _die(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _config_path(name: str) -> str:
+    return os.path.join(HERE, "configs", f"{name}.py")
+
+
+def define_flags(name: str) -> None:
+    """--config (configs/NAME.py) and the short flags of its fields: defined once, here."""
+    import importlib
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    from experiments import cli
+
+    cli.define(importlib.import_module(f"configs.{name}").get_config(), flags.FLAGS)
+    config_flags.DEFINE_config_file("config", default=_config_path(name), help_string=(
+        f"The experiment's config (default configs/{name}.py); --config.PATH=VALUE overrides a field."))
 
 
 def main(argv) -> None:
@@ -70,8 +103,10 @@ def main(argv) -> None:
 
     from absl import app, flags
 
-    from lightflax.errors import UserError
-
+    try:
+        define_flags(name)
+    except flags.Error as e:  # a bad --config.PATH=VALUE is parsed while the config flag is defined
+        _die(str(e).splitlines()[0])
     module = importlib.import_module(f"experiments.{name}")
 
     def parse(args):
@@ -80,38 +115,26 @@ def main(argv) -> None:
         except flags.Error as e:
             _die(str(e).splitlines()[0])
 
-    def run(args):
-        # Library INFO logs (Orbax, TFDS writers) are noise here; --verbosity=0 brings them back.
-        if not flags.FLAGS["verbosity"].present:
-            from absl import logging
-
-            logging.set_verbosity(logging.WARNING)
-        try:
-            _check_flags()
-            module.main(args)
-        except KeyboardInterrupt:
-            _die("interrupted; resume with --resume", code=130)
-        except UserError as e:
-            _die(str(e).splitlines()[0])
-        except Exception as e:  # noqa: BLE001 - one named class of run failure
-            from lightflax.errors import NonFiniteLossError
-
-            if isinstance(e, NonFiniteLossError):
-                _die(str(e).splitlines()[0], code=1)
-            raise
-
     signal.signal(signal.SIGTERM, _interrupt)  # a polite kill ends like Ctrl-C
-    app.run(run, argv=_strip_experiment(argv), flags_parser=parse)
+    app.run(lambda args: _run(module, argv), argv=_strip_experiment(argv), flags_parser=parse)
 
 
-def _check_flags() -> None:
-    """Flags that data loading reads before the RunConfig checks them (--seed, --image_size, ...)."""
-    from absl import flags
+def _run(module, argv) -> None:
+    from absl import flags, logging
 
-    from lightflax.config import check_flag_values
+    from experiments import cli
 
-    names = ("seed", "image_size", "eval_image_size", "learning_rate")
-    check_flag_values(**{n: flags.FLAGS[n].value for n in names if n in flags.FLAGS})
+    # Library INFO logs (Orbax, TFDS writers) are noise here; --verbosity=0 brings them back.
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    table = exit_codes()
+    try:
+        config, explicit = cli.apply(flags.FLAGS.config, argv[1:])
+        cli.check(config)
+        module.main(config, explicit)
+    except tuple(cls for cls, _, _ in table) as e:
+        code, message = next((code, message) for cls, code, message in table if isinstance(e, cls))
+        _die(message or str(e).splitlines()[0], code=code)
 
 
 def _interrupt(signum, frame):

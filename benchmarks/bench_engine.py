@@ -60,7 +60,7 @@ def main():
                     x = np.repeat(tr0.images[:batch].astype(np.float32) / 255.0, 3, axis=-1)
                     d = dataclasses.replace(d, splits=dict(d.splits, train=dataclasses.replace(
                         tr0, images=x, labels=tr0.labels[:batch])))
-                cfg = RunConfig(workdir="", model=model, model_kwargs=kw, batch_size=batch, image_size=size,
+                cfg = RunConfig.flat(workdir="", model=model, model_kwargs=kw, batch_size=batch, image_size=size,
                                       channels=3)
                 trn = train.Trainer(cfg, d)
                 state, keys = trn.init_state(), trn.data_keys()

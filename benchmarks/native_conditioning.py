@@ -31,7 +31,7 @@ MODEL, SIZE, BATCH = os.environ.get("MODEL", "cifar_separable"), 24, 64
 def main():
     d = data_lib.load("synthetic", synthetic_shape=(20, 20, 1), synthetic_sizes={"train": 256, "val": 16, "test": 16},
                       num_classes=2, seed=0)
-    cfg = RunConfig(workdir="unused", model=MODEL, batch_size=BATCH, image_size=SIZE, channels=3, l2=1e-4,
+    cfg = RunConfig.flat(workdir="unused", model=MODEL, batch_size=BATCH, image_size=SIZE, channels=3, l2=1e-4,
                     optimizer="sgd", learning_rate=0.01, seed=0)
     with native.kernels("xla"):
         tr = train.Trainer(cfg, d, devices=jax.devices()[:1])

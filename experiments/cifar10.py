@@ -6,11 +6,6 @@ CIFAR comes through the TFDS catalog (needs TensorFlow); without it the run
 falls back to labelled synthetic data. Adam 1e-4, 20 epochs, batch 64.
 """
 
-from experiments import _common as common
+from experiments import training
 
-common.define_paper_flags(dataset="cifar10", epochs=20, learning_rate=1e-4, image_size=32)
-
-
-def main(argv):
-    del argv
-    common.run_paper("cifar10", family="cifar", channels=3, num_classes=10)
+main = training.main  # configs/cifar10.py -> experiments/plan.py -> train

@@ -6,11 +6,6 @@ Adam 1e-4, 20 epochs, batch 64. Without TensorFlow (TFDS catalog) the run falls
 back to labelled synthetic data.
 """
 
-from experiments import _common as common
+from experiments import training
 
-common.define_paper_flags(dataset="cifar100", epochs=20, learning_rate=1e-4, image_size=32)
-
-
-def main(argv):
-    del argv
-    common.run_paper("cifar100", family="cifar", channels=3, num_classes=100)
+main = training.main  # configs/cifar100.py -> experiments/plan.py -> train

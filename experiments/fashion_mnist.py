@@ -8,12 +8,6 @@ EarlyStopping(10); checkpoint selection on a 5,000-image hold-out of train here.
 stored order, the LR/early-stopping callbacks on the test split, the last epoch's weights.
 """
 
-from experiments import _common as common
+from experiments import training
 
-common.define_paper_flags(dataset="fashion_mnist", epochs=10, learning_rate=1e-3, image_size=28,
-                              reduce_lr_patience=3, early_stopping_patience=10)
-
-
-def main(argv):
-    del argv
-    common.run_paper("fashion_mnist", family="mnist", channels=1, num_classes=10)
+main = training.main  # configs/fashion_mnist.py -> experiments/plan.py -> train

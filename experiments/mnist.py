@@ -8,12 +8,6 @@ shuffle; here the best checkpoint is chosen on a 5,000-image hold-out of train
 and every epoch is shuffled (--paper_protocol reproduces the paper's choices).
 """
 
-from experiments import _common as common
+from experiments import training
 
-common.define_paper_flags(dataset="mnist", epochs=10, learning_rate=1e-3, image_size=28,
-                              reduce_lr_patience=4, early_stopping_patience=10)
-
-
-def main(argv):
-    del argv
-    common.run_paper("mnist", family="mnist", channels=1, num_classes=10)
+main = training.main  # configs/mnist.py -> experiments/plan.py -> train

@@ -12,20 +12,10 @@ multi-seed run's replicas averaged unless --seed_index picks one) and
 OUT.npz, with one summary line.
 """
 
-from absl import flags
-
 from lightflax import predict
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a finished training run.")
-INPUT = flags.DEFINE_string("input_npz", None, "npz with an 'images' array, uint8 (N,H,W) or (N,H,W,C).")
-OUTPUT = flags.DEFINE_string("output_npz", None, "Where to write 'probabilities' (N, num_classes) and "
-                             "'predictions' (N,).")
-BATCH = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", lower_bound=1)
-SEED_INDEX = flags.DEFINE_integer("seed_index", None, "Score only this replica of a --num_seeds run (0-based); "
-                                  "default: the mean of every replica's probabilities.", lower_bound=0)
 
-
-def main(argv):
-    del argv
-    predict.predict_npz(WORKDIR.value, INPUT.value, OUTPUT.value, batch_size=BATCH.value,
-                        seed_index=SEED_INDEX.value)
+def main(config, explicit=frozenset()):
+    del explicit
+    predict.predict_npz(config.workdir, config.input_npz, config.output_npz, batch_size=config.optimizer.batch_size,
+                        seed_index=config.seed_index)

@@ -18,96 +18,43 @@ as skipped when neither is available.
 
 import os
 
-from absl import flags
-
-from experiments import default_workdir, xray_transfer  # xray_transfer defines --pretrained_path, ...
-from experiments import _common as common
+from experiments import plan as plan_lib, training
 from lightflax import report, tables
-
-KS = flags.DEFINE_list("ks", ["1", "2", "3", "4", "5"], "LightLayers ranks to compare.")
-TRANSFER = flags.DEFINE_enum("transfer_backbone", "inception_v3", ["none", "inception_v3", "efficientnet_lite0"],
-                             "Backbone of the transfer-learning row ('none' to skip it; InceptionV3 falls back "
-                             "to EfficientNet-Lite0 when its weights are not on disk).")
-
-FLAGS = flags.FLAGS
+from lightflax.errors import UserError
 
 
-def _ranks():
-    try:
-        ks = [int(k) for k in KS.value]
-    except ValueError:
-        raise common.UserError(f"--ks must be a comma-separated list of integers, got {KS.value}") from None
-    if not ks or any(k < 1 for k in ks):
-        raise common.UserError(f"--ks values must be >= 1, got {KS.value}")
-    return ks
+def main(config, explicit=frozenset()):
+    training.configure(config)
+    plan = plan_lib.resolve(config, explicit)
+    with training.no_empty_folder_on_error(plan.workdir):
+        _compare(plan, training.load(plan))
 
 
-def _transfer_backbone():
-    """(backbone or None, note or None), without downloading anything."""
-    from lightflax import pretrained
-    from lightflax.pretrained import download, inception_v3
-
-    choice = TRANSFER.value
-    if choice == "none":
-        return None, None
-    if xray_transfer.PRETRAINED_PATH.value or choice == "efficientnet_lite0":
-        return choice, None
-    if download.find_file(inception_v3.WEIGHTS[False][0], download.weights_dirs()):
-        return choice, None
-    try:
-        pretrained.find_weights("efficientnet_lite0")
-    except common.UserError:
-        return choice, None  # the row then says why it was skipped
-    return "efficientnet_lite0", ("transfer row: InceptionV3 weights not found on disk; using EfficientNet-Lite0 "
-                                  "(offline weights) instead")
-
-
-def plan(ks, dataset):
-    """[(label, subfolder, model, kwargs, size)] of every row, each size checked before any work."""
-    rows = [(f"LightLayers K={k}", f"light_k{k}", "xray_light", {"k": k}) for k in ks]
-    rows.append(("Conv2D", "conv2d", "xray_conv2d", {}))
-    out = []
-    for label, sub, model, kwargs in rows:
-        size = common.fitting_image_size(model, kwargs, dataset)
-        common.check_image_size(label, model, kwargs, size)
-        out.append((label, sub, model, kwargs, size))
-    return out
-
-
-def main(argv):
-    del argv
-    common.configure_output()
-    ks = _ranks()
-    name, note = common.resolve_dataset()
-    rows = plan(ks, name)
-    sizes = sorted({r[-1] for r in rows})
-    workdir = FLAGS.workdir or default_workdir("xray_compare", ["-".join(f"{s}px" for s in sizes)])
-    common.check_workdir(workdir)
-    backbone, transfer_note = _transfer_backbone()
-    with common.no_empty_folder_on_error(workdir):
-        data = common.load_data(num_classes=2, synthetic_shape=(sizes[-1], sizes[-1], 1), name=name, note=note)
-        _compare(workdir, data, rows, backbone, [n for n in (note, transfer_note) if n])
-
-
-def _compare(workdir, data, plan_rows, backbone, notes):
-    results, labels = [], []
-    for label, sub, model, kwargs, size in plan_rows:
-        results.append(common.run_training("xray_compare", model, kwargs, channels=3, data=data, label=label,
-                                           workdir=os.path.join(workdir, sub), image_size=size))
-        labels.append(f"{label} ({size} px)")
-    if backbone:
+def _train_rows(plan, data):
+    """(results, labels, notes) of every row; a transfer row that cannot run is reported as skipped."""
+    results, labels, notes = [], [], [n for n in (plan.note, *plan.comparison_notes) if n]
+    for row in plan.rows:
         try:
-            results.append(xray_transfer.run(backbone, data, os.path.join(workdir, "transfer")))
-            labels.append(f"transfer ({backbone})")
-        except common.UserError as e:
+            results.append(training.train_row(plan, row, data))
+        except UserError as e:
+            if row.run.transfer is None:
+                raise
             notes.append(f"transfer row skipped: {str(e).splitlines()[0]}")
+            continue
+        labels.append(row.label if row.run.transfer else f"{row.label} ({row.run.image_size} px)")
+    return results, labels, notes
+
+
+def _compare(plan, data):
+    workdir, run = plan.workdir, plan.rows[0].run
+    results, labels, notes = _train_rows(plan, data)
     table = tables.comparison_rows(results, labels)
     split = table[0]["figure_split"]
     n_split = (data.splits.get(split).labels.shape[0] if data.splits.get(split) is not None else 0)
     dataset = f"{data.name}{' (SYNTHETIC)' if data.synthetic else ''}"
     header = (f"dataset: {dataset} ({data.source or 'generated'}); accuracy/AUC figures on the {split} split "
               f"({n_split} images){'; test columns are null: no test split' if split != 'test' else ''}; "
-              f"batch {FLAGS.batch_size}; epochs {FLAGS.epochs}; seeds {FLAGS.num_seeds}")
+              f"batch {run.batch_size}; epochs {run.epochs}; seeds {run.num_seeds}")
     md = tables.comparison_markdown(table, note="\n".join([header] + [f"- {n}" for n in notes]))
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(md)

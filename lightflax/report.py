@@ -224,7 +224,7 @@ def build_results(cfg, data, o: RunOutcome, extra: Optional[Dict[str, Any]] = No
     test = summarize_over_seeds(o.test_metrics)
     results: Dict[str, Any] = {
         "experiment": cfg.experiment,
-        "model": cfg.model,
+        "model": cfg.model.name,
         "model_kwargs": cfg.model_kwargs,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset": _dataset_section(data),

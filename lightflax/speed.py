@@ -66,7 +66,7 @@ def model_variant(model: str, model_kwargs: Dict[str, Any], *, batch: int, size:
     n = max(2 * batch, 8)
     data = data_lib.load("synthetic", synthetic_shape=(size, size, 1),
                          synthetic_sizes={"train": n, "val": batch, "test": batch}, num_classes=num_classes)
-    cfg = RunConfig(workdir="", model=model, model_kwargs=dict(model_kwargs), batch_size=batch,
+    cfg = RunConfig.flat(workdir="", model=model, model_kwargs=dict(model_kwargs), batch_size=batch,
                     image_size=size, channels=channels, parallel=parallel, dtype=dtype, num_seeds=num_seeds,
                     replica_mode=replica_mode, seed=seed, optimizer=optimizer)
     tr = train.Trainer(cfg, data, devices=devices)

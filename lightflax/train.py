@@ -65,12 +65,12 @@ def _check_model_input(model, cfg: RunConfig, stored_shape: Tuple[int, ...]) -> 
     min_size = model.min_input_size()
     if min(h, w) < min_size:
         raise UserError(
-            f"--image_size {h}x{w} is too small for {cfg.model}: it needs at least "
+            f"--image_size {h}x{w} is too small for {cfg.model.name}: it needs at least "
             f"{min_size}x{min_size}; pass --image_size={min_size} or larger"
         )
     if cfg.eval_image_size and cfg.eval_image_size < min_size:
         raise UserError(
-            f"--eval_image_size {cfg.eval_image_size} is too small for {cfg.model}: it needs at least {min_size}"
+            f"--eval_image_size {cfg.eval_image_size} is too small for {cfg.model.name}: it needs at least {min_size}"
         )
     return (h, w, cfg.channels)
 
@@ -106,14 +106,14 @@ class Trainer:
             )
         dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
         self.model = models.create(
-            cfg.model, num_classes=data.num_classes, bn_axis_name=parallel.AXIS, dtype=dtype,
+            cfg.model.name, num_classes=data.num_classes, bn_axis_name=parallel.AXIS, dtype=dtype,
             **cfg.model_kwargs,
         )
         self.input_shape = _check_model_input(self.model, cfg, tuple(train.images.shape[1:]))
         self.steps_per_epoch = len(train.labels) // cfg.batch_size  # drop_remainder
         if cfg.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
-        self.tx = steps.make_optimizer(steps.learning_rate_schedule(cfg, self.steps_per_epoch), cfg.optimizer)
+        self.tx = steps.make_optimizer(steps.learning_rate_schedule(cfg, self.steps_per_epoch), cfg.optimizer.name)
         self.class_weights = (steps.class_weights(train.labels, data.num_classes)
                               if cfg.class_weighting == "balanced" else None)
         self.num_seeds = cfg.num_seeds
@@ -534,7 +534,7 @@ def _save(loop: Loop, epoch: int, selected_changed: bool) -> None:
 def _announce(cfg: RunConfig, data) -> None:
     if data.synthetic:
         print("NOTE: training on SYNTHETIC data (random images); accuracy figures are meaningless.", flush=True)
-    print(f"{cfg.experiment}: model {cfg.model} {cfg.model_kwargs}, dataset {data.name} "
+    print(f"{cfg.experiment}: model {cfg.model.name} {cfg.model_kwargs}, dataset {data.name} "
           f"({'synthetic' if data.synthetic else data.source}), workdir {cfg.workdir}", flush=True)
     k = native.status()
     print(f"kernels: {k['kernels']} ({k['reason']})", flush=True)

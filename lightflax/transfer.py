@@ -1,10 +1,10 @@
 """Transfer learning with a frozen backbone: cached features + the shared trainer.
 
-    results = transfer.run_transfer("efficientnet_lite0", data, cfg)
+    results = transfer.run_transfer(data, cfg)   # cfg.transfer: the backbone and the stages (TransferConfig)
 
 ``cfg`` (a RunConfig) carries the protocol (epochs, batch, seeds, workdir); the
 head and fine-tuning stages are trained with new configs derived from it by
-``dataclasses.replace`` (model, workdir, learning rate), never by mutation.
+``cfg.replace`` (model, workdir, learning rate), never by mutation.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def warn_ignored_flags(cfg: RunConfig) -> None:
 def _on_features(cfg: RunConfig, **fields) -> RunConfig:
     """``cfg`` for a model fed with cached backbone outputs: no image preprocessing or augmentation."""
     kwargs = {"dropout": cfg.model_kwargs["dropout"]} if cfg.model_kwargs.get("dropout") else {}
-    return dataclasses.replace(cfg, model_kwargs=kwargs, image_size=None, eval_image_size=None, mean=None,
-                               augment="none", **fields)
+    return cfg.replace(model_kwargs=kwargs, image_size=None, eval_image_size=None, mean=None,
+                       augment="none", **fields)
 
 
 def extract_features(bb, data, *, cache_dir: Optional[str] = None, backbone: str = "") -> tuple:
@@ -65,32 +65,10 @@ def extract_features(bb, data, *, cache_dir: Optional[str] = None, backbone: str
     return dataclasses.replace(data, splits=splits), time.perf_counter() - t0, info
 
 
-def run_transfer(backbone: str, data, cfg: RunConfig, *, pretrained_path: Optional[str] = None,
-                 cache_dir: Optional[str] = None, finetune_blocks: int = 0, finetune_epochs: int = 10,
-                 finetune_learning_rate: float = 1e-5, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Stage 1: frozen backbone + linear head on cached features. With
-    ``finetune_blocks`` = N > 0, stage 2 then unfreezes the backbone's last N
-    blocks and trains them with the head at ``finetune_learning_rate`` for
-    ``finetune_epochs``, fed with the cached activations of the frozen trunk.
-    Stage 1 then lives in ``workdir/head``, stage 2 in ``workdir/finetune``, and
-    ``workdir/results.json`` reports the final (stage-2) model. ``extra``: see
-    ``train.train_and_evaluate``."""
-    from lightflax import pretrained
+def _with_backbone(results: Dict[str, Any], bb, backbone: str, feature_s: float, info) -> Dict[str, Any]:
+    """Stage 1's results with the frozen backbone counted in: parameters, size, feature-extraction time."""
     from flax import serialization
 
-    workdir = cfg.workdir
-    warn_ignored_flags(cfg)
-    bb = pretrained.load(backbone, path=pretrained_path, include_top=False)
-    names = bb.block_names()
-    if not 0 <= finetune_blocks < len(names):
-        raise UserError(f"--finetune_blocks must be in 0..{len(names) - 1} for {backbone} (blocks, input to "
-                        f"output: {', '.join(names)}), got {finetune_blocks}")
-    if finetune_blocks and cfg.num_seeds != 1:
-        raise UserError("--finetune_blocks needs --num_seeds=1 (every replica would start from one stage-1 head)")
-    stage1_dir = os.path.join(workdir, "head") if finetune_blocks else workdir
-    fdata, feature_s, info = extract_features(bb, data, cache_dir=cache_dir, backbone=backbone)
-    results = train.train_and_evaluate(_on_features(cfg, model="linear_head", workdir=stage1_dir), fdata,
-                                       extra=extra)
     bcounts = param_counts.variables_counts(bb.variables)
     backbone_bytes = len(serialization.to_bytes(bb.variables))
     results.update({
@@ -113,12 +91,41 @@ def run_transfer(backbone: str, data, cfg: RunConfig, *, pretrained_path: Option
         "transfer: backbone frozen; features computed once per split and cached "
         f"(feature extraction {feature_s:.1f} s, included in total_time_s; cache hits take ~0 s); "
         "size_bytes = backbone variables + head as msgpack"]
+    return results
+
+
+def run_transfer(data, cfg: RunConfig, *, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Stage 1: frozen backbone + linear head on cached features. With
+    ``cfg.transfer.finetune_blocks`` = N > 0, stage 2 then unfreezes the backbone's last N
+    blocks and trains them with the head at ``cfg.transfer.finetune_learning_rate`` for
+    ``cfg.transfer.finetune_epochs``, fed with the cached activations of the frozen trunk.
+    Stage 1 then lives in ``workdir/head``, stage 2 in ``workdir/finetune``, and
+    ``workdir/results.json`` reports the final (stage-2) model. ``extra``: see
+    ``train.train_and_evaluate``."""
+    from lightflax import pretrained
+
+    workdir, t = cfg.workdir, cfg.transfer
+    if t is None:
+        raise ValueError("run_transfer needs cfg.transfer (a TransferConfig)")
+    warn_ignored_flags(cfg)
+    bb = pretrained.load(t.backbone, path=t.pretrained_path, include_top=False)
+    names = bb.block_names()
+    if not 0 <= t.finetune_blocks < len(names):
+        raise UserError(f"--finetune_blocks must be in 0..{len(names) - 1} for {t.backbone} (blocks, input to "
+                        f"output: {', '.join(names)}), got {t.finetune_blocks}")
+    if t.finetune_blocks and cfg.num_seeds != 1:
+        raise UserError("--finetune_blocks needs --num_seeds=1 (every replica would start from one stage-1 head)")
+    stage1_dir = os.path.join(workdir, "head") if t.finetune_blocks else workdir
+    fdata, feature_s, info = extract_features(bb, data, cache_dir=t.cache_dir, backbone=t.backbone)
+    results = train.train_and_evaluate(_on_features(cfg, model="linear_head", workdir=stage1_dir), fdata,
+                                       extra=extra)
+    results = _with_backbone(results, bb, t.backbone, feature_s, info)
     report.write_json(os.path.join(stage1_dir, "results.json"), results)
-    if not finetune_blocks:
+    if not t.finetune_blocks:
         return results
-    stage2 = _on_features(cfg, workdir=os.path.join(workdir, "finetune"), epochs=finetune_epochs,
-                          learning_rate=finetune_learning_rate)
-    final = finetune(bb, data, stage1_dir, stage2, blocks=finetune_blocks, cache_dir=cache_dir, extra=extra)
+    stage2 = _on_features(cfg, workdir=os.path.join(workdir, "finetune"), epochs=t.finetune_epochs,
+                          learning_rate=t.finetune_learning_rate)
+    final = finetune(bb, data, stage1_dir, stage2, blocks=t.finetune_blocks, cache_dir=t.cache_dir, extra=extra)
     final["stage1"] = {k: results.get(k) for k in (
         "select_metrics", "test_metrics", "test_accuracy", "trainable_params", "total_time_s",
         "feature_extraction_s", "time_per_epoch_s", "best_epoch")}
@@ -126,7 +133,7 @@ def run_transfer(backbone: str, data, cfg: RunConfig, *, pretrained_path: Option
     final["model_path"] = os.path.join("finetune", "model.msgpack")  # relative to workdir (predict)
     final["notes"] = list(final.get("notes", [])) + [
         f"two-stage transfer: stage 1 (head on frozen features, {stage1_dir}) then stage 2 "
-        f"(last {finetune_blocks} block(s) + head, lr {finetune_learning_rate:g}, {finetune_epochs} epochs); "
+        f"(last {t.finetune_blocks} block(s) + head, lr {t.finetune_learning_rate:g}, {t.finetune_epochs} epochs); "
         "total_time_s covers both stages"]
     report.write_json(os.path.join(workdir, "results.json"), final)
     return final
@@ -159,7 +166,7 @@ def finetune(bb, data, stage1_dir: str, cfg: RunConfig, *, blocks: int, cache_di
             "batch_stats": {"backbone": {n: v for n, v in bb.variables.get("batch_stats", {}).items() if n in tail}}}
     channels = int(adata.splits["train"].images.shape[-1])
     kwargs = dict(cfg.model_kwargs, backbone=bb.name, first_block=cut)
-    cfg = dataclasses.replace(cfg, model="backbone_tail", model_kwargs=kwargs, channels=channels)
+    cfg = cfg.replace(model="backbone_tail", model_kwargs=kwargs, channels=channels)
     results = train.train_and_evaluate(cfg, adata, init_variables=init, extra=extra)
     frozen = {c: {n: v for n, v in bb.variables.get(c, {}).items() if n not in tail} for c in ("params", "batch_stats")}
     fcounts = param_counts.variables_counts(frozen)

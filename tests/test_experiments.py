@@ -191,7 +191,7 @@ def test_no_shuffle_keeps_the_stored_order():
     d = data.load("synthetic", synthetic_shape=(8, 8, 1), synthetic_sizes={"train": 24, "val": 8, "test": 8},
                   num_classes=2)
     for shuffle in (True, False):
-        cfg = RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8,
+        cfg = RunConfig.flat(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8,
                         image_size=8, channels=3, shuffle=shuffle, num_seeds=2)
         tr = train.Trainer(cfg, d)
         perms = [np.asarray(tr.permutations(e)) for e in (0, 1)]

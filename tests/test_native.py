@@ -542,7 +542,7 @@ STEP_CODE = textwrap.dedent(
         # SGD: after one step p1 - p0 = -lr * gradient, so the step's gradients are compared directly
         # (Adam's first step is lr * sign(g), which turns the zero gradients of the biases in front of
         # a BatchNorm into sign noise).
-        cfg = RunConfig(workdir="unused", model=MODEL, model_kwargs=KW, batch_size=16, image_size=SIZE,
+        cfg = RunConfig.flat(workdir="unused", model=MODEL, model_kwargs=KW, batch_size=16, image_size=SIZE,
                         channels=3, optimizer="sgd", learning_rate=0.01, num_seeds=SEEDS, replica_mode=MODE)
 
         def run(kernels, optimize=True):

@@ -19,7 +19,7 @@ def test_keep_last_reports_the_last_epoch(tmp_path):
     splits = {s: Split(rng.normal(size=(n, 32)).astype(np.float32), rng.integers(0, 2, n))
               for s, n in (("train", 64), ("test", 64))}
     d = DatasetSplits("synthetic", True, 2, ["a", "b"], dict(splits, val=None))
-    cfg = RunConfig(workdir=str(tmp_path / "run"), model="linear_head", batch_size=16, epochs=3,
+    cfg = RunConfig.flat(workdir=str(tmp_path / "run"), model="linear_head", batch_size=16, epochs=3,
                     select_split="test", keep="last", learning_rate=0.1)
     r = train.train_and_evaluate(cfg, d)
     history = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -46,11 +46,11 @@ def _history(workdir):
     ("last", [True, False], [4, 7]),  # replica 0 stopped at its best (2) + patience (2)
 ])
 def test_kept_epochs(keep, stopped, expected):
-    cfg = RunConfig(workdir="unused", model="xray_light", keep=keep, early_stopping_patience=2, num_seeds=2)
+    cfg = RunConfig.flat(workdir="unused", model="xray_light", keep=keep, early_stopping_patience=2, num_seeds=2)
     tracker = plateau.PlateauTracker(2, stop_patience=2, best_epoch=[2, 5], stopped=stopped)
     assert plateau.kept_epochs(cfg, tracker, 7) == expected
 
 
 def test_keep_is_checked():
     with pytest.raises(UserError, match="--keep must be one of best, last"):
-        RunConfig(workdir="unused", model="xray_light", keep="first")
+        RunConfig.flat(workdir="unused", model="xray_light", keep="first")

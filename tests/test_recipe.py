@@ -177,7 +177,7 @@ def test_train_step_uses_the_balanced_loss():
     images = np.asarray(d.splits["train"].images)
     labels = np.array([0] * 30 + [1] * 10, np.int32)
     np.random.default_rng(0).shuffle(labels)
-    cfg = RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 2}, batch_size=16, image_size=28,
+    cfg = RunConfig.flat(workdir="unused", model="xray_light", model_kwargs={"k": 2}, batch_size=16, image_size=28,
                     class_weighting="balanced", shuffle=False)
     model = models.create("xray_light", num_classes=2, bn_axis_name=parallel.AXIS, k=2)
     w = steps.class_weights(labels, 2)
@@ -222,7 +222,7 @@ def test_cosine_schedule_is_the_rate_adam_applies(warmup_epochs):
     from lightflax import steps
     from lightflax.config import RunConfig
 
-    cfg = RunConfig(workdir="unused", model="xray_light", epochs=4, learning_rate=2e-3, lr_schedule="cosine",
+    cfg = RunConfig.flat(workdir="unused", model="xray_light", epochs=4, learning_rate=2e-3, lr_schedule="cosine",
                     warmup_epochs=warmup_epochs)
     spe = 5
     tx = steps.make_optimizer(steps.learning_rate_schedule(cfg, spe))
@@ -244,18 +244,18 @@ def test_knob_validation():
 
     base = dict(workdir="unused", model="xray_light")
     with pytest.raises(UserError, match="cannot be combined with --reduce_lr_patience"):
-        RunConfig(**base, lr_schedule="cosine", reduce_lr_patience=2)
+        RunConfig.flat(**base, lr_schedule="cosine", reduce_lr_patience=2)
     with pytest.raises(UserError, match="--warmup_epochs needs --lr_schedule=cosine"):
-        RunConfig(**base, warmup_epochs=1)
+        RunConfig.flat(**base, warmup_epochs=1)
     with pytest.raises(UserError, match="smaller than --epochs"):
-        RunConfig(**base, lr_schedule="cosine", warmup_epochs=3, epochs=3)
+        RunConfig.flat(**base, lr_schedule="cosine", warmup_epochs=3, epochs=3)
     for name in ("class_weighting", "lr_schedule", "decision"):
         with pytest.raises(UserError, match=f"--{name} must be one of"):
-            RunConfig(**base, **{name: "bogus"})
-    cosine = RunConfig(**base, lr_schedule="cosine", epochs=4)
+            RunConfig.flat(**base, **{name: "bogus"})
+    cosine = RunConfig.flat(**base, lr_schedule="cosine", epochs=4)
     with pytest.raises(UserError, match="--epochs 4 -> 6"):  # the schedule spans the run's epochs
-        check_resume_settings(RunConfig(**base, lr_schedule="cosine", epochs=6), cosine.to_json())
-    check_resume_settings(RunConfig(**base, epochs=6), RunConfig(**base, epochs=4).to_json())  # constant: may
+        check_resume_settings(RunConfig.flat(**base, lr_schedule="cosine", epochs=6), cosine.to_json())
+    check_resume_settings(RunConfig.flat(**base, epochs=6), RunConfig.flat(**base, epochs=4).to_json())  # constant: may
 
 
 def test_cosine_schedule_survives_resume(tmp_path):
@@ -280,66 +280,67 @@ def test_cosine_schedule_survives_resume(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def recipe_flags():
-    """The entry layer's flags in this process, parsed from a test's argv and reset afterwards."""
-    from absl import flags
+def _config(experiment="xray_light", **fields):
+    """configs/<experiment>.py with ``fields`` ({"schedule.epochs": 3}) set as the command line would."""
+    import importlib
 
-    from experiments import _common as common
+    from ml_collections.config_flags import config_path
 
-    common.define_recipe_flag()
-
-    def parse(*argv):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["prog", *argv])
-        return flags.FLAGS
-
-    yield common, parse
-    flags.FLAGS.unparse_flags()
-    common._applied_recipe.clear()
+    config = importlib.import_module(f"configs.{experiment}").get_config()
+    for path, value in fields.items():
+        config_path.set_value(path, config, value)
+    return config, frozenset(fields)
 
 
-def test_study_recipe_is_todays_defaults(recipe_flags):
-    common, parse = recipe_flags
-    f = parse()
-    assert {k: f[k].default for k in common.RECIPES["study"]} == common.RECIPES["study"]
-    assert set(common.RECIPES["robust"]) == set(common.RECIPES["study"])  # one switch, the same knobs
+def test_study_recipe_is_todays_defaults():
+    from experiments import recipes
+
+    for experiment in recipes.EXPERIMENTS:
+        config, _ = _config(experiment)
+        assert recipes.study(config).to_dict() == config.to_dict(), experiment
+    config, _ = _config()
+    robust = recipes.robust(config)
+    assert robust is not config and config.schedule.lr_schedule == "constant"  # a new config, the input unchanged
+    changed = {f for f, p in recipes.KNOBS.items() if recipes.get(robust, p) != recipes.get(config, p)}
+    assert changed == {"lr_schedule", "num_seeds", "decision"}  # one switch, the same knobs
 
 
-def test_recipe_sets_the_values_and_an_explicit_flag_wins(recipe_flags):
-    common, parse = recipe_flags
-    f = parse("--recipe=robust", "--epochs=3", "--dropout=0.1")
-    record = common.apply_recipe("xray_light")
-    robust = common.RECIPES["robust"]
-    for name, value in robust.items():
-        assert f[name].value == {"epochs": 3, "dropout": 0.1}.get(name, value), name
+def test_recipe_sets_the_values_and_an_explicit_flag_wins():
+    from experiments import recipes
+
+    config, explicit = _config(recipe="robust", **{"schedule.epochs": 3, "model.dropout": 0.1})
+    out, record = recipes.apply(config, explicit)
+    assert (out.schedule.epochs, out.model.dropout, out.runtime.num_seeds, out.schedule.lr_schedule,
+            out.callbacks.decision) == (3, 0.1, 3, "cosine", "prior_corrected")
     assert record["recipe"] == "robust"
     assert record["recipe_overrides"] == {"epochs": 3, "dropout": 0.1}
-    assert record["recipe_values"] == dict(robust, epochs=3, dropout=0.1)
-    assert common.flags_record("xray_light")["recipe_values"]["epochs"] == 3
-    # xray_transfer: augment does not apply to cached features and is left alone
-    f = parse("--recipe=robust")
-    record = common.apply_recipe("xray_transfer", skip={"augment": "cached features"})
-    assert f.augment == "none" and f.num_seeds == robust["num_seeds"]
-    assert record["recipe_skipped"] == {"augment": "cached features"}
-    # ... and its linear head trains to convergence: 100 epochs (RECIPE_ADJUSTMENTS), study keeps 20
-    assert f.epochs == 100 and record["recipe_values"]["epochs"] == 100 and robust["epochs"] == 20
-    f = parse("--recipe=robust", "--epochs=7")
-    assert common.apply_recipe("xray_transfer")["recipe_overrides"] == {"epochs": 7} and f.epochs == 7
-    f = parse("--recipe=study")
-    common.apply_recipe("xray_transfer")
-    assert f.epochs == 20
+    assert record["recipe_values"]["epochs"] == 3 and record["recipe_values"]["num_seeds"] == 3
+    assert config.runtime.num_seeds == 1  # the input config is not overwritten
+    # xray_transfer: augment does not apply to cached features and is left alone ...
+    config, explicit = _config("xray_transfer", recipe="robust", **{"data.augment": "study"})
+    out, record = recipes.apply(config, explicit)
+    assert out.data.augment == "study" and out.runtime.num_seeds == 3
+    assert set(record["recipe_skipped"]) == {"augment"}
+    # ... and its linear head trains to convergence: 100 epochs, study keeps 20
+    assert out.schedule.epochs == 100 and record["recipe_values"]["epochs"] == 100
+    config, explicit = _config("xray_transfer", recipe="robust", **{"schedule.epochs": 7})
+    assert recipes.apply(config, explicit)[1]["recipe_overrides"] == {"epochs": 7}
+    assert recipes.apply(_config("xray_transfer")[0], frozenset())[0].schedule.epochs == 20
+    # --finetune_blocks: one seed, the recipe's --num_seeds is skipped
+    config, explicit = _config("xray_transfer", recipe="robust", **{"transfer.finetune_blocks": 1})
+    out, record = recipes.apply(config, explicit)
+    assert out.runtime.num_seeds == 1 and "num_seeds" in record["recipe_skipped"]
 
 
-def test_recipe_only_where_it_is_applied(recipe_flags):
+def test_recipe_only_where_it_is_applied():
+    from experiments import recipes
     from lightflax.errors import UserError
 
-    common, parse = recipe_flags
-    parse("--recipe=robust")
+    config, _ = _config("mnist")
+    assert "recipe" not in config and recipes.apply(config, frozenset()) == (config, {})  # no field, no flag
+    config.recipe = "robust"
     with pytest.raises(UserError, match="--recipe applies to"):
-        common.check_recipe_applied()  # e.g. xray_compare, which defines the flag through xray_transfer
-    with pytest.raises(UserError, match="--recipe applies to"):
-        common.apply_recipe("mnist")
+        recipes.apply(config, frozenset())
 
 
 def test_robust_recipe_end_to_end(tmp_path):
@@ -374,8 +375,8 @@ def test_a_balanced_loss_is_corrected_from_a_uniform_prior():
 
     labels = np.array([0] * 26 + [1] * 74)
     data = SimpleNamespace(num_classes=2, name="x", splits={"train": SimpleNamespace(labels=labels)})
-    plain = decision.build(RunConfig(workdir="w", model="xray_light", decision="prior_corrected"), data)
-    balanced = decision.build(RunConfig(workdir="w", model="xray_light", decision="prior_corrected",
+    plain = decision.build(RunConfig.flat(workdir="w", model="xray_light", decision="prior_corrected"), data)
+    balanced = decision.build(RunConfig.flat(workdir="w", model="xray_light", decision="prior_corrected",
                                         class_weighting="balanced"), data)
     assert plain["threshold"] == pytest.approx(metrics.prior_threshold([0.26, 0.74], metrics.PNEUMONIA_TEST_PRIOR))
     assert balanced["model_prior"] == [0.5, 0.5] and balanced["train_prior"] == [0.26, 0.74]

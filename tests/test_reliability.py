@@ -118,7 +118,7 @@ def test_nan_after_good_epochs_writes_the_best_model(tmp_path):
                 raise NonFiniteLossError("non-finite training loss [nan] in epoch 2")
             return out
         train.run_epoch = run_epoch
-        cfg = RunConfig(workdir={str(tmp_path / 'w')!r}, model="xray_light", model_kwargs={{"k": 1}},
+        cfg = RunConfig.flat(workdir={str(tmp_path / 'w')!r}, model="xray_light", model_kwargs={{"k": 1}},
                         batch_size=8, epochs=3, image_size=16, channels=3)
         try:
             train.train_and_evaluate(cfg, d)
@@ -186,8 +186,8 @@ def test_eval_image_size_on_a_transfer_head_warns(capsys):
     from lightflax import transfer
     from lightflax.config import RunConfig
 
-    transfer.warn_ignored_flags(RunConfig(workdir="unused", model="linear_head", eval_image_size=64))
-    transfer.warn_ignored_flags(RunConfig(workdir="unused", model="linear_head"))
+    transfer.warn_ignored_flags(RunConfig.flat(workdir="unused", model="linear_head", eval_image_size=64))
+    transfer.warn_ignored_flags(RunConfig.flat(workdir="unused", model="linear_head"))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--eval_image_size 64 is ignored" in err[0]
 

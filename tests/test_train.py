@@ -27,7 +27,7 @@ STEPS_SCRIPT = textwrap.dedent(
     kwargs = {{"k": 2}} if "light" in model else {{}}
     d = data.load("synthetic", synthetic_shape=(20, 20, 1), synthetic_sizes={{"train": 256, "val": 16, "test": 16}},
                   num_classes=2, seed=0)
-    cfg = RunConfig(workdir="unused", model=model, model_kwargs=kwargs, batch_size=64, image_size=24,
+    cfg = RunConfig.flat(workdir="unused", model=model, model_kwargs=kwargs, batch_size=64, image_size=24,
                     channels=3, parallel=mode, num_seeds=num_seeds, l2=1e-4, optimizer="sgd",
                     replica_mode=replica_mode, learning_rate=0.01, seed=seed)
     tr = train.Trainer(cfg, d)
@@ -189,7 +189,7 @@ def test_single_seed_replica_axis_is_the_plain_step():
         from lightflax.config import RunConfig
         d = data.load("synthetic", synthetic_shape=(16, 16, 1), synthetic_sizes={"train": 32, "val": 8, "test": 8},
                       num_classes=2, seed=0)
-        cfg = RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8, image_size=16,
+        cfg = RunConfig.flat(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8, image_size=16,
                         channels=3)
         tr = train.Trainer(cfg, d)
         fn = steps.make_train_step(tr.model, cfg, tr.local_batch)
@@ -273,7 +273,7 @@ def test_eval_image_size_evaluates_at_another_resolution():
         d = data.load("synthetic", synthetic_shape=(20, 20, 1), synthetic_sizes={"train": 16, "val": 8, "test": 8},
                       num_classes=2, seed=0)
         def trainer(eval_size):
-            cfg = RunConfig(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8,
+            cfg = RunConfig.flat(workdir="unused", model="xray_light", model_kwargs={"k": 1}, batch_size=8,
                             image_size=16, eval_image_size=eval_size, channels=3)
             return train.Trainer(cfg, d)
         base, fixres, same = trainer(None), trainer(32), trainer(16)
@@ -348,7 +348,7 @@ def test_initial_replicas_equal_plain_init_of_their_seeds():
 
     d = data.load("synthetic", synthetic_shape=(8, 8, 1), synthetic_sizes={"train": 8, "val": 4, "test": 4},
                   num_classes=2, seed=0)
-    cfg = RunConfig(workdir="unused", model="mnist_light", model_kwargs={"k": 2}, batch_size=4, image_size=28,
+    cfg = RunConfig.flat(workdir="unused", model="mnist_light", model_kwargs={"k": 2}, batch_size=4, image_size=28,
                     channels=1, num_seeds=2, seed=7)
     tr = train.Trainer(cfg, d)
     state = tr.init_state()

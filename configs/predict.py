@@ -1,0 +1,16 @@
+"""Scoring a finished run on an external npz:
+python launch.py --experiment=predict --workdir=RUN_DIR --input_npz=IN.npz --output_npz=OUT.npz"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.experiment = "predict"
+    c.workdir = placeholder(str)  # the finished run
+    c.input_npz = placeholder(str)
+    c.output_npz = placeholder(str)
+    c.seed_index = placeholder(int)  # None: the mean of every replica's probabilities
+    c.optimizer = ml_collections.ConfigDict(dict(batch_size=64))  # images per forward pass
+    return c

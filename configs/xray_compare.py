@@ -1,0 +1,12 @@
+"""The study's comparison in one go, LightLayers K=1..5, Conv2D and the transfer row:
+python launch.py --experiment=xray_compare"""
+
+from configs import _training
+
+
+def get_config():
+    c = _training.get_config("xray_compare", "xray_light")
+    c.model.channels = 3
+    c.model.ks = "1,2,3,4,5"  # LightLayers ranks of the rows
+    c.transfer = _training.transfer_section(backbone="inception_v3")  # 'none': no transfer row
+    return c

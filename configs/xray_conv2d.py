@@ -1,0 +1,10 @@
+"""The study's Conv2D row on chest X-rays: python launch.py --experiment=xray_conv2d"""
+
+from configs import _training
+
+
+def get_config():
+    c = _training.get_config("xray_conv2d", "xray_conv2d")
+    c.model.channels = 3
+    c.recipe = "study"  # study | robust (experiments/recipes.py)
+    return c

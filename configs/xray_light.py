@@ -1,0 +1,11 @@
+"""The study's LightLayers (K = k) rows on chest X-rays: python launch.py --experiment=xray_light --k=5"""
+
+from configs import _training
+
+
+def get_config():
+    c = _training.get_config("xray_light", "xray_light")
+    c.model.k = 5  # LightLayers rank K
+    c.model.channels = 3
+    c.recipe = "study"  # study | robust (experiments/recipes.py)
+    return c
