@@ -26,9 +26,14 @@ from flax import linen as nn
 
 from lightflax.pretrained.backbone import Path, check_block_range
 
+ARCH = "InceptionV3"
+FORMAT = "keras_h5"
 RESOLUTION = 299
+MIN_SIZE = 75  # keras.applications.InceptionV3's min_size
 FEATURE_DIM = 2048
 OFFSET, SCALE = 127.5, 127.5  # x / 127.5 - 1
+BGR = False
+DIGEST = "md5"
 
 WEIGHTS = {
     # (file name, URL, md5) exactly as keras/src/applications/inception_v3.py.
@@ -224,6 +229,8 @@ class InceptionV3(nn.Module):
         raise ValueError(f"pooling must be 'avg', 'max' or None, got {self.pooling!r}")
 
 
+MODEL = InceptionV3
+
 _CONV_BN = re.compile(r"conv_bn_(\d+)")
 _BN_NAMES = {"bias": "beta", "scale": "gamma", "mean": "moving_mean", "var": "moving_variance"}
 
@@ -248,6 +255,3 @@ def file_key(path: Path) -> Tuple[str, str]:
 
 AUTO_PREFIXES = ("conv2d", "batch_normalization")
 
-
-def is_classifier_key(key: str) -> bool:
-    return key.startswith("predictions/")
