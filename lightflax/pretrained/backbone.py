@@ -197,6 +197,45 @@ def check_images(images) -> None:
                         "pass an (N, H, W, C) array")
 
 
+class BlockStack(nn.Module):
+    """Base of a backbone made of named blocks (``BLOCKS``, the parameter-path prefixes, input to
+    output): the blocks, global average pooling, and a Dense classifier named ``CLASSIFIER`` with
+    include_top. Subclasses set ARCH, MIN_SIZE, BLOCKS, CLASSIFIER and ``block(j)`` (block j's module).
+
+    Partial application (fine-tuning with a cached trunk): BLOCKS[start_block:stop_block] only;
+    with stop_block < len(BLOCKS) the block's raw activation is returned (no pooling). The input
+    size is checked (one-line ValueError below MIN_SIZE) when the stack starts at the image.
+    """
+
+    include_top: bool = False
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+    start_block: int = 0
+    stop_block: Optional[int] = None
+
+    ARCH = ""
+    MIN_SIZE = 1
+    BLOCKS = ()  # class attributes, not dataclass fields
+    CLASSIFIER = "predictions"
+
+    def block(self, j: int) -> nn.Module:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        stop = check_block_range(self.BLOCKS, self.start_block, self.stop_block)
+        if self.start_block == 0:
+            check_input_size(x, self.MIN_SIZE, self.ARCH)
+        for j in range(self.start_block, stop):
+            x = self.block(j)(x, train)
+        if stop < len(self.BLOCKS):
+            return x
+        x = jnp.mean(x, axis=(1, 2))
+        if not self.include_top:
+            return x
+        return nn.Dense(self.num_classes, dtype=self.dtype, name=self.CLASSIFIER)(x)
+
+
 @dataclasses.dataclass(eq=False)
 class Backbone:
     """A loaded backbone: module, variables, its preprocessing and a jitted forward.

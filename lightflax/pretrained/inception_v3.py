@@ -24,6 +24,7 @@ from typing import Any, Optional, Tuple
 import jax.numpy as jnp
 from flax import linen as nn
 
+from lightflax.pretrained import keras_h5
 from lightflax.pretrained.backbone import Path, check_block_range
 
 ARCH = "InceptionV3"
@@ -35,17 +36,9 @@ OFFSET, SCALE = 127.5, 127.5  # x / 127.5 - 1
 BGR = False
 DIGEST = "md5"
 
-WEIGHTS = {
-    # (file name, URL, md5) exactly as keras/src/applications/inception_v3.py.
-    False: ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-            "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            "bcbd6486424b2319ff4ef7d526e38f63"),
-    True: ("inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-           "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-           "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-           "9a0d58056eeedaa3f26cb7ebd46da564"),
-}
+# md5 exactly as keras/src/applications/inception_v3.py.
+WEIGHTS = keras_h5.keras_applications_weights("inception_v3", "inception_v3", "9a0d58056eeedaa3f26cb7ebd46da564",
+                                              "bcbd6486424b2319ff4ef7d526e38f63")
 
 
 class ConvBN(nn.Module):
@@ -254,4 +247,3 @@ def file_key(path: Path) -> Tuple[str, str]:
 
 
 AUTO_PREFIXES = ("conv2d", "batch_normalization")
-

@@ -26,7 +26,8 @@ from typing import Any, Optional, Tuple
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lightflax.pretrained.backbone import Path, check_block_range, check_input_size
+from lightflax.pretrained import keras_h5
+from lightflax.pretrained.backbone import BlockStack, Path
 
 ARCH = "ResNet50"
 FORMAT = "keras_h5"
@@ -37,14 +38,9 @@ OFFSET = (103.939, 116.779, 123.68)  # keras imagenet_utils 'caffe' mode, BGR or
 SCALE = 1.0
 BGR = True
 DIGEST = "md5"
-_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
-WEIGHTS = {
-    # (file name, URL, md5) exactly as keras/src/applications/resnet.py (WEIGHTS_HASHES["resnet50"]).
-    True: ("resnet50_weights_tf_dim_ordering_tf_kernels.h5",
-           _URL + "resnet50_weights_tf_dim_ordering_tf_kernels.h5", "2cb95161c43110f7111970584f804107"),
-    False: ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            _URL + "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626"),
-}
+# md5 exactly as keras/src/applications/resnet.py (WEIGHTS_HASHES["resnet50"]).
+WEIGHTS = keras_h5.keras_applications_weights("resnet", "resnet50", "2cb95161c43110f7111970584f804107",
+                                              "4d473c1dd8becc155b73f8504c6f6626")
 AUTO_PREFIXES: Tuple[str, ...] = ()  # every ResNet50 layer is named
 
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (bottleneck width, units, first stride)
@@ -101,37 +97,18 @@ class Stem(nn.Module):
         return nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
 
 
-class ResNet50(nn.Module):
-    """Keras-layout ResNet50: (N, H, W, 3) -> (N, 2048) features or (N, num_classes) logits."""
+class ResNet50(BlockStack):
+    """Keras-layout ResNet50: (N, H, W, 3) -> (N, 2048) features or (N, num_classes) logits
+    (fields and partial application: backbone.BlockStack)."""
 
-    include_top: bool = False
-    num_classes: int = 1000
-    dtype: Any = jnp.float32
-
-    # Partial application (fine-tuning with a cached trunk): run BLOCKS[start_block:stop_block]
-    # only; with stop_block < len(BLOCKS) the block's raw activation is returned (no pooling).
-    start_block: int = 0
-    stop_block: Optional[int] = None
-
+    ARCH, MIN_SIZE = ARCH, MIN_SIZE
     BLOCKS = ("stem",) + tuple(name for name, *_ in UNITS)
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        stop = check_block_range(self.BLOCKS, self.start_block, self.stop_block)
-        if self.start_block == 0:
-            check_input_size(x, MIN_SIZE, ARCH)
-        for j in range(self.start_block, stop):
-            if j == 0:
-                x = Stem(self.dtype, name="stem")(x, train)
-            else:
-                name, width, stride = UNITS[j - 1]
-                x = Bottleneck(width, stride, name.endswith("_block1"), dtype=self.dtype, name=name)(x, train)
-        if stop < len(self.BLOCKS):
-            return x
-        x = jnp.mean(x, axis=(1, 2))
-        if not self.include_top:
-            return x
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
+    def block(self, j: int) -> nn.Module:
+        if j == 0:
+            return Stem(self.dtype, name="stem")
+        name, width, stride = UNITS[j - 1]
+        return Bottleneck(width, stride, name.endswith("_block1"), dtype=self.dtype, name=name)
 
 
 MODEL = ResNet50
@@ -156,4 +133,3 @@ def file_key(path: Path) -> Tuple[str, str]:
         part, kind = path[2].rsplit("_", 1)
         layer = f"{block}_{_KERAS_UNIT[part]}_{kind}"
     return f"{layer}/{_KERAS_BN.get(leaf, leaf) if layer.endswith('_bn') else leaf}", "same"
-

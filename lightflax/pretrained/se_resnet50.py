@@ -24,12 +24,12 @@ The original's classifier takes 195..226 only (above, its pool leaves more than
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lightflax.pretrained.backbone import Path, check_block_range, check_input_size
+from lightflax.pretrained.backbone import BlockStack, Path
 from lightflax.pretrained.resnet50 import STAGES, Bottleneck
 
 ARCH = "SE-ResNet50"
@@ -76,38 +76,20 @@ class Layer0(nn.Module):
         return _max_pool_ceil(nn.relu(x))
 
 
-class SEResNet50(nn.Module):
-    """(N, H, W, 3) -> (N, 2048) features, or (N, num_classes) logits with include_top."""
+class SEResNet50(BlockStack):
+    """(N, H, W, 3) -> (N, 2048) features, or (N, num_classes) logits with include_top
+    (fields and partial application: backbone.BlockStack)."""
 
-    include_top: bool = False
-    num_classes: int = 1000
-    dtype: Any = jnp.float32
-
-    # Partial application (fine-tuning with a cached trunk): run BLOCKS[start_block:stop_block]
-    # only; with stop_block < len(BLOCKS) the block's raw activation is returned (no pooling).
-    start_block: int = 0
-    stop_block: Optional[int] = None
-
+    ARCH, MIN_SIZE = ARCH, MIN_SIZE
     BLOCKS = ("layer0",) + tuple(name for name, *_ in UNITS)
+    CLASSIFIER = "last_linear"
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        stop = check_block_range(self.BLOCKS, self.start_block, self.stop_block)
-        if self.start_block == 0:
-            check_input_size(x, MIN_SIZE, ARCH)
-        for j in range(self.start_block, stop):
-            if j == 0:
-                x = Layer0(self.dtype, name="layer0")(x, train)
-            else:
-                name, width, stride = UNITS[j - 1]
-                x = Bottleneck(width, stride, name.endswith("_0"), use_bias=False, epsilon=1e-5, momentum=0.9,
-                               se_reduction=16, dtype=self.dtype, name=name)(x, train)
-        if stop < len(self.BLOCKS):
-            return x
-        x = jnp.mean(x, axis=(1, 2))
-        if not self.include_top:
-            return x
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="last_linear")(x)
+    def block(self, j: int) -> nn.Module:
+        if j == 0:
+            return Layer0(self.dtype, name="layer0")
+        name, width, stride = UNITS[j - 1]
+        return Bottleneck(width, stride, name.endswith("_0"), use_bias=False, epsilon=1e-5, momentum=0.9,
+                          se_reduction=16, dtype=self.dtype, name=name)
 
 
 MODEL = SEResNet50

@@ -29,7 +29,8 @@ from typing import Any, Optional, Tuple
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lightflax.pretrained.backbone import Path, check_block_range, check_input_size
+from lightflax.pretrained import keras_h5
+from lightflax.pretrained.backbone import BlockStack, Path
 from lightflax.pretrained.efficientnet_lite0 import DepthwiseConv
 
 ARCH = "Xception"
@@ -40,14 +41,9 @@ FEATURE_DIM = 2048
 OFFSET, SCALE = 127.5, 127.5  # x / 127.5 - 1
 BGR = False
 DIGEST = "md5"
-_URL = "https://storage.googleapis.com/tensorflow/keras-applications/xception/"
-WEIGHTS = {
-    # (file name, URL, md5) exactly as keras/src/applications/xception.py.
-    True: ("xception_weights_tf_dim_ordering_tf_kernels.h5",
-           _URL + "xception_weights_tf_dim_ordering_tf_kernels.h5", "0a58e3b7378bc2990ea3b43d5981f1f6"),
-    False: ("xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            _URL + "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", "b0042744bf5b25fce3cb969f33bebb97"),
-}
+# md5 exactly as keras/src/applications/xception.py.
+WEIGHTS = keras_h5.keras_applications_weights("xception", "xception", "0a58e3b7378bc2990ea3b43d5981f1f6",
+                                              "b0042744bf5b25fce3cb969f33bebb97")
 AUTO_PREFIXES = ("conv2d", "batch_normalization")
 
 # block -> (separable conv filters, projection shortcut filters or None (identity) or 0 (none),
@@ -131,39 +127,21 @@ class ExitConvs(nn.Module):
         return x
 
 
-class Xception(nn.Module):
-    """Keras-layout Xception: (N, H, W, 3) -> (N, 2048) features or (N, num_classes) logits."""
+class Xception(BlockStack):
+    """Keras-layout Xception: (N, H, W, 3) -> (N, 2048) features or (N, num_classes) logits
+    (fields and partial application: backbone.BlockStack)."""
 
-    include_top: bool = False
-    num_classes: int = 1000
-    dtype: Any = jnp.float32
-
-    # Partial application (fine-tuning with a cached trunk): run BLOCKS[start_block:stop_block]
-    # only; with stop_block < len(BLOCKS) the block's raw activation is returned (no pooling).
-    start_block: int = 0
-    stop_block: Optional[int] = None
-
+    ARCH, MIN_SIZE = ARCH, MIN_SIZE
     BLOCKS = tuple(f"block{i}" for i in range(1, 15))
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        stop = check_block_range(self.BLOCKS, self.start_block, self.stop_block)
-        if self.start_block == 0:
-            check_input_size(x, MIN_SIZE, ARCH)
-        for name in self.BLOCKS[self.start_block:stop]:
-            if name == "block1":
-                x = EntryConvs(self.dtype, name=name)(x, train)
-            elif name == "block14":
-                x = ExitConvs(self.dtype, name=name)(x, train)
-            else:
-                filters, shortcut, first_relu, pool = SEP_BLOCKS[name]
-                x = SepBlock(filters, shortcut, first_relu, pool, self.dtype, name=name)(x, train)
-        if stop < len(self.BLOCKS):
-            return x
-        x = jnp.mean(x, axis=(1, 2))
-        if not self.include_top:
-            return x
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
+    def block(self, j: int) -> nn.Module:
+        name = self.BLOCKS[j]
+        if name == "block1":
+            return EntryConvs(self.dtype, name=name)
+        if name == "block14":
+            return ExitConvs(self.dtype, name=name)
+        filters, shortcut, first_relu, pool = SEP_BLOCKS[name]
+        return SepBlock(filters, shortcut, first_relu, pool, self.dtype, name=name)
 
 
 MODEL = Xception
@@ -191,4 +169,3 @@ def file_key(path: Path) -> Tuple[str, str]:
     if len(path) == 5:  # separable: depthwise / pointwise
         return f"{block}_{part}/{path[3]}_kernel", "hwc1" if path[3] == "depthwise" else "same"
     return f"{block}_{part}/{leaf}", "same"
-
