@@ -22,10 +22,10 @@ from absl import flags
 
 from experiments import default_workdir, xray_transfer  # xray_transfer defines --pretrained_path, ...
 from experiments import _common as common
-from lightflax import report
+from lightflax import pretrained, report
 
 KS = flags.DEFINE_list("ks", ["1", "2", "3", "4", "5"], "LightLayers ranks to compare.")
-TRANSFER = flags.DEFINE_enum("transfer_backbone", "inception_v3", ["none", "inception_v3", "efficientnet_lite0"],
+TRANSFER = flags.DEFINE_enum("transfer_backbone", "inception_v3", ["none", *pretrained.names()],
                              "Backbone of the transfer-learning row ('none' to skip it; InceptionV3 falls back "
                              "to EfficientNet-Lite0 when its weights are not on disk).")
 
@@ -44,13 +44,12 @@ def _ranks():
 
 def _transfer_backbone():
     """(backbone or None, note or None), without downloading anything."""
-    from lightflax import pretrained
     from lightflax.pretrained import download, inception_v3
 
     choice = TRANSFER.value
     if choice == "none":
         return None, None
-    if xray_transfer.PRETRAINED_PATH.value or choice == "efficientnet_lite0":
+    if xray_transfer.PRETRAINED_PATH.value or choice != "inception_v3":
         return choice, None
     if download.find_file(inception_v3.WEIGHTS[False][0], download.weights_dirs()):
         return choice, None

@@ -3,6 +3,7 @@
     python launch.py --experiment=xray_transfer --backbone=efficientnet_lite0 --dataset=pneumonia_mnist
     python launch.py --experiment=xray_transfer --backbone=inception_v3 --pretrained_path=W.h5
     python launch.py --experiment=xray_transfer --backbone=efficientnet_lite0 --finetune_blocks=2
+    python launch.py --experiment=xray_transfer --backbone=se_resnet50 --pretrained_path=se_resnet50-ce0d4300.pth
 
 The features of each split are computed once (batched, jitted) and cached on
 disk, keyed by backbone, weights hash, dataset, split and resolution; the head
@@ -27,11 +28,12 @@ from absl import flags
 
 from experiments import _common as common
 from experiments import default_workdir
+from lightflax import pretrained
 
 common.define_recipe_flag()
 
-BACKBONE = flags.DEFINE_enum("backbone", "inception_v3", ["inception_v3", "efficientnet_lite0"],
-                             "ImageNet backbone (frozen).")
+BACKBONE = flags.DEFINE_enum("backbone", "inception_v3", pretrained.names(),
+                             "ImageNet backbone (frozen); docs/backbones.md lists them.")
 PRETRAINED_PATH = flags.DEFINE_string("pretrained_path", None, "Local weight file of the backbone.")
 FINETUNE_BLOCKS = flags.DEFINE_integer(
     "finetune_blocks", 0, "Stage 2: unfreeze the backbone's last N blocks (0 = head only) and train them with the "
