@@ -3,6 +3,7 @@
     python launch.py --experiment=xray_transfer --backbone=efficientnet_lite0 --dataset=pneumonia_mnist
     python launch.py --experiment=xray_transfer --backbone=inception_v3 --pretrained_path=W.h5
     python launch.py --experiment=xray_transfer --backbone=efficientnet_lite0 --finetune_blocks=2
+    python launch.py --experiment=xray_transfer --backbone=se_resnet50 --pretrained_path=se_resnet50-ce0d4300.pth
 
 The features of each split are computed once (batched, jitted) and cached on
 disk, keyed by backbone, weights hash, dataset, split and resolution; the head

@@ -45,7 +45,8 @@ def test_xray_transfer_runs_on_cached_features(tmp_path):
 
 
 @pytest.mark.parametrize("name,res,cut", [("efficientnet_lite0", 64, 16), ("efficientnet_lite0", 64, 1),
-                                          ("inception_v3", 75, 10)])
+                                          ("inception_v3", 75, 10), ("resnet50", 32, 15), ("xception", 71, 12),
+                                          ("se_resnet50", 195, 16)])
 def test_trunk_then_tail_equals_whole_backbone(name, res, cut):
     """Fine-tuning feeds cached trunk activations to the tail: the composition must be the
     backbone itself (random weights, BatchNorm statistics perturbed so they matter)."""

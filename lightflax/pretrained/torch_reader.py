@@ -251,6 +251,10 @@ def load(path: str | os.PathLike) -> Any:
     try:
         if zipfile.is_zipfile(path):
             return _load_zip(path)
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip archive whose directory (at the end) is gone
+                raise TorchFileError("file truncated or damaged: a zip archive (torch >= 1.6 format) without "
+                                     "its central directory")
         return _load_legacy(path)
     except TorchFileError:
         raise
