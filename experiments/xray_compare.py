@@ -8,8 +8,9 @@ is written as <workdir>/comparison.md (the study's table, with ROC AUC,
 sensitivity/specificity and the majority-class baseline), comparison.json, one
 combined figure (<workdir>/comparison.png: accuracy, ROC AUC, parameters, size
 in KB, s/epoch, every bar labelled) and one bar chart per column
-(<workdir>/comparison_<column>.png). Every row's input size is checked before
-anything is trained; without --image_size each row gets a size that fits it
+(<workdir>/comparison_<column>.png), and <workdir>/explanations.png (a few
+validation X-rays of each class by model: Grad-CAM, occlusion for the transfer
+row). Every row's input size is checked before anything is trained; without --image_size each row gets a size that fits it
 (on PneumoniaMNIST: 28 for LightLayers, 64 for Conv2D). The transfer row
 (--transfer_backbone, frozen backbone + linear head) uses EfficientNet-Lite0
 (offline weights) when InceptionV3's weights are not on disk, and is reported
@@ -22,7 +23,7 @@ from absl import flags
 
 from experiments import default_workdir, xray_transfer  # xray_transfer defines --pretrained_path, ...
 from experiments import _common as common
-from lightflax import report
+from lightflax import explain, report
 
 KS = flags.DEFINE_list("ks", ["1", "2", "3", "4", "5"], "LightLayers ranks to compare.")
 TRANSFER = flags.DEFINE_enum("transfer_backbone", "inception_v3", ["none", "inception_v3", "efficientnet_lite0"],
@@ -119,3 +120,4 @@ def _compare(workdir, data, plan_rows, backbone, notes):
     report.comparison_bar_charts(os.path.join(workdir, "comparison"), table, title=f"{dataset}, {split}",
                                  synthetic=data.synthetic)
     print(md)
+    print(explain.comparison_grid(os.path.join(workdir, "explanations.png"), results, labels, data), flush=True)
