@@ -240,3 +240,18 @@ def test_gradcam_on_a_head_without_convolutions_is_refused(tmp_path):
     proc = run_launch(["--experiment=predict", f"--workdir={tmp_path}", f"--input_npz={tmp_path / 'in.npz'}",
                        f"--output_npz={tmp_path / 'o.npz'}", "--explain=gradcam"], check=2)
     assert "use --explain=occlusion" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_comparison_grid_draws_every_model(live_run, tmp_path):
+    from types import SimpleNamespace
+
+    wd, held, labels = live_run
+    results = json.loads((wd / "results.json").read_text())
+    results["config"]["workdir"] = str(wd)
+    data = SimpleNamespace(splits={"val": SimpleNamespace(images=held, labels=labels), "test": None},
+                           class_names=["normal", "pneumonia"])
+    note = explain.comparison_grid(str(tmp_path / "explanations.png"), [results, results], ["a", "b"], data)
+    assert note == "explanations.png: 4 val X-rays x 2 models (gradcam)"
+    assert (tmp_path / "explanations.png").stat().st_size > 20_000
+    images, truth = explain.pick_images(held, labels, 2)
+    assert truth.tolist() == [0, 0, 1, 1] and images.shape == (4, 28, 28, 1)
