@@ -343,7 +343,8 @@ def _show(ax, image: np.ndarray, heatmap: Optional[np.ndarray], title: str) -> N
     ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
     if heatmap is not None:  # scaled to its maximum; negative values (occlusion) clipped
         top = float(np.max(np.abs(heatmap))) or 1.0
-        ax.imshow(np.clip(heatmap / top, 0.0, 1.0), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        norm = np.clip(heatmap / top, 0.0, 1.0)  # opacity follows the value: unimportant pixels stay grey
+        ax.imshow(norm, cmap="jet", alpha=0.15 + 0.5 * norm, vmin=0.0, vmax=1.0)
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
