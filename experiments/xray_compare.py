@@ -10,9 +10,10 @@ combined figure (<workdir>/comparison.png: accuracy, ROC AUC, parameters, size
 in KB, s/epoch, every bar labelled) and one bar chart per column
 (<workdir>/comparison_<column>.png), and <workdir>/explanations.png (a few
 validation X-rays of each class by model: Grad-CAM, occlusion for the transfer
-row). Every row's input size is checked before anything is trained; without --image_size each row gets a size that fits it
-(on PneumoniaMNIST: 28 for LightLayers, 64 for Conv2D). The transfer row
-(--transfer_backbone, frozen backbone + linear head) uses EfficientNet-Lite0
+row). Every row's input size is checked before anything is trained; without
+--image_size each row gets a size that fits it (on PneumoniaMNIST: 28 for
+LightLayers, 64 for Conv2D). The transfer row (--transfer_backbone, frozen
+backbone + linear head) uses EfficientNet-Lite0
 (offline weights) when InceptionV3's weights are not on disk, and is reported
 as skipped when neither is available.
 """

@@ -99,7 +99,8 @@ def test_gradcam_of_the_study_models_has_the_input_resolution():
     for name, kwargs, size in (("xray_light", {"k": 2}, 28), ("xray_conv2d", {}, 64)):
         module = models.create(name, num_classes=2, **kwargs)
         v = module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-        prep = lambda x, s=size: jax.image.resize(x.astype(jnp.float32) / 255.0, (x.shape[0], s, s, 3), "bilinear")  # noqa: E731
+        prep = lambda x, s=size: jax.image.resize(  # noqa: E731
+            x.astype(jnp.float32) / 255.0, (x.shape[0], s, s, 3), "bilinear")
         maps = explain.gradcam(module, [v], prep, images, classes=np.array([0, 1, 1]))
         assert maps.shape == (3, 28, 28) and maps.dtype == np.float32 and np.all(maps >= 0)
         assert np.isfinite(maps).all() and maps.max() > 0
