@@ -264,6 +264,9 @@ def check_request(method: str, patch: Optional[int], stride: Optional[int], imag
     check_method(method)
     if method == "occlusion":
         patch_and_stride(int(image_shape[1]), int(image_shape[2]), patch, stride)
+    elif patch is not None or stride is not None:
+        raise ExplainError("--explain_patch and --explain_stride apply to --explain=occlusion only; drop them "
+                           "for gradcam")
     elif results.get("backbone") or not hasattr(module, "classify"):
         what = f"this transfer run's head sees {results['backbone']} features" if results.get("backbone") else \
             f"{results['config']['model']} has none"

@@ -118,6 +118,11 @@ def test_bad_requests_are_one_line():
     with pytest.raises(explain.ExplainError, match="use --explain=occlusion"):
         explain.gradcam(head, [v], lambda x: x.astype(jnp.float32), images, classes=np.array([0, 1]))
     assert issubclass(explain.ExplainError, ValueError)
+    results = {"config": {"model": "xray_light"}, "dataset": {}}
+    with pytest.raises(explain.ExplainError, match="apply to --explain=occlusion only"):
+        explain.check_request("gradcam", 3, None, (2, 28, 28, 1), results, models.create("xray_light", k=1))
+    explain.check_request("gradcam", None, None, (2, 28, 28, 1), results, models.create("xray_light", k=1))
+    explain.check_request("occlusion", 28, 5, (2, 28, 28, 1), results, models.create("xray_light", k=1))
 
 
 # ----------------------------------------------------------------------------
@@ -221,7 +226,7 @@ def test_predict_writes_heatmaps_and_overlays(live_run, tmp_path):
         np.testing.assert_allclose(z["heatmaps"], want, atol=1e-5)
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 5 and all(p.stat().st_size > 2000 for p in pngs)
-    for args, line in ((["--explain=gradcam", "--explain_patch=3"], None),
+    for args, line in ((["--explain=gradcam"], None),
                        (["--explain=occlusion", "--explain_patch=40"], "larger than the images (28x28)"),
                        (["--explain=lime"], "occlusion")):
         proc = run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'in.npz'}",
