@@ -12,5 +12,9 @@ def get_config():
     c.input_npz = placeholder(str)
     c.output_npz = placeholder(str)
     c.seed_index = placeholder(int)  # None: the mean of every replica's probabilities
+    c.explain = placeholder(str)  # occlusion | gradcam: also write heatmaps (docs/explain.md)
+    c.explain_patch = placeholder(int)  # occlusion patch side (default: about min(H, W) / 7)
+    c.explain_stride = placeholder(int)  # occlusion stride (default: patch // 2)
+    c.explain_dir = placeholder(str)  # one overlay PNG per image
     c.optimizer = ml_collections.ConfigDict(dict(batch_size=64))  # images per forward pass
     return c

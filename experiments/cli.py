@@ -101,6 +101,12 @@ ALIASES: Tuple[Alias, ...] = (
     Alias("output_npz", "output_npz", "Where to write 'probabilities' (N, num_classes) and 'predictions' (N,)."),
     Alias("seed_index", "seed_index", "Score only this replica of a --num_seeds run (0-based); default: the mean "
           "of every replica's probabilities.", lower=0),
+    Alias("explain", "explain", "Also write 'heatmaps' (N, H, W) float32 of the predicted class: sliding-patch "
+          "occlusion or Grad-CAM (conv models); docs/explain.md.", ("occlusion", "gradcam")),
+    Alias("explain_patch", "explain_patch", "Occlusion patch side in pixels (default: about min(H, W) / 7).",
+          lower=1),
+    Alias("explain_stride", "explain_stride", "Occlusion stride in pixels (default: patch // 2).", lower=1),
+    Alias("explain_dir", "explain_dir", "With --explain: one overlay PNG per image in this folder."),
     # optimizer
     Alias("learning_rate", "optimizer.learning_rate", "Adam learning rate.", lower=0.0),
     Alias("batch_size", "optimizer.batch_size", "Global batch size (split across devices); predict: images per "

@@ -9,13 +9,24 @@ resolution, gray->RGB, /255, mean subtraction) to ``images`` of IN.npz (uint8,
 (N,H,W) or (N,H,W,C)) and writes ``probabilities`` (N, num_classes; a
 multi-seed run's replicas averaged unless --seed_index picks one) and
 ``predictions`` (N,; the run's decision rule, argmax for runs without one) to
-OUT.npz, with one summary line.
+OUT.npz, with one summary line. --explain=occlusion|gradcam adds ``heatmaps``
+(N, H, W) float32 of the predicted class at the input's resolution
+(--explain_patch/--explain_stride for occlusion; --explain_dir=DIR: one overlay
+PNG per image); see docs/explain.md.
 """
 
 from lightflax import predict
 
+from lightflax.errors import UserError
+
 
 def main(config, explicit=frozenset()):
     del explicit
+    explain = None
+    if config.explain:
+        explain = {"method": config.explain, "patch": config.explain_patch, "stride": config.explain_stride,
+                   "explain_dir": config.explain_dir}
+    elif config.explain_dir or config.explain_patch or config.explain_stride:
+        raise UserError("--explain_dir/--explain_patch/--explain_stride need --explain=occlusion or gradcam")
     predict.predict_npz(config.workdir, config.input_npz, config.output_npz, batch_size=config.optimizer.batch_size,
-                        seed_index=config.seed_index)
+                        seed_index=config.seed_index, explain=explain)

@@ -8,10 +8,12 @@ is written as <workdir>/comparison.md (the study's table, with ROC AUC,
 sensitivity/specificity and the majority-class baseline), comparison.json, one
 combined figure (<workdir>/comparison.png: accuracy, ROC AUC, parameters, size
 in KB, s/epoch, every bar labelled) and one bar chart per column
-(<workdir>/comparison_<column>.png). Every row's input size is checked before
-anything is trained; without --image_size each row gets a size that fits it
-(on PneumoniaMNIST: 28 for LightLayers, 64 for Conv2D). The transfer row
-(--transfer_backbone, frozen backbone + linear head) uses EfficientNet-Lite0
+(<workdir>/comparison_<column>.png), and <workdir>/explanations.png (a few
+validation X-rays of each class by model: Grad-CAM, occlusion for the transfer
+row). Every row's input size is checked before anything is trained; without
+--image_size each row gets a size that fits it (on PneumoniaMNIST: 28 for
+LightLayers, 64 for Conv2D). The transfer row (--transfer_backbone, frozen
+backbone + linear head) uses EfficientNet-Lite0
 (offline weights) when InceptionV3's weights are not on disk, and is reported
 as skipped when neither is available.
 """
@@ -19,7 +21,7 @@ as skipped when neither is available.
 import os
 
 from experiments import plan as plan_lib, training
-from lightflax import report, tables
+from lightflax import explain, report, tables
 from lightflax.errors import UserError
 
 
@@ -66,3 +68,4 @@ def _compare(plan, data):
     tables.comparison_bar_charts(os.path.join(workdir, "comparison"), table, title=f"{dataset}, {split}",
                                  synthetic=data.synthetic)
     print(md)
+    print(explain.comparison_grid(os.path.join(workdir, "explanations.png"), results, labels, data), flush=True)

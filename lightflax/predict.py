@@ -86,6 +86,13 @@ def _run_shape(results):
     return cfg, n, input_shape, dict(cfg.get("model_kwargs") or {})
 
 
+def _explained(explain: Optional[Dict[str, Any]]) -> str:
+    if not explain:
+        return ""
+    where = f", overlays in {explain['explain_dir']}" if explain.get("explain_dir") else ""
+    return f", heatmaps ({explain['method']}){where}"
+
+
 def _check_output(path: str) -> None:
     """--output_npz must be a file path in an existing, writable folder (checked before any work)."""
     if os.path.isdir(path):
@@ -151,23 +158,35 @@ def model_inputs(results, images: np.ndarray) -> np.ndarray:
     return images
 
 
-def probabilities_of_inputs(module, variables, results, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """(N, C) probabilities of :func:`model_inputs`' output under one model (``variables``), or the
-    mean over several (a list)."""
+def preprocess_fn(results):
+    """uint8 images -> the run's model input (its own resize, channels and mean subtraction), jittable."""
     from lightflax.data import pipeline
 
-    replicas = variables if isinstance(variables, list) else [variables]
     cfg = results["config"]
     size = cfg.get("eval_image_size") or cfg.get("image_size")
     mean = tuple(cfg["mean"]) if cfg.get("mean") else None
-    transfer = bool(results.get("backbone"))
+    return lambda x: pipeline.preprocess(x, out_size=size, channels=cfg["channels"], mean=mean)
+
+
+def probability_fn(module, results):
+    """The run's jitted ``(variables, inputs) -> (B, C) float32`` probabilities of
+    :func:`model_inputs`' output (its own preprocessing included); build it once, call it often."""
+    prep = None if results.get("backbone") else preprocess_fn(results)  # backbone outputs feed the head as they are
 
     @jax.jit
     def probs(v, x):
-        if not transfer:  # backbone outputs are already the head's inputs
-            x = pipeline.preprocess(x, out_size=size, channels=cfg["channels"], mean=mean)
+        x = x if prep is None else prep(x)
         return jax.nn.softmax(module.apply(v, x, train=False).astype(jnp.float32), axis=-1)
 
+    return probs
+
+
+def probabilities_of_inputs(module, variables, results, inputs: np.ndarray, batch_size: int = 64,
+                            fn=None) -> np.ndarray:
+    """(N, C) probabilities of :func:`model_inputs`' output under one model (``variables``), or the
+    mean over several (a list); ``fn``: :func:`probability_fn`'s function, to reuse its compilation."""
+    replicas = variables if isinstance(variables, list) else [variables]
+    probs = fn or probability_fn(module, results)
     total = None
     for v in replicas:  # one compiled function for every replica (same shapes)
         out = []
@@ -189,19 +208,32 @@ def predict_probabilities(module, variables, results, images: np.ndarray, batch_
 
 
 def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int = 64,
-                seed_index: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+                seed_index: Optional[int] = None, explain: Optional[Dict[str, Any]] = None
+                ) -> Tuple[np.ndarray, np.ndarray]:
     """Writes ``probabilities`` (N, C) float32 and ``predictions`` (N,) int64 to ``output_npz``
-    and prints one line; returns both. ``seed_index`` None: the mean over every replica."""
+    and prints one line; returns both. ``seed_index`` None: the mean over every replica.
+    ``explain``: {"method", "patch", "stride", "explain_dir"} adds ``heatmaps`` (N, H, W) float32
+    of the predicted classes (:func:`lightflax.explain.for_predict`)."""
     if not output_npz:
         raise UserError("--output_npz is required: where to write the probabilities")
     _check_output(output_npz)
     images = load_images(input_npz)
     module, variables, results, indices = load_replicas(workdir, seed_index)
+    if explain:
+        from lightflax import explain as explaining
+
+        explaining.check_request(explain["method"], explain.get("patch"), explain.get("stride"), images.shape,
+                                 results, module, explain.get("explain_dir"))
     decision = decision_lib.read(results)
     p = predict_probabilities(module, variables, results, images, batch_size)
     y = decision_lib.apply(p, decision)
+    arrays = {"probabilities": p, "predictions": y}
+    if explain:
+        arrays["heatmaps"] = explaining.for_predict(module, variables, results, images, p, y, explain["method"],
+                                                    patch=explain.get("patch"), stride=explain.get("stride"),
+                                                    explain_dir=explain.get("explain_dir"))
     try:
-        files.atomic_write(output_npz, lambda f: np.savez(f, probabilities=p, predictions=y))
+        files.atomic_write(output_npz, lambda f: np.savez(f, **arrays))
     except OSError as e:  # atomic_write leaves neither a temporary file nor a partial output
         raise UserError(f"--output_npz {output_npz} cannot be written ({e.strerror or e}); check free disk space "
                         f"and permissions") from None
@@ -211,7 +243,7 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
     models_used = (f"ensemble of {len(indices)} replicas" if seed_index is None and len(indices) > 1
                    else f"replica {indices[0]}")
     print(f"wrote {output_npz}: {len(y)} images, {models_used}, rule {_describe_rule(decision)}, "
-          f"predicted class counts {counts}", flush=True)
+          f"predicted class counts {counts}{_explained(explain)}", flush=True)
     return p, y
 
 
@@ -224,7 +256,7 @@ def prediction_spread(workdir: str, n: int = 16, seed: int = 0) -> float:
     uninterrupted one need a live model, else a wrong restore of the layers below the dead ReLU
     would go unnoticed; they require a spread above ~1e-6 (benchmarks/dead_init.py's threshold).
     """
-    module, variables, results = load_run(workdir)
+    module, variables, results, _ = load_replicas(workdir, seed_index=0)
     shape = [int(d) for d in results["dataset"]["stored_shape"]]
     images = np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
     probs = predict_probabilities(module, variables, results, images)

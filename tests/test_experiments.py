@@ -75,6 +75,7 @@ def test_xray_compare_writes_the_study_table(tmp_path):
     assert "LightLayers K=1" in md and "Conv2D" in md and "SYNTHETIC" in md
     assert "2,753" in md and "31,074" in md
     assert (wd / "comparison_total_params.png").exists() and (wd / "comparison.png").stat().st_size > 10_000
+    assert (wd / "explanations.png").stat().st_size > 10_000 and "explanations.png: " in proc.stdout
     assert "accuracy/AUC figures on the test split (16 images)" in md and " test AUC " in md.splitlines()[2]
     assert json.loads((wd / "comparison.json").read_text())["rows"][0]["total_params"] == 2_753
 
