@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightflax import checkpoints, decision as decision_lib, files, models
+from lightflax import checkpoints, decision as decision_lib, files, interrupts, models
 from lightflax.errors import CheckpointError, DataError, UserError
 
 
@@ -191,6 +191,7 @@ def probabilities_of_inputs(module, variables, results, inputs: np.ndarray, batc
     for v in replicas:  # one compiled function for every replica (same shapes)
         out = []
         for start in range(0, len(inputs), batch_size):
+            interrupts.check()
             chunk = inputs[start:start + batch_size]
             pad = batch_size - len(chunk)
             if pad:

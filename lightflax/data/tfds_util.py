@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from lightflax import interrupts
 from lightflax.errors import DataError
 
 FILE_FORMAT = "array_record"
@@ -138,6 +139,7 @@ def read_split(source) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     index = np.empty((n,), np.int64)
     names = np.empty((n,), object) if "filename" in first else None
     for start in range(0, n, READ_CHUNK):
+        interrupts.check()
         stop = min(n, start + READ_CHUNK)
         for i, rec in enumerate(source.__getitems__(list(range(start, stop))), start):
             images[i] = rec["image"]
