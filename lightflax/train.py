@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import (_testing, checkpoints, decision as decision_lib, files, interrupts, memory, metrics as metrics_lib,
-                       models, native, param_counts, parallel, plateau, progress, report, steps, tensorboard, timing)
+from lightflax import (_testing, checkpoints, decision as decision_lib, files, interrupts, memory,
+                       metrics as metrics_lib, models, native, param_counts, parallel, plateau, progress, report,
+                       steps, tensorboard, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
 from lightflax.errors import CheckpointError, NonFiniteLossError, UserError
@@ -386,7 +387,10 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
     (``files.workdir_lock``): a second run on it stops with one line.
     """
     if data.splits.get(cfg.select_split) is None:
-        raise UserError(f"dataset {data.name} has no {cfg.select_split} split to select the best checkpoint on")
+        other = next((s for s in ("val", "test") if s != cfg.select_split and data.splits.get(s) is not None), None)
+        raise UserError(f"dataset {data.name} has no {cfg.select_split} split to select the best checkpoint on; "
+                        f"add one (chest_xray: a {cfg.select_split}/ folder with NORMAL/ and PNEUMONIA/ beside train/)"
+                        + (f" or pass --select_split={other}" if other else ""))
     if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
         raise UserError(f"--workdir {cfg.workdir} is a file, not a folder; choose another --workdir")
     try:

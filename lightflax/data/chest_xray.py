@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 
 from lightflax import interrupts
 from lightflax.data import locations, tfds_util
-from lightflax.data.types import DatasetSplits, Split
+from lightflax.data.types import TINY, DatasetSplits, Split
 from lightflax.errors import DataError
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -42,7 +42,6 @@ RESOLUTIONS = (299, 224, 128, 64)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 ON_CORRUPT = ("skip", "fail")
 MAX_REPORTED = 20
-TINY = 32  # images with a side under this many pixels are kept but reported (no real chest X-ray is that small)
 HOW_TO_GET = ("download 'Chest X-Ray Images (Pneumonia)' (kaggle.com/datasets/paultimothymooney/"
               "chest-xray-pneumonia or data.mendeley.com/datasets/rscbjbr9sj/3) and pass --manual_dir=FOLDER "
               "holding chest_xray/, or use --dataset=pneumonia_mnist (28x28 version, shared folder or download), "
