@@ -94,3 +94,48 @@ def test_a_train_split_without_a_class_is_refused_for_any_dataset():
     training.check_train_classes(splits([0, 1, 1]))
     with pytest.raises(DataError, match="holds no image of class normal"):
         training.check_train_classes(splits([1, 1, 1]))
+
+
+_LOAD_AT = """
+import sys, time
+from lightflax import data
+root, prep, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # both runs begin preparing at the same moment
+d = data.load("chest_xray", manual_dir=root, data_dir=prep, stored_size=64)
+print(len(d.splits["train"].labels))
+"""
+
+
+def test_two_runs_preparing_one_new_folder_at_once_both_succeed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = _tree(tmp_path / "chest_xray")
+    prep = tmp_path / "prep"
+    start = str(time.time() + 12)  # after both have imported TFDS
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD_AT, str(root), str(prep), start], env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip().splitlines()[-1] == "4", err[-3000:]
+        assert "Traceback" not in err
+    copies = [p for p in prep.rglob("dataset_info.json")]
+    assert len(copies) == 1, copies  # one prepared copy, kept
+    assert not [p for p in prep.rglob("*") if ".building-" in p.name or p.name.startswith("incomplete")]
+    d = data.load("chest_xray", manual_dir=str(root), data_dir=str(prep), stored_size=64)  # a third run reuses it
+    assert len(d.splits["train"].labels) == 4
+
+
+@pytest.mark.parametrize("variable", ["XDG_CACHE_HOME", "HOME"])
+def test_a_cache_location_that_is_a_file_is_one_line_naming_the_variable(tmp_path, variable):
+    root = _tree(tmp_path / "chest_xray")
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    env = {"LIGHTFLAX_DATA_DIR": "", "XDG_CACHE_HOME": "", variable: str(a_file)}  # empty: unset for lightflax
+    proc = run_launch(["--experiment=xray_light", "--k=1", f"--manual_dir={root}", "--image_size=64", "--epochs=1",
+                       f"--workdir={tmp_path / 'w'}"], check=2, env=env)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{a_file} is a file" in err[0] and "LIGHTFLAX_DATA_DIR" in err[0] and "XDG_CACHE_HOME" in err[0]
