@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import math
 import os
 from typing import Any, Dict, FrozenSet, NamedTuple, Optional, Sequence, Tuple
 
 import ml_collections
 
 from experiments import cli, recipes
-from lightflax import data as data_lib, models, param_counts
+from lightflax import data as data_lib, memory, models, param_counts
 from lightflax.config import (CallbacksConfig, DataConfig, ModelConfig, OptimizerConfig, RunConfig, RuntimeConfig,
                               ScheduleConfig, TransferConfig)
 from lightflax.errors import UserError
@@ -95,9 +96,36 @@ def resolve(config: ml_collections.ConfigDict, explicit: FrozenSet[str] = frozen
     warnings = tuple(large_model_warnings(rows))
     paper = bool(config.get("paper_protocol"))
     size = max((r.run.image_size or 299) for r in rows)  # the transfer head: the study's 299 when stored
-    return Plan(config.experiment, workdir, dataset, note, _load_args(config, dataset, size, paper), rows,
+    load = _load_args(config, dataset, size, paper)
+    check_memory_budget(config, dataset, rows, load)
+    return Plan(config.experiment, workdir, dataset, note, load, rows,
                 config.data.mean_subtraction, dict(flags=cli.record(config), **recipe_record),
                 ((PAPER_NOTE,) if paper else ()) + warnings, tuple(notes))
+
+
+def check_memory_budget(config: ml_collections.ConfigDict, dataset: str, rows: Sequence[Row],
+                        load: Dict[str, Any]) -> None:
+    """The run's memory from shapes alone, before anything is allocated (lightflax.memory.check_budget):
+    synthetic splits (host and device copies) plus, on the CPU, the largest row's training lower bound
+    (lightflax.memory.lower_bound_bytes; accelerators are checked by the trainer against their own memory)."""
+    import jax
+
+    parts, have = {}, memory.host_available_bytes()
+    if dataset == "synthetic":
+        n, shape = sum(load["synthetic_sizes"].values()), load["synthetic_shape"]
+        parts["synthetic splits"] = (2 * n * math.prod(shape), f"use a smaller --synthetic_size (now "
+                                     f"{config.data.synthetic_size}) or --image_size")
+    seeds, batch = config.runtime.num_seeds, config.optimizer.batch_size
+    sized = [r for r in rows if r.run.transfer is None and r.run.image_size]
+    if sized and jax.default_backend() == "cpu":
+        local = max(1, batch // jax.device_count())
+        need = max(memory.lower_bound_bytes(models.create(r.run.model.name, **r.run.model_kwargs),
+                                            (r.run.image_size, r.run.image_size, r.run.channels), local, seeds)
+                   for r in sized)
+        fits = int(((have or 0) - sum(b for b, _ in parts.values())) // (need / seeds))
+        parts["training"] = (need, f"use --num_seeds={fits} or fewer, or a smaller --batch_size" if seeds > 1 and fits
+                             else f"use a smaller --batch_size (now {batch}) or --image_size")
+    memory.check_budget(parts, have)
 
 
 def large_model_warnings(rows: Sequence[Row]) -> list:

@@ -70,3 +70,36 @@ def test_a_rank_far_beyond_the_study_warns_with_the_count(tmp_path, capsys, k, w
         n = param_counts.param_counts(models.create("xray_light", k=k), (1, 64, 64, ch))["total"]
         assert f"gives xray_light {n:,} parameters" in lines[0] and n > 1_800_000
         assert lines[0] in capsys.readouterr().out
+
+
+def test_memory_is_checked_from_shapes_before_anything_is_allocated(tmp_path):
+    wd = tmp_path / "w"
+    proc = run_launch(["--experiment=xray_light", "--k=2", "--dataset=synthetic", "--image_size=2048",
+                       "--synthetic_size=100000", "--epochs=1", f"--workdir={wd}"], check=2)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "nothing was allocated" in err[0] and "synthetic splits" in err[0] and "--synthetic_size" in err[0]
+    assert not wd.exists()
+
+
+@pytest.mark.parametrize("seeds", [1, 4])
+def test_the_memory_advice_fits_the_flags_given(tmp_path, monkeypatch, seeds):
+    from experiments import plan
+    from lightflax import memory, models
+    from lightflax.errors import UserError
+
+    config, explicit = _parsed("xray_light", ["--dataset=synthetic", "--k=2", "--image_size=64",
+                                              "--synthetic_size=16", f"--num_seeds={seeds}"], tmp_path)
+    p = plan.resolve(config, explicit)  # fits in the real machine
+    assert p.rows
+    need = memory.lower_bound_bytes(models.create("xray_light", k=2),
+                                    (64, 64, p.rows[0].run.channels), config.optimizer.batch_size, seeds)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: int(need * 0.6))
+    with pytest.raises(UserError) as e:
+        plan.resolve(config, explicit)
+    msg = str(e.value)
+    assert "nothing was allocated" in msg and "\n" not in msg
+    if seeds == 1:
+        assert "--num_seeds" not in msg and "smaller --batch_size" in msg
+    else:
+        assert "--num_seeds=2 or fewer" in msg
