@@ -16,6 +16,7 @@ import datetime
 import functools
 import math
 import os
+import sys
 from typing import Any, Dict, FrozenSet, NamedTuple, Optional, Sequence, Tuple
 
 import ml_collections
@@ -147,7 +148,7 @@ def large_model_warnings(rows: Sequence[Row]) -> list:
                          f"from-scratch model (Conv2D: {ref:,} at {side}px); training it is slow and needs memory "
                          f"to match (the study's ranks are 1 to {STUDY_MAX_K})")
     for line in lines:
-        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)
     return lines
 
 

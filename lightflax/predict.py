@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -153,7 +154,8 @@ def _warn_if_tiny(path: str, images: np.ndarray, results) -> None:
     h, w = images.shape[1:3]
     if min(h, w) < limit:
         print(f"WARNING: {path}: images are {h}x{w} pixels, smaller than {limit}x{limit} (kept, upscaled to the "
-              f"run's input; it trained on {stored[0]}x{stored[1]}); no real chest X-ray is that small", flush=True)
+              f"run's input; it trained on {stored[0]}x{stored[1]}); no real chest X-ray is that small",
+              file=sys.stderr, flush=True)
 
 
 def model_inputs(results, images: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ def test_predict_warns_on_images_smaller_than_the_run_and_32_pixels(tmp_path):
     def predict(side):
         np.savez(tmp_path / "in.npz", images=np.full((3, side, side), 100, np.uint8))
         return run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'in.npz'}",
-                           f"--output_npz={tmp_path / f'out{side}.npz'}"], check=0).stdout
+                           f"--output_npz={tmp_path / f'out{side}.npz'}"], check=0).stderr
 
     out = predict(2)
     assert "WARNING:" in out and "images are 2x2 pixels, smaller than 16x16" in out
@@ -69,7 +69,7 @@ def test_a_rank_far_beyond_the_study_warns_with_the_count(tmp_path, capsys, k, w
         ch = p.rows[0].run.channels
         n = param_counts.param_counts(models.create("xray_light", k=k), (1, 64, 64, ch))["total"]
         assert f"gives xray_light {n:,} parameters" in lines[0] and n > 1_800_000
-        assert lines[0] in capsys.readouterr().out
+        assert lines[0] in capsys.readouterr().err
 
 
 def test_memory_is_checked_from_shapes_before_anything_is_allocated(tmp_path):
