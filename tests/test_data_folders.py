@@ -59,10 +59,11 @@ def test_images_in_subfolders_are_used_and_said(tmp_path, capsys):
     root = _tree(tmp_path / "chest_xray")
     _png(root / "train" / "PNEUMONIA" / "batch2" / "deeper" / "x.png", 250)
     _png(root / "train" / "PNEUMONIA" / "batch2" / "y.png", 251)
+    _png(root / "train" / "NORMAL" / "NORMAL" / "z.png", 20)  # a doubled class folder: same label, used
     d = data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), stored_size=64)
-    assert np.bincount(d.splits["train"].labels).tolist() == [2, 4]  # both nested images, as PNEUMONIA
+    assert np.bincount(d.splits["train"].labels).tolist() == [3, 4]  # the nested images, with their labels
     line = next(n for n in d.notes if n.startswith("data: "))
-    assert "2 image(s) in subfolders of class folders" in line and "batch2" in line
+    assert "3 image(s) in subfolders of class folders" in line and "NORMAL/NORMAL/z.png" in line
     assert line in capsys.readouterr().out
 
 

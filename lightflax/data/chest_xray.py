@@ -85,7 +85,7 @@ def _misplaced_class_folder(folder: Path) -> None:
     outer label; refused in one line."""
     for dirpath, dirnames, _ in os.walk(folder):
         for n in dirnames:
-            if n.upper() in CLASSES:
+            if n.upper() in CLASSES and n.upper() != folder.name:  # train/NORMAL/NORMAL: same label, used
                 raise DataError(f"{Path(dirpath) / n} is a class folder inside {folder}: images below a class "
                                 f"folder take its label; move it to {folder.parent / n.upper()}")
 
