@@ -15,7 +15,6 @@ finished epoch is already checkpointed). README: "Errors and exit codes".
 """
 
 import os
-import signal
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,7 +25,7 @@ def exit_codes():
     The first matching row wins; anything else is a bug (a traceback, status 1)."""
     from lightflax import errors
 
-    return ((KeyboardInterrupt, 130, "interrupted; resume with --resume"),
+    return ((KeyboardInterrupt, 130, INTERRUPTED),
             (errors.NonFiniteLossError, 1, None),
             (errors.UserError, 2, None))
 
@@ -64,6 +63,10 @@ def _strip_experiment(argv) -> list:
 
 
 def _die(message: str, code: int = 2) -> None:
+    if code == 130:  # said here: the last-resort atexit check (see _guarded) stays quiet
+        from lightflax import interrupts
+
+        interrupts.reset()
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -115,7 +118,6 @@ def main(argv) -> None:
         except flags.Error as e:
             _die(str(e).splitlines()[0])
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a polite kill ends like Ctrl-C
     app.run(lambda args: _run(module, argv), argv=_strip_experiment(argv), flags_parser=parse)
 
 
@@ -123,6 +125,7 @@ def _run(module, argv) -> None:
     from absl import flags, logging
 
     from experiments import cli
+    from lightflax import interrupts
 
     # Library INFO logs (Orbax, TFDS writers) are noise here; --verbosity=0 brings them back.
     if not flags.FLAGS["verbosity"].present:
@@ -132,13 +135,36 @@ def _run(module, argv) -> None:
         config, explicit = cli.apply(flags.FLAGS.config, argv[1:])
         cli.check(config)
         module.main(config, explicit)
+        interrupts.check()  # a signal recorded where it could not be raised ends 130, never 0
     except tuple(cls for cls, _, _ in table) as e:
         code, message = next((code, message) for cls, code, message in table if isinstance(e, cls))
         _die(message or str(e).splitlines()[0], code=code)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+INTERRUPTED = "interrupted; resume with --resume"
+
+
+def _guarded(argv) -> None:
+    """main(argv), with Ctrl-C/SIGTERM at any moment (flag parsing, imports, shutdown) ending 130:
+    lightflax/interrupts.py records the signal, raises it at a safe point, never loses it."""
+    import atexit
+
+    from lightflax import interrupts
+
+    def last_word():  # registered first, so it runs after every other atexit function
+        if interrupts.pending() is not None:
+            print(f"error: {INTERRUPTED}", file=sys.stderr, flush=True)
+            os._exit(130)
+
+    atexit.register(last_word)
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        _die(INTERRUPTED, code=130)
+    except SystemExit as e:
+        if e.code in (None, 0) and interrupts.pending() is not None:
+            _die(INTERRUPTED, code=130)
+        raise
 
 
 if __name__ == "__main__":
@@ -146,7 +172,10 @@ if __name__ == "__main__":
     # pages (lightflax/huge_pages.py; glibc reads that only at process start: the same command is
     # re-executed once).
     sys.path.insert(0, HERE)
+    from lightflax import interrupts
+
+    interrupts.install()  # first: Ctrl-C and SIGTERM end 130 from here on
     from lightflax import huge_pages
 
     huge_pages.reexec_if_useful()
-    main(sys.argv)
+    _guarded(sys.argv)

@@ -14,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import math
 import os
+import sys
 from typing import Any, Dict, FrozenSet, NamedTuple, Optional, Sequence, Tuple
 
 import ml_collections
 
 from experiments import cli, recipes
-from lightflax import data as data_lib, models
+from lightflax import data as data_lib, memory, models, param_counts
 from lightflax.config import (CallbacksConfig, DataConfig, ModelConfig, OptimizerConfig, RunConfig, RuntimeConfig,
                               ScheduleConfig, TransferConfig)
 from lightflax.errors import UserError
@@ -30,6 +32,8 @@ STANDARD_SIZES = (64, 128, 224, 299)  # also chest_xray's stored resolutions
 EMBEDDED_NOTE = ("data: no chest_xray folder found (pass --manual_dir=FOLDER for the study's Kaggle images); "
                  "training on the embedded real PneumoniaMNIST chest X-rays (28x28, MedMNIST v2, train 4,708 / "
                  "val 524, no test split)")
+STUDY_MAX_K = 5  # the X-ray study's largest rank (xray_compare's rows: K = 1, 2, 5)
+STUDY_LARGEST = "xray_conv2d"  # its largest model trained from scratch
 PAPER_NOTE = ("paper protocol (--paper_protocol): no shuffling; ReduceLROnPlateau and EarlyStopping on the TEST "
               "split (they see the test loss, as the paper's callbacks did); the reported and exported weights are "
               "the LAST epoch's (the reference's ModelCheckpoint has no save_best_only), not the best test epoch")
@@ -90,11 +94,62 @@ def resolve(config: ml_collections.ConfigDict, explicit: FrozenSet[str] = frozen
                                           os.path.join(workdir, d.subfolder) if d.subfolder else workdir,
                                           d.transfer, **d.fields))
                  for d in drafts)
+    warnings = tuple(large_model_warnings(rows))
     paper = bool(config.get("paper_protocol"))
     size = max((r.run.image_size or 299) for r in rows)  # the transfer head: the study's 299 when stored
-    return Plan(config.experiment, workdir, dataset, note, _load_args(config, dataset, size, paper), rows,
+    load = _load_args(config, dataset, size, paper)
+    check_memory_budget(config, dataset, rows, load)
+    return Plan(config.experiment, workdir, dataset, note, load, rows,
                 config.data.mean_subtraction, dict(flags=cli.record(config), **recipe_record),
-                (PAPER_NOTE,) if paper else (), tuple(notes))
+                ((PAPER_NOTE,) if paper else ()) + warnings, tuple(notes))
+
+
+def check_memory_budget(config: ml_collections.ConfigDict, dataset: str, rows: Sequence[Row],
+                        load: Dict[str, Any]) -> None:
+    """The run's memory from shapes alone, before anything is allocated (lightflax.memory.check_budget):
+    synthetic splits (host and device copies) plus, on the CPU, the largest row's training lower bound
+    (lightflax.memory.lower_bound_bytes; accelerators are checked by the trainer against their own memory)."""
+    import jax
+
+    parts, have = {}, memory.host_available_bytes()
+    if dataset == "synthetic":
+        n, shape = sum(load["synthetic_sizes"].values()), load["synthetic_shape"]
+        parts["synthetic splits"] = (2 * n * math.prod(shape), f"use a smaller --synthetic_size (now "
+                                     f"{config.data.synthetic_size}) or --image_size")
+    seeds, batch = config.runtime.num_seeds, config.optimizer.batch_size
+    sized = [r for r in rows if r.run.transfer is None and r.run.image_size]
+    if sized and jax.default_backend() == "cpu":
+        local = max(1, batch // jax.device_count())
+        need = max(memory.lower_bound_bytes(models.create(r.run.model.name, **r.run.model_kwargs),
+                                            (r.run.image_size, r.run.image_size, r.run.channels), local, seeds)
+                   for r in sized)
+        fits = int(((have or 0) - sum(b for b, _ in parts.values())) // (need / seeds))
+        parts["training"] = (need, f"use --num_seeds={fits} or fewer, or a smaller --batch_size" if seeds > 1 and fits
+                             else f"use a smaller --batch_size (now {batch}) or --image_size")
+    memory.check_budget(parts, have)
+
+
+def large_model_warnings(rows: Sequence[Row]) -> list:
+    """A printed warning (not a refusal) for each X-ray row whose rank makes it over 10x the parameters of
+    the study's largest from-scratch model (Conv2D) at the same input; counted from shapes (nothing is
+    allocated), and only for a rank above the study's."""
+    lines = []
+    for row in rows:
+        k, name = row.run.model_kwargs.get("k"), row.run.model.name
+        if not name.startswith("xray_") or not isinstance(k, int) or k <= STUDY_MAX_K:
+            continue
+        reference = models.create(STUDY_LARGEST)
+        side = max(row.run.image_size or 64, reference.min_input_size())
+        shape = (1, side, side, row.run.channels)
+        n = param_counts.param_counts(models.create(name, **row.run.model_kwargs), shape)["total"]
+        ref = param_counts.param_counts(reference, shape)["total"]
+        if n > 10 * ref:
+            lines.append(f"WARNING: --k={k} gives {name} {n:,} parameters, {n / ref:.0f}x the study's largest "
+                         f"from-scratch model (Conv2D: {ref:,} at {side}px); training it is slow and needs memory "
+                         f"to match (the study's ranks are 1 to {STUDY_MAX_K})")
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    return lines
 
 
 def resolve_dataset(data: ml_collections.ConfigDict) -> Tuple[str, Optional[str]]:
@@ -110,6 +165,11 @@ def resolve_dataset(data: ml_collections.ConfigDict) -> Tuple[str, Optional[str]
     chosen = data.dataset is not None or data.data_dir is not None or data.manual_dir is not None
     if name == XRAY_DEFAULT and not chosen and not data_lib.available(name):
         return XRAY_EMBEDDED, EMBEDDED_NOTE
+    if name == "chest_xray" and data.data_dir and os.path.isfile(os.path.expanduser(data.data_dir)):
+        npz = " (a PneumoniaMNIST npz: add --dataset=pneumonia_mnist)" if data.data_dir.endswith(".npz") else ""
+        default = "" if data.dataset else " (the default without --dataset)"
+        raise UserError(f"--data_dir={data.data_dir} is a file; chest_xray{default} keeps its prepared copy in a "
+                        f"folder: pass a folder{npz}")
     given = [f"--{n}={data[n]}" for n in ("data_dir", "manual_dir") if data[n] is not None]
     if given and not data_lib.available(name, data_dir=data.data_dir, manual_dir=data.manual_dir):
         if name == "chest_xray" and data.data_dir and not data.manual_dir:

@@ -12,11 +12,13 @@ import shutil
 from typing import Any, Dict, FrozenSet
 
 import ml_collections
+import numpy as np
 from absl import flags
 
 from experiments import plan as plan_lib
 from lightflax import data as data_lib, parallel, progress, train
 from lightflax.data import pipeline
+from lightflax.errors import DataError
 
 
 def configure(config: ml_collections.ConfigDict) -> None:
@@ -40,11 +42,25 @@ def load(plan: plan_lib.Plan):
     else:
         with progress.task(f"loading {plan.dataset}"):
             data = data_lib.load(plan.dataset, **plan.load)
+    check_train_classes(data)
     if plan.note:
         print(plan.note, flush=True)
         data.notes.insert(0, plan.note)
     data.notes.extend(plan.data_notes)
     return data
+
+
+def check_train_classes(data) -> None:
+    """A train split without some class (a real data set's; synthetic labels are random) is refused
+    before training: the model could not learn it, and the prior correction divides by its share."""
+    train_split = data.splits.get("train")
+    if data.synthetic or train_split is None:
+        return
+    present = set(np.unique(np.asarray(train_split.labels)).tolist())
+    missing = [str(data.class_names[c]) for c in range(data.num_classes) if c not in present]
+    if missing:
+        raise DataError(f"the train split of {data.name} ({data.source}) holds no image of class "
+                        f"{', '.join(missing)}; training needs every class: add its images or fix the labels")
 
 
 def train_row(plan: plan_lib.Plan, row: plan_lib.Row, data) -> Dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,28 @@ def check_memory(model, input_shape: Tuple[int, ...], local_batch: int, num_seed
     need, have = lower_bound_bytes(model, input_shape, local_batch, num_seeds), available_memory_bytes()
     if have and need > have:
         per = need / num_seeds
+        fix = (f"use --num_seeds={max(1, int(have // per))} or fewer, or a smaller --batch_size" if num_seeds > 1
+               and have >= per else "use a smaller --batch_size or --image_size")
         raise UserError(f"--num_seeds {num_seeds} needs at least {need / 2**30:.1f} GiB "
-                        f"({per / 2**20:.0f} MiB per replica) but the device has {have / 2**30:.1f} GiB; use "
-                        f"--num_seeds={max(1, int(have // per))} or fewer, or a smaller --batch_size")
+                        f"({per / 2**20:.0f} MiB per replica) but the device has {have / 2**30:.1f} GiB; {fix}")
+
+
+def host_available_bytes() -> Optional[int]:
+    """Memory the host can give now (MemAvailable), or None when unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_budget(parts: Dict[str, Tuple[int, str]], have: Optional[int]) -> None:
+    """Refuses (one line) a plan whose estimated bytes, from shapes alone and before anything is
+    allocated, exceed ``have``. ``parts``: {what: (bytes, the flag change that shrinks it)}; the
+    advice names the change of the largest part."""
+    need = sum(b for b, _ in parts.values())
+    if not have or need <= have:
+        return
+    fix = max(parts.values())[1]
+    listing = ", ".join(f"{k} {b / 2**30:.1f} GiB" for k, (b, _) in parts.items())
+    raise UserError(f"this run needs at least {need / 2**30:.1f} GiB ({listing}) but {have / 2**30:.1f} GiB "
+                    f"is available; nothing was allocated: {fix}")

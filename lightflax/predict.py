@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightflax import checkpoints, decision as decision_lib, files, models
+from lightflax import checkpoints, decision as decision_lib, files, interrupts, models
+from lightflax.data.types import TINY
 from lightflax.errors import CheckpointError, DataError, UserError
 
 
@@ -144,6 +146,18 @@ def load_images(path: str) -> np.ndarray:
     return images
 
 
+def _warn_if_tiny(path: str, images: np.ndarray, results) -> None:
+    """As training does for tiny image files: images with a side under 32 pixels (or under the run's
+    own stored side, if smaller, e.g. 28 for PneumoniaMNIST) are scored, upscaled, with a warning."""
+    stored = [int(d) for d in results["dataset"]["stored_shape"][:2]]
+    limit = min([TINY, *stored])
+    h, w = images.shape[1:3]
+    if min(h, w) < limit:
+        print(f"WARNING: {path}: images are {h}x{w} pixels, smaller than {limit}x{limit} (kept, upscaled to the "
+              f"run's input; it trained on {stored[0]}x{stored[1]}); no real chest X-ray is that small",
+              file=sys.stderr, flush=True)
+
+
 def model_inputs(results, images: np.ndarray) -> np.ndarray:
     """What the run's model is fed for uint8 ``images``: the images themselves (grayscale when the
     run trained on 1-channel images and RGB came: ITU-R 601-2 luma rounded to uint8, Pillow's "L"),
@@ -191,6 +205,7 @@ def probabilities_of_inputs(module, variables, results, inputs: np.ndarray, batc
     for v in replicas:  # one compiled function for every replica (same shapes)
         out = []
         for start in range(0, len(inputs), batch_size):
+            interrupts.check()
             chunk = inputs[start:start + batch_size]
             pad = batch_size - len(chunk)
             if pad:
@@ -224,6 +239,7 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
 
         explaining.check_request(explain["method"], explain.get("patch"), explain.get("stride"), images.shape,
                                  results, module, explain.get("explain_dir"))
+    _warn_if_tiny(input_npz, images, results)
     decision = decision_lib.read(results)
     p = predict_probabilities(module, variables, results, images, batch_size)
     y = decision_lib.apply(p, decision)

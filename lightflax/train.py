@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import (_testing, checkpoints, decision as decision_lib, files, memory, metrics as metrics_lib,
-                       models, native, param_counts, parallel, plateau, progress, report, steps, tensorboard, timing)
+from lightflax import (_testing, checkpoints, decision as decision_lib, files, interrupts, memory,
+                       metrics as metrics_lib, models, native, param_counts, parallel, plateau, progress, report,
+                       steps, tensorboard, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
 from lightflax.errors import CheckpointError, NonFiniteLossError, UserError
@@ -183,6 +184,7 @@ class Trainer:
         lps, ys, masks = [], [], []
         with progress.bar(-(-images.shape[0] // self.cfg.batch_size), "eval", unit="batch") as bar:
             for start in range(0, images.shape[0], self.cfg.batch_size):
+                interrupts.check()
                 lp, y, m = self.eval_step(state, images, labels, jnp.int32(start), self.dev_ids)
                 lps.append(lp), ys.append(y), masks.append(m)
                 bar.update()
@@ -315,6 +317,7 @@ def run_epoch(loop: Loop, epoch: int, bar=None):
     step_metrics = []
     for i in range(trainer.steps_per_epoch):
         global_step = epoch * trainer.steps_per_epoch + i
+        interrupts.check()  # a signal recorded where it could not be raised surfaces here
         with loop.profile.step(global_step):
             state, m = loop.step_timer.run(loop.compiled.compiled, state, images, labels, perm, loop.keys,
                                            trainer.dev_ids)
@@ -384,7 +387,10 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
     (``files.workdir_lock``): a second run on it stops with one line.
     """
     if data.splits.get(cfg.select_split) is None:
-        raise UserError(f"dataset {data.name} has no {cfg.select_split} split to select the best checkpoint on")
+        other = next((s for s in ("val", "test") if s != cfg.select_split and data.splits.get(s) is not None), None)
+        raise UserError(f"dataset {data.name} has no {cfg.select_split} split to select the best checkpoint on; "
+                        f"add one (chest_xray: a {cfg.select_split}/ folder with NORMAL/ and PNEUMONIA/ beside train/)"
+                        + (f" or pass --select_split={other}" if other else ""))
     if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
         raise UserError(f"--workdir {cfg.workdir} is a file, not a folder; choose another --workdir")
     try:
@@ -426,6 +432,7 @@ def prepare(loop: Loop) -> None:
     loop.select_arrays = trainer.device_split(cfg.select_split)
     loop.compiled, loop.eval_compile_s = _compile(trainer, loop.state, loop.train_arrays, loop.keys,
                                                   loop.first_epoch, loop.select_arrays)
+    interrupts.check()
     loop.step_timer, loop.hook = timing.StepTimer(warmup=1), _testing.fault_hook()
     loop.profile = timing.ProfileWindow(cfg.profile_dir, cfg.profile_start_step, cfg.profile_steps)
     loop.times.start()
@@ -437,6 +444,7 @@ def _epochs(loop: Loop) -> None:
     tb = tensorboard.Writer(cfg.workdir, enabled=jax.process_index() == 0)
     with loop.profile, tb:
         for epoch in range(loop.first_epoch, cfg.epochs):
+            interrupts.check()
             if loop.tracker.all_stopped:
                 break
             t0, n_timed = time.perf_counter(), len(loop.step_timer.durations)

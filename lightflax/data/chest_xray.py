@@ -31,8 +31,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lightflax import interrupts
 from lightflax.data import locations, tfds_util
-from lightflax.data.types import DatasetSplits, Split
+from lightflax.data.types import TINY, DatasetSplits, Split
 from lightflax.errors import DataError
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -41,7 +42,6 @@ RESOLUTIONS = (299, 224, 128, 64)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 ON_CORRUPT = ("skip", "fail")
 MAX_REPORTED = 20
-TINY = 32  # images with a side under this many pixels are kept but reported (no real chest X-ray is that small)
 HOW_TO_GET = ("download 'Chest X-Ray Images (Pneumonia)' (kaggle.com/datasets/paultimothymooney/"
               "chest-xray-pneumonia or data.mendeley.com/datasets/rscbjbr9sj/3) and pass --manual_dir=FOLDER "
               "holding chest_xray/, or use --dataset=pneumonia_mnist (28x28 version, shared folder or download), "
@@ -70,14 +70,59 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith((".", "__MACOSX"))
 
 
-def scan(root: Path) -> Tuple[Listing, List[str]]:
-    """Lists the images of each split; returns (listing, notes).
+def _images(folder: Path) -> List[Path]:
+    """Every image file under ``folder``, its subfolders included (hidden entries skipped), sorted."""
+    found: List[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [n for n in dirnames if _visible(Path(n))]
+        found += [Path(dirpath) / f for f in filenames
+                  if _visible(Path(f)) and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
 
-    Raises DataError when a split's class folders are not exactly NORMAL and
-    PNEUMONIA or when train or test holds no image.
+
+def _misplaced_class_folder(folder: Path) -> None:
+    """A class folder inside another class folder (train/PNEUMONIA/NORMAL): its images would take the
+    outer label; refused in one line."""
+    for dirpath, dirnames, _ in os.walk(folder):
+        for n in dirnames:
+            if n.upper() in CLASSES and n.upper() != folder.name:  # train/NORMAL/NORMAL: same label, used
+                raise DataError(f"{Path(dirpath) / n} is a class folder inside {folder}: images below a class "
+                                f"folder take its label; move it to {folder.parent / n.upper()}")
+
+
+def _split_files(root: Path, split: str, notes: List[str], nested: List[str]) -> List[Tuple[str, int]]:
+    """(path relative to root, label) of one split's images, subfolders of a class folder included."""
+    d = root / split
+    classes = sorted(p.name for p in d.iterdir() if p.is_dir() and _visible(p))
+    if tuple(classes) != CLASSES:
+        raise DataError(f"{d} must hold exactly the class folders NORMAL and PNEUMONIA, found "
+                        f"{', '.join(classes) or 'none'}; fix the folder layout")
+    files: List[Tuple[str, int]] = []
+    for label, cls in enumerate(CLASSES):
+        _misplaced_class_folder(d / cls)
+        found = _images(d / cls)
+        if not found and split == "train":
+            raise DataError(f"{d / cls} holds no images: the train split needs images of both classes "
+                            f"(NORMAL and PNEUMONIA) to train; put that class's images there")
+        if not found:
+            notes.append(f"{d / cls} holds no images")
+        nested += [str(f.relative_to(root)) for f in found if f.parent != d / cls]
+        files += [(str(f.relative_to(root)), label) for f in found]
+    return files
+
+
+def scan(root: Path) -> Tuple[Listing, List[str]]:
+    """Lists the images of each split; returns (listing, notes). The whole layout is checked here,
+    before any image is decoded.
+
+    Images in subfolders of a class folder are used with that class's label (a note says how many);
+    a class folder inside another one is refused. Raises DataError when a split's class folders are
+    not exactly NORMAL and PNEUMONIA, when a train class folder holds no image, or when train or test
+    holds no image.
     """
     listing: Listing = {}
     notes: List[str] = []
+    nested: List[str] = []
     if (root / "chest_xray").is_dir():
         notes.append(f"ignored the nested duplicate folder {root / 'chest_xray'} (Kaggle copy)")
     for split in SPLITS:
@@ -87,20 +132,13 @@ def scan(root: Path) -> Tuple[Listing, List[str]]:
                 notes.append(f"{d} does not exist: no val split")
                 continue
             raise DataError(f"{d} does not exist; {root} must hold train/, val/ and test/ folders")
-        classes = sorted(p.name for p in d.iterdir() if p.is_dir() and _visible(p))
-        if tuple(classes) != CLASSES:
-            raise DataError(f"{d} must hold exactly the class folders NORMAL and PNEUMONIA, found "
-                            f"{', '.join(classes) or 'none'}; fix the folder layout")
-        files: List[Tuple[str, int]] = []
-        for label, cls in enumerate(CLASSES):
-            found = sorted(f for f in (d / cls).iterdir()
-                           if _visible(f) and f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                notes.append(f"{d / cls} holds no images")
-            files += [(str(f.relative_to(root)), label) for f in found]
+        files = _split_files(root, split, notes, nested)
         if not files and split != "val":
             raise DataError(f"{d} holds no images; re-download or re-extract the data set")
         listing[split] = files
+    if nested:
+        notes.append(f"data: {len(nested)} image(s) in subfolders of class folders, used with "
+                     f"their class folder's label (first: {nested[0]})")
     return listing, notes
 
 
@@ -264,6 +302,7 @@ class ChestXray(tfds.core.GeneratorBasedBuilder):
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             decoded = pool.map(lambda f: _try_decode(root / f[0], self.resolution), files)
             for index, ((rel, label), (image, error, size)) in enumerate(zip(files, decoded)):
+                interrupts.check()
                 if error is not None:
                     self.info.metadata["num_corrupt"] += 1
                     if len(self.info.metadata["corrupt"]) < MAX_REPORTED:
@@ -291,6 +330,8 @@ def load(manual_dir: Optional[str] = None, data_dir: Optional[str] = None, resol
     for note in notes:
         if note.endswith("holds no images"):
             print(f"WARNING: {note}: that split has a single class", flush=True)
+        elif note.startswith("data: "):  # images in subfolders of a class folder
+            print(note, flush=True)
     target = locations.prepared_dir(data_dir, "chest_xray", source_key(root, listing))
     builder = tfds_util.prepare(ChestXray, data_dir=target, config=str(resolution), manual_dir=root)
     corrupt = list(builder.info.metadata.get("corrupt", []))

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from lightflax import interrupts
 from lightflax.errors import DataError
 
 FILE_FORMAT = "array_record"
@@ -69,38 +70,70 @@ def missing_chain(path: Path) -> List[Path]:
     return chain
 
 
+def _make_parent(data_dir: Path) -> None:
+    """Creates ``data_dir``'s parent, or one line naming the variables that move the cache."""
+    try:
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in data_dir.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker else (e.strerror or type(e).__name__)
+        raise DataError(f"cannot create the data cache folder {data_dir.parent} ({why}); set LIGHTFLAX_DATA_DIR "
+                        f"(or XDG_CACHE_HOME) to a writable folder, or pass --data_dir") from None
+
+
+def _is_prepared(builder) -> bool:
+    return (Path(builder.data_dir) / "dataset_info.json").is_file()
+
+
+def _build(builder_cls, data_dir: Path, config, manual_dir, builder_kwargs):
+    import tensorflow_datasets as tfds
+
+    with private_tempdir():
+        builder = builder_cls(data_dir=str(data_dir), config=config, file_format=FILE_FORMAT, **builder_kwargs)
+        if not _is_prepared(builder):
+            download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+            builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
 def prepare(builder_cls, *, data_dir: Path, config: Optional[str] = None, manual_dir: Optional[Path] = None,
             **builder_kwargs: Any):
     """Instantiates ``builder_cls`` under ``data_dir`` and prepares it once (reused afterwards).
 
-    On failure, the folders this call created (``data_dir`` and parents that did not
-    exist, or the builder's dataset folder inside an existing ``data_dir``) are removed.
-    TFDS's "No examples were yielded" becomes a one-line DataError.
+    Safe under concurrency: a new copy is built in a private folder beside ``data_dir`` and renamed
+    into place in one step; a run that finds the copy already there (another run finished first)
+    reuses it and drops its own. On failure nothing this call made is left (the private folder, and
+    ``data_dir``'s parents that did not exist, when empty). TFDS's "No examples were yielded" becomes a one-line
+    DataError; an unusable cache location is one line naming the variable to set.
     """
-    import tensorflow_datasets as tfds
-
     data_dir = Path(data_dir)
     created = missing_chain(data_dir)
-    builder_dir = data_dir / builder_cls.name
-    builder_existed = builder_dir.exists()
+    _make_parent(data_dir)
+    with private_tempdir():  # TFDS makes a temporary folder for an unprepared builder
+        builder = builder_cls(data_dir=str(data_dir), config=config, file_format=FILE_FORMAT, **builder_kwargs)
+    if _is_prepared(builder):
+        return _build(builder_cls, data_dir, config, manual_dir, builder_kwargs)
+    private = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.building-", dir=data_dir.parent))
     try:
-        with private_tempdir():
-            builder = builder_cls(data_dir=str(data_dir), config=config, file_format=FILE_FORMAT, **builder_kwargs)
-            download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
-            builder.download_and_prepare(download_config=download_config)
+        built = _build(builder_cls, private, config, manual_dir, builder_kwargs)
+        final = data_dir / Path(built.data_dir).relative_to(private)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(built.data_dir, final)  # atomic: readers see no copy or a whole one
+        except OSError:
+            if not _is_prepared(builder):  # not another run's finished copy: a real failure
+                raise
     except BaseException as e:
-        if created:
-            shutil.rmtree(created[-1], ignore_errors=True)
-        elif not builder_existed:
-            shutil.rmtree(builder_dir, ignore_errors=True)
-            prune_empty_dirs(data_dir / "downloads")  # TFDS's download folder, empty for local builders
-        else:  # other configs were prepared before: drop only this attempt's empty folders
-            prune_empty_dirs(builder_dir)
+        shutil.rmtree(private, ignore_errors=True)
+        # only empty folders: a concurrent run's finished copy in the same place stays
+        prune_empty_dirs(created[-1] if created else data_dir)
         if isinstance(e, Exception) and "No examples were yielded" in str(e):
             raise DataError(f"{builder_cls.name}: a split has no readable example (every image corrupt or "
                             f"unreadable?); check the source files") from None
         raise
-    return builder
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return _build(builder_cls, data_dir, config, manual_dir, builder_kwargs)
 
 
 def prune_empty_dirs(root: Path) -> None:
@@ -138,6 +171,7 @@ def read_split(source) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     index = np.empty((n,), np.int64)
     names = np.empty((n,), object) if "filename" in first else None
     for start in range(0, n, READ_CHUNK):
+        interrupts.check()
         stop = min(n, start + READ_CHUNK)
         for i, rec in enumerate(source.__getitems__(list(range(start, stop))), start):
             images[i] = rec["image"]

@@ -9,6 +9,8 @@ import numpy as np
 
 from lightflax.errors import DataError
 
+TINY = 32  # images with a side under this many pixels are kept but reported (no real chest X-ray is that small)
+
 
 @dataclasses.dataclass
 class Split:

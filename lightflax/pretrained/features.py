@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from lightflax import files, progress
+from lightflax import files, interrupts, progress
 from lightflax.pretrained.backbone import Backbone, check_images
 
 FORMAT_VERSION = 1
@@ -62,6 +62,7 @@ def compute(backbone: Backbone, images: np.ndarray, batch_size: int = 32) -> np.
     out = []
     with progress.phase(-(-n // batch_size), f"{backbone.name} features of {n} images", unit="batch") as bar:
         for start in range(0, n, batch_size):
+            interrupts.check()
             batch = np.asarray(images[start:start + batch_size])
             real = batch.shape[0]
             if real < batch_size and n > batch_size:

@@ -1,0 +1,83 @@
+"""Ctrl-C (SIGINT) and SIGTERM that cannot be lost.
+
+A signal handler that raises KeyboardInterrupt straight away can land inside a callback whose
+exceptions Python reports as "Exception ignored" and drops: JAX's garbage-collection callback
+(``gc.callbacks``), a ``__del__``, an atexit function. The run then carries on and ends 0.
+Here the handler first RECORDS the signal, and raises only when the current frame stack holds no
+such callback; a recorded signal surfaces at the next safe point (:func:`check`, called at the
+training loop's step and epoch boundaries, data preparation, feature extraction, predict batches,
+and by launch.py after the experiment returns). A KeyboardInterrupt that still ends up as
+"unraisable" is kept quiet (it is recorded; the next check raises it).
+
+Only the entry point calls :func:`install`; the library only calls :func:`check`, which costs a
+global read when no signal came.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+import sys
+from typing import Optional
+
+_pending: Optional[int] = None
+_previous_unraisablehook = None
+
+
+def pending() -> Optional[int]:
+    """The number of the signal recorded and not yet cleared, or None."""
+    return _pending
+
+
+def check() -> None:
+    """A safe point: raise KeyboardInterrupt if a signal was recorded."""
+    if _pending is not None:
+        raise KeyboardInterrupt
+
+
+def reset() -> None:
+    """Forget a recorded signal (tests)."""
+    global _pending
+    _pending = None
+
+
+def _unsafe_codes() -> set:
+    return {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
+
+
+def in_callback(frame) -> bool:
+    """True when ``frame`` or a caller is a gc callback or a ``__del__`` (an exception raised there
+    would be printed as "Exception ignored" and dropped)."""
+    codes = _unsafe_codes()
+    while frame is not None:
+        if frame.f_code in codes or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def record(signum: int, frame=None) -> None:
+    """The signal handler: record, and raise KeyboardInterrupt unless inside a callback."""
+    global _pending
+    _pending = signum
+    if not in_callback(frame):
+        raise KeyboardInterrupt
+
+
+def _unraisable(info) -> None:
+    global _pending
+    if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+        if _pending is None:
+            _pending = signal.SIGINT
+        return
+    (_previous_unraisablehook or sys.__unraisablehook__)(info)
+
+
+def install() -> None:
+    """SIGINT and SIGTERM both go through :func:`record`; swallowed interrupts stay quiet."""
+    global _previous_unraisablehook
+    signal.signal(signal.SIGINT, record)
+    signal.signal(signal.SIGTERM, record)
+    if sys.unraisablehook is not _unraisable:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _unraisable

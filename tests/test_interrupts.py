@@ -1,0 +1,121 @@
+"""Ctrl-C / SIGTERM are never lost (lightflax/interrupts.py): a signal that lands where an exception
+would be dropped (a gc callback, a __del__) is recorded and raised at the next safe point; a run
+interrupted at any moment ends 130 with the documented line."""
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+from lightflax import interrupts
+
+LINE = "error: interrupted; resume with --resume"
+
+
+@pytest.fixture
+def handlers():
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    interrupts.reset()
+    interrupts.install()
+    yield
+    signal.signal(signal.SIGINT, saved[0])
+    signal.signal(signal.SIGTERM, saved[1])
+    sys.unraisablehook = saved[2]
+    interrupts.reset()
+
+
+def _signal_and_spin(signum):
+    os.kill(os.getpid(), signum)
+    for _ in range(1000):  # bytecodes: the handler runs at one of them, inside this frame
+        pass
+
+
+def test_a_signal_inside_a_gc_callback_is_raised_at_the_next_safe_point(handlers):
+    unraisable = []
+    seen = []
+
+    def callback(phase, info):  # as JAX's _xla_gc_callback: called by the collector, errors dropped
+        if phase == "start" and not seen:
+            seen.append(phase)
+            _signal_and_spin(signal.SIGTERM)
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda info: (unraisable.append(info), previous(info))
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+    assert seen and interrupts.pending() == signal.SIGTERM
+    assert not unraisable  # not raised inside the callback at all
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.check()
+
+
+def test_outside_a_callback_the_handler_raises_at_once(handlers):
+    with pytest.raises(KeyboardInterrupt):
+        _signal_and_spin(signal.SIGINT)
+    assert interrupts.pending() == signal.SIGINT
+
+
+def test_an_interrupt_dropped_by_python_stays_quiet_and_recorded(handlers, capsys):
+    class Finaliser:
+        def __del__(self):
+            raise KeyboardInterrupt  # what a handler outside our control could do in a __del__
+
+    Finaliser()
+    assert interrupts.pending() is not None
+    assert "Exception ignored" not in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.check()
+
+
+def test_no_signal_no_raise():
+    interrupts.reset()
+    interrupts.check()
+    assert interrupts.pending() is None
+
+
+def _interrupted_run(tmp_path, args, marker, delay):
+    """Starts launch.py, sends SIGTERM ``delay`` s after the first stdout line starting with
+    ``marker``; returns (exit status, stderr)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith(marker):
+            break
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail("no exit 300 s after SIGTERM:\n" + err[-4000:])
+    return proc.returncode, err
+
+
+TINY = ["--experiment=xray_light", "--k=2", "--dataset=synthetic", "--image_size=16", "--synthetic_size=32",
+        "--batch_size=8"]
+
+
+@pytest.mark.parametrize("marker, delay, epochs", [
+    ("kernels:", 0.0, 2),  # compilation (where JAX's gc callback runs most)
+    ("kernels:", 0.5, 2),
+    ("epoch 1/", 0.0, 50),  # training
+    ("epoch 1/1", 0.0, 1),  # the final evaluation, export and exit
+])
+def test_sigterm_at_any_moment_ends_130_with_the_line(tmp_path, marker, delay, epochs):
+    code, err = _interrupted_run(tmp_path, [*TINY, f"--epochs={epochs}", f"--workdir={tmp_path / 'w'}"],
+                                 marker, delay)
+    assert code == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == LINE, err[-3000:]
+    assert "Exception ignored" not in err and "Traceback" not in err, err[-3000:]
