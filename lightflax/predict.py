@@ -12,7 +12,16 @@ argmax of p(c) * target_prior(c) / model_prior(c) (a uniform target prior when i
 model_prior is the class balance the model's probabilities carry: uniform after a class-balanced
 loss, else train_prior, which stands in for it in runs written before model_prior existed); a run
 without the entry (older runs) uses the argmax. ``probabilities`` are written as the models
-output them (averaged, not prior-corrected).
+output them (averaged, not prior-corrected; after AdaBN and the temperature when those ran).
+
+Test-time adaptation (:func:`adaptation_options`, :func:`adapted_probabilities`; each off unless
+asked for or stored in the run's ``predict_defaults``): ``adapt_bn`` re-estimates every BatchNorm
+layer's statistics on all the images of the call (:func:`lightflax.adapt.adapt_bn`);
+``calibrate="temperature"`` divides the logits by the decision entry's validation-fitted
+temperature (1 for runs without one) before any threshold; ``label_shift="em"`` replaces the
+target prior by the EM estimate of the images' class prior (:func:`lightflax.adapt.em_prior`) and
+decides by the prior correction to it. Fewer than :data:`lightflax.adapt.MIN_IMAGES` images: one
+line says so and the unadapted rule is used.
 """
 
 from __future__ import annotations
