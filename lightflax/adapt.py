@@ -21,7 +21,7 @@ stored prior with noise.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -35,13 +35,13 @@ def _is_bn(context) -> bool:
     return isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__"
 
 
-def bn_paths(apply_fn: Callable, variables, example: np.ndarray) -> List[Tuple[str, ...]]:
-    """The scope paths of the BatchNorm layers ``apply_fn(variables, x)`` calls, in call order."""
-    paths: List[Tuple[str, ...]] = []
+def bn_inputs(apply_fn: Callable, variables, example: np.ndarray) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+    """{scope path: input shape} of the BatchNorm layers ``apply_fn(variables, x)`` calls, in call order."""
+    shapes: Dict[Tuple[str, ...], Tuple[int, ...]] = {}
 
     def record(next_fun, args, kwargs, context):
-        if _is_bn(context) and tuple(context.module.path) not in paths:
-            paths.append(tuple(context.module.path))
+        if _is_bn(context) and tuple(context.module.path) not in shapes:
+            shapes[tuple(context.module.path)] = tuple(args[0].shape)
         return next_fun(*args, **kwargs)
 
     def run(v, x):
@@ -49,26 +49,30 @@ def bn_paths(apply_fn: Callable, variables, example: np.ndarray) -> List[Tuple[s
             return apply_fn(v, x)
 
     jax.eval_shape(run, variables, example)
-    return paths
+    return shapes
 
 
-def _moments_fn(apply_fn: Callable, path: Tuple[str, ...]):
-    """Jitted (variables, x) -> (per-image mean (B, C), per-image sum of squared deviations (B, C),
-    values per image) of the input of the BatchNorm layer at ``path`` (float32)."""
+def _moments_fn(apply_fn: Callable, paths: List[Tuple[str, ...]]):
+    """Jitted (variables, x) -> {path: (per-image mean (B, C), per-image sum of squared deviations
+    (B, C))} of the input of every BatchNorm layer at ``paths`` (float32): one compilation serves
+    every layer's pass."""
     def run(v, x):
-        captured = []
+        captured = {}
 
         def grab(next_fun, args, kwargs, context):
-            if _is_bn(context) and tuple(context.module.path) == path and not captured:
-                captured.append(args[0])
+            if _is_bn(context) and tuple(context.module.path) not in captured:
+                captured[tuple(context.module.path)] = args[0]
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(grab):
             apply_fn(v, x)
-        h = captured[0].astype(jnp.float32)
-        h = h.reshape(h.shape[0], -1, h.shape[-1])
-        mean = jnp.mean(h, axis=1)
-        return mean, jnp.sum(jnp.square(h - mean[:, None, :]), axis=1), h.shape[1]
+        out = {}
+        for i, path in enumerate(paths):
+            h = captured[path].astype(jnp.float32)
+            h = h.reshape(h.shape[0], -1, h.shape[-1])
+            mean = jnp.mean(h, axis=1)
+            out[i] = (mean, jnp.sum(jnp.square(h - mean[:, None, :]), axis=1))
+        return out
 
     return jax.jit(run)
 
@@ -95,19 +99,21 @@ def adapt_bn(apply_fn: Callable, variables, inputs: np.ndarray, batch_size: int 
     statistics of its input over all of ``inputs`` (layer by layer), and the number of layers
     adapted. ``apply_fn(variables, x)``: the model's inference forward pass."""
     out = _as_dict(variables)  # new nested dicts (leaves replaced, never mutated): the input stays as it was
-    paths = bn_paths(apply_fn, out, inputs[:1])
-    for path in paths:
-        fn = _moments_fn(apply_fn, path)
-        means, m2s, n_each = [], [], 0
+    shapes = bn_inputs(apply_fn, out, inputs[:1])
+    paths = list(shapes)
+    fn = _moments_fn(apply_fn, paths) if paths else None
+    for i, path in enumerate(paths):  # pass i: layers before i already adapted, layer i measured
+        means, m2s = [], []
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]
             pad = batch_size - len(chunk)
             if pad:  # one compiled shape; the padded rows are dropped below
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            m, s, n_each = fn(out, chunk)
+            m, s = fn(out, chunk)[i]
             means.append(np.asarray(m)[: batch_size - pad])
             m2s.append(np.asarray(s)[: batch_size - pad])
-        mean, var = combine_moments(np.concatenate(means), np.concatenate(m2s), int(n_each))
+        n_each = int(np.prod(shapes[path][1:-1]))  # values per image and channel
+        mean, var = combine_moments(np.concatenate(means), np.concatenate(m2s), n_each)
         _set_stats(out, path, mean, var)
     return out, len(paths)
 
