@@ -143,7 +143,8 @@ def test_build_stores_the_validation_temperature():
     assert decision.read(results)["temperature"] == pytest.approx(entry["temperature"])
 
 
-@pytest.mark.parametrize("entry,want", [(None, 1.0), ({"rule": "argmax"}, 1.0), ({"rule": "argmax", "temperature": 1.5}, 1.5)])
+@pytest.mark.parametrize("entry,want", [(None, 1.0), ({"rule": "argmax"}, 1.0),
+                                        ({"rule": "argmax", "temperature": 1.5}, 1.5)])
 def test_older_runs_read_as_temperature_one(entry, want):
     results = {"dataset": {"num_classes": 2}}
     if entry is not None:
