@@ -16,5 +16,9 @@ def get_config():
     c.explain_patch = placeholder(int)  # occlusion patch side (default: about min(H, W) / 7)
     c.explain_stride = placeholder(int)  # occlusion stride (default: patch // 2)
     c.explain_dir = placeholder(str)  # one overlay PNG per image
+    # test-time adaptation (docs/robust.md); None: the run's stored predict_defaults, else off
+    c.adapt_bn = placeholder(bool)  # BatchNorm statistics of all the input images (AdaBN)
+    c.label_shift = placeholder(str)  # none | em: the class prior re-estimated from the predictions
+    c.calibrate = placeholder(str)  # none | temperature: the run's validation-fitted temperature
     c.optimizer = ml_collections.ConfigDict(dict(batch_size=64))  # images per forward pass
     return c

@@ -107,6 +107,15 @@ ALIASES: Tuple[Alias, ...] = (
           lower=1),
     Alias("explain_stride", "explain_stride", "Occlusion stride in pixels (default: patch // 2).", lower=1),
     Alias("explain_dir", "explain_dir", "With --explain: one overlay PNG per image in this folder."),
+    Alias("adapt_bn", "adapt_bn", "Re-estimate every BatchNorm layer's statistics on all the input images, layer "
+          "by layer (AdaBN; needs >= 32 images, else it says so and does not adapt). Default: the run's stored "
+          f"predict default, else off."),
+    Alias("label_shift", "label_shift", "none, or em: re-estimate the class prior of the input images from the "
+          "model's predictions (EM, Saerens et al. 2002) and move the decision to it instead of the stored target "
+          "prior (needs >= 32 images). Default: the run's stored predict default, else none.", ("none", "em")),
+    Alias("calibrate", "calibrate", "none, or temperature: divide the logits by the temperature fitted on the "
+          "run's validation split (runs without one: 1) before any threshold. Default: the run's stored predict "
+          "default, else none.", ("none", "temperature")),
     # optimizer
     Alias("learning_rate", "optimizer.learning_rate", "Adam learning rate.", lower=0.0),
     Alias("batch_size", "optimizer.batch_size", "Global batch size (split across devices); predict: images per "

@@ -12,7 +12,11 @@ multi-seed run's replicas averaged unless --seed_index picks one) and
 OUT.npz, with one summary line. --explain=occlusion|gradcam adds ``heatmaps``
 (N, H, W) float32 of the predicted class at the input's resolution
 (--explain_patch/--explain_stride for occlusion; --explain_dir=DIR: one overlay
-PNG per image); see docs/explain.md.
+PNG per image); see docs/explain.md. Test-time adaptation: --adapt_bn (BatchNorm
+statistics of all the input images), --label_shift=em (the class prior
+re-estimated from the predictions), --calibrate=temperature (the run's
+validation-fitted temperature); their defaults are the run's stored
+``predict_defaults`` (none for the study and robust recipes), else off.
 """
 
 from lightflax import predict
@@ -29,4 +33,6 @@ def main(config, explicit=frozenset()):
     elif config.explain_dir or config.explain_patch or config.explain_stride:
         raise UserError("--explain_dir/--explain_patch/--explain_stride need --explain=occlusion or gradcam")
     predict.predict_npz(config.workdir, config.input_npz, config.output_npz, batch_size=config.optimizer.batch_size,
-                        seed_index=config.seed_index, explain=explain)
+                        seed_index=config.seed_index, explain=explain,
+                        adapt_options={"adapt_bn": config.adapt_bn, "label_shift": config.label_shift,
+                                       "calibrate": config.calibrate})

@@ -51,6 +51,11 @@ def robust(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 RECIPES: Dict[str, Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]] = {
     "study": study, "robust": robust}
 
+# predict's defaults a recipe stores in results.json (``predict_defaults``: adapt_bn, label_shift,
+# calibrate; lightflax.predict.adaptation_options). study and robust store none: predict applies
+# no test-time adaptation to their runs unless asked, as when they were documented.
+PREDICT_DEFAULTS: Dict[str, Dict[str, Any]] = {"study": {}, "robust": {}}
+
 
 def skipped(config: ml_collections.ConfigDict) -> Dict[str, str]:
     """{flag: why} of the knobs that do not apply to this experiment (left at their config value)."""
@@ -72,7 +77,8 @@ def apply(config: ml_collections.ConfigDict, explicit: FrozenSet[str]
     """(the config with recipe ``config.recipe`` applied, results.json's record): fields given on
     the command line (``explicit`` config paths) and skipped knobs keep their value. The record:
     ``recipe`` (the name), ``recipe_values`` (the effective value of every knob, overrides
-    included), ``recipe_overrides`` (the knobs given explicitly) and ``recipe_skipped``."""
+    included), ``recipe_overrides`` (the knobs given explicitly) and ``recipe_skipped``; plus
+    ``predict_defaults`` when the recipe has any (:data:`PREDICT_DEFAULTS`)."""
     name = config.get("recipe")
     if name is None:
         return config, {}
@@ -93,5 +99,8 @@ def apply(config: ml_collections.ConfigDict, explicit: FrozenSet[str]
         if name != "study":
             print(f"--recipe={name}: --{flag}={get(recipe, KNOBS[flag])} skipped for {config.experiment}: {why}",
                   flush=True)
-    return out, dict(recipe=name, recipe_values={f: get(out, p) for f, p in KNOBS.items()},
-                     recipe_overrides=overrides, recipe_skipped=skip)
+    record = dict(recipe=name, recipe_values={f: get(out, p) for f, p in KNOBS.items()},
+                  recipe_overrides=overrides, recipe_skipped=skip)
+    if PREDICT_DEFAULTS.get(name):
+        record["predict_defaults"] = dict(PREDICT_DEFAULTS[name])
+    return out, record

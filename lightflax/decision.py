@@ -1,26 +1,27 @@
 """The decision rule of a run: how class probabilities become a predicted class.
 
-    decision = decision.build(cfg, data)        # at training: results.json's ``decision`` entry
+    decision = decision.build(cfg, data, val)   # at training: results.json's ``decision`` entry
     decision = decision.read(results, path)     # from a finished run's results.json, checked
     classes = decision.apply(probabilities, decision)
     metrics = decision.split_metrics(log_probs, labels, decision)
 
 The entry: ``{"rule": "argmax" | "prior_corrected", "threshold": float | null, "train_prior": [...],
-"model_prior": [...], "target_prior": [...] | null}`` (see :func:`build`).
+"model_prior": [...], "target_prior": [...] | null, "temperature": float | null}`` (see :func:`build`;
+``temperature`` is the calibration predict's ``--calibrate=temperature`` applies, null or absent: 1).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from lightflax import metrics as metrics_lib
+from lightflax import adapt, metrics as metrics_lib
 from lightflax.config import RunConfig
 from lightflax.errors import UserError
 
 
-def build(cfg: RunConfig, data) -> Dict[str, Any]:
+def build(cfg: RunConfig, data, val: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Dict[str, Any]:
     """results.json's ``decision``: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}.
 
     ``train_prior``: the training split's class frequencies. ``model_prior``: the class balance the
@@ -30,7 +31,11 @@ def build(cfg: RunConfig, data) -> Dict[str, Any]:
     :data:`lightflax.metrics.PNEUMONIA_TEST_PRIOR` for two-class data (the X-ray datasets, and
     synthetic data standing in for them), None otherwise. ``threshold``: with
     ``rule="prior_corrected"`` the threshold on p(class 1) above which class 1 is predicted
-    (:func:`lightflax.metrics.prior_threshold` from the model prior); None with ``argmax``."""
+    (:func:`lightflax.metrics.prior_threshold` from the model prior); None with ``argmax``.
+    ``temperature``: :func:`lightflax.adapt.fit_temperature` on ``val`` = (log-probabilities (R, N, C)
+    of the run's replicas, labels (N,)) of the validation split, the replicas' averaged probabilities
+    (what predict scores); None without ``val``. It changes no decision here: predict applies it only
+    with --calibrate=temperature."""
     k = data.num_classes
     train_prior = metrics_lib.class_prior(data.splits["train"].labels, k)
     model_prior = np.full(k, 1.0 / k) if cfg.class_weighting == "balanced" else train_prior
@@ -44,8 +49,11 @@ def build(cfg: RunConfig, data) -> Dict[str, Any]:
             raise UserError("--decision=prior_corrected needs both classes in the training split; "
                             "use --decision=argmax")
         threshold = metrics_lib.prior_threshold(model_prior, target)
+    temperature = None
+    if val is not None:
+        temperature = adapt.fit_temperature(metrics_lib.ensemble_log_probs(val[0]), val[1])
     return {"rule": cfg.decision, "threshold": threshold, "train_prior": train_prior.tolist(),
-            "model_prior": model_prior.tolist(), "target_prior": target}
+            "model_prior": model_prior.tolist(), "target_prior": target, "temperature": temperature}
 
 
 def split_metrics(log_probs: np.ndarray, labels: np.ndarray, decision: Dict[str, Any]) -> Dict[str, Any]:
@@ -63,11 +71,13 @@ def split_metrics(log_probs: np.ndarray, labels: np.ndarray, decision: Dict[str,
 
 
 def read(results, path: str = "results.json") -> Dict[str, Any]:
-    """The run's decision entry, checked: {"rule", "threshold", "train_prior", "model_prior", "target_prior"}
-    (``{"rule": "argmax", ...None}`` for runs without one)."""
+    """The run's decision entry, checked: {"rule", "threshold", "train_prior", "model_prior", "target_prior",
+    "temperature"} (``{"rule": "argmax", ...None, "temperature": 1.0}`` for runs without one; runs
+    without a temperature read as 1.0)."""
     d = results.get("decision")
     if d is None:
-        return {"rule": "argmax", "threshold": None, "train_prior": None, "model_prior": None, "target_prior": None}
+        return {"rule": "argmax", "threshold": None, "train_prior": None, "model_prior": None, "target_prior": None,
+                "temperature": 1.0}
     c = int(results["dataset"]["num_classes"])
     try:
         rule, threshold = d["rule"], d.get("threshold")
@@ -85,10 +95,13 @@ def read(results, path: str = "results.json") -> Dict[str, Any]:
                 raise ValueError(f"{key} must hold {c} positive numbers")
         if rule == "prior_corrected" and threshold is None and priors["train_prior"] is None:
             raise ValueError("prior_corrected without a threshold needs train_prior")
+        temperature = 1.0 if d.get("temperature") is None else float(d["temperature"])
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature {temperature} must be a positive number")
     except (TypeError, ValueError, AttributeError, KeyError) as e:
         raise UserError(f"{path}: its decision entry is damaged ({e}); re-run the training or restore the "
                         f"file") from None
-    return {"rule": rule, "threshold": threshold, **priors}
+    return {"rule": rule, "threshold": threshold, **priors, "temperature": temperature}
 
 
 def apply(probabilities: np.ndarray, decision: Dict[str, Any]) -> np.ndarray:

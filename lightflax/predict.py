@@ -12,7 +12,16 @@ argmax of p(c) * target_prior(c) / model_prior(c) (a uniform target prior when i
 model_prior is the class balance the model's probabilities carry: uniform after a class-balanced
 loss, else train_prior, which stands in for it in runs written before model_prior existed); a run
 without the entry (older runs) uses the argmax. ``probabilities`` are written as the models
-output them (averaged, not prior-corrected).
+output them (averaged, not prior-corrected; after AdaBN and the temperature when those ran).
+
+Test-time adaptation (:func:`adaptation_options`, :func:`adapted_probabilities`; each off unless
+asked for or stored in the run's ``predict_defaults``): ``adapt_bn`` re-estimates every BatchNorm
+layer's statistics on all the images of the call (:func:`lightflax.adapt.adapt_bn`);
+``calibrate="temperature"`` divides the logits by the decision entry's validation-fitted
+temperature (1 for runs without one) before any threshold; ``label_shift="em"`` replaces the
+target prior by the EM estimate of the images' class prior (:func:`lightflax.adapt.em_prior`) and
+decides by the prior correction to it. Fewer than :data:`lightflax.adapt.MIN_IMAGES` images: one
+line says so and the unadapted rule is used.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightflax import checkpoints, decision as decision_lib, files, interrupts, models
+from lightflax import adapt, checkpoints, decision as decision_lib, files, interrupts, metrics as metrics_lib, models
 from lightflax.data.types import TINY
 from lightflax.errors import CheckpointError, DataError, UserError
 
@@ -223,12 +232,14 @@ def predict_probabilities(module, variables, results, images: np.ndarray, batch_
 
 
 def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int = 64,
-                seed_index: Optional[int] = None, explain: Optional[Dict[str, Any]] = None
-                ) -> Tuple[np.ndarray, np.ndarray]:
+                seed_index: Optional[int] = None, explain: Optional[Dict[str, Any]] = None,
+                adapt_options: Optional[Dict[str, Any]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Writes ``probabilities`` (N, C) float32 and ``predictions`` (N,) int64 to ``output_npz``
     and prints one line; returns both. ``seed_index`` None: the mean over every replica.
     ``explain``: {"method", "patch", "stride", "explain_dir"} adds ``heatmaps`` (N, H, W) float32
-    of the predicted classes (:func:`lightflax.explain.for_predict`)."""
+    of the predicted classes (:func:`lightflax.explain.for_predict`). ``adapt_options``:
+    {"adapt_bn", "label_shift", "calibrate"}, None values taken from the run's ``predict_defaults``
+    (:func:`adaptation_options`)."""
     if not output_npz:
         raise UserError("--output_npz is required: where to write the probabilities")
     _check_output(output_npz)
@@ -240,8 +251,8 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
         explaining.check_request(explain["method"], explain.get("patch"), explain.get("stride"), images.shape,
                                  results, module, explain.get("explain_dir"))
     _warn_if_tiny(input_npz, images, results)
-    decision = decision_lib.read(results)
-    p = predict_probabilities(module, variables, results, images, batch_size)
+    options = adaptation_options(results, adapt_options)
+    p, decision, done = adapted_probabilities(module, variables, results, images, batch_size, options)
     y = decision_lib.apply(p, decision)
     arrays = {"probabilities": p, "predictions": y}
     if explain:
@@ -259,8 +270,89 @@ def predict_npz(workdir: str, input_npz: str, output_npz: str, batch_size: int =
     models_used = (f"ensemble of {len(indices)} replicas" if seed_index is None and len(indices) > 1
                    else f"replica {indices[0]}")
     print(f"wrote {output_npz}: {len(y)} images, {models_used}, rule {_describe_rule(decision)}, "
-          f"predicted class counts {counts}{_explained(explain)}", flush=True)
+          f"predicted class counts {counts}{_explained(explain)}{adapt.describe(done)}", flush=True)
     return p, y
+
+
+ADAPT_DEFAULTS = {"adapt_bn": False, "label_shift": "none", "calibrate": "none"}
+ADAPT_CHOICES = {"adapt_bn": (False, True), "label_shift": ("none", "em"), "calibrate": ("none", "temperature")}
+
+
+def adaptation_options(results, given: Optional[Dict[str, Any]] = None, path: str = "results.json"
+                       ) -> Dict[str, Any]:
+    """{"adapt_bn", "label_shift", "calibrate"}: each given value (not None), else the run's stored
+    ``predict_defaults`` (set by its recipe), else off (:data:`ADAPT_DEFAULTS`)."""
+    stored = results.get("predict_defaults") or {}
+    if not isinstance(stored, dict) or any(k not in ADAPT_CHOICES or v not in ADAPT_CHOICES[k]
+                                           for k, v in stored.items()):
+        raise UserError(f"{path}: its predict_defaults entry is damaged ({stored!r}); re-run the training or "
+                        f"restore the file")
+    out = dict(ADAPT_DEFAULTS, **stored)
+    for key, value in (given or {}).items():
+        if value is not None:
+            if value not in ADAPT_CHOICES[key]:
+                raise UserError(f"--{key} must be one of {', '.join(map(str, ADAPT_CHOICES[key]))}, got {value!r}")
+            out[key] = value
+    return out
+
+
+def _adapt_bn(module, variables, results, inputs: np.ndarray, batch_size: int):
+    """(variables of each replica with AdaBN statistics, the description) or (variables, None) with a
+    one-line reason when it does not adapt."""
+    if len(inputs) < adapt.MIN_IMAGES:
+        print(f"--adapt_bn: {len(inputs)} images, fewer than {adapt.MIN_IMAGES}: BatchNorm statistics are not "
+              f"re-estimated (the run's own are used); give at least {adapt.MIN_IMAGES} images to adapt", flush=True)
+        return variables, None
+    prep = None if results.get("backbone") else preprocess_fn(results)
+
+    def apply_fn(v, x):
+        return module.apply(v, x if prep is None else prep(x), train=False)
+
+    adapted = [adapt.adapt_bn(apply_fn, v, inputs, batch_size) for v in variables]
+    if adapted[0][1] == 0:
+        print("--adapt_bn: the model has no BatchNorm layer: nothing to adapt", flush=True)
+        return variables, None
+    return [a[0] for a in adapted], f"AdaBN ({adapted[0][1]} BatchNorm layers, {len(inputs)} images)"
+
+
+def _label_shift(p: np.ndarray, decision: Dict[str, Any]):
+    """(the decision with the EM-estimated target prior, the description), or (decision, None) with a
+    one-line reason when it does not adapt."""
+    source = decision["model_prior"] if decision["model_prior"] is not None else decision["train_prior"]
+    if len(p) < adapt.MIN_IMAGES:
+        print(f"--label_shift=em: {len(p)} images, fewer than {adapt.MIN_IMAGES}: the class prior is not "
+              f"re-estimated (the run's decision rule is used); give at least {adapt.MIN_IMAGES} images", flush=True)
+        return decision, None
+    if source is None:
+        print("--label_shift=em: the run stored no class prior (its results.json has no decision entry): the "
+              "class prior is not re-estimated; re-train to use it", flush=True)
+        return decision, None
+    q = np.clip(adapt.em_prior(p, source), 1e-6, None)
+    q = q / q.sum()
+    threshold = metrics_lib.prior_threshold(source, q) if len(q) == 2 else None
+    out = dict(decision, rule="prior_corrected", target_prior=q, threshold=threshold)
+    return out, f"EM label shift (prior {[round(float(v), 3) for v in q]})"
+
+
+def adapted_probabilities(module, variables, results, images: np.ndarray, batch_size: int,
+                          options: Dict[str, Any]):
+    """(probabilities (N, C), the decision to apply, [descriptions of the adaptations that ran]):
+    AdaBN, then the temperature, then EM on the calibrated probabilities."""
+    decision, done = decision_lib.read(results), []
+    inputs = model_inputs(results, images)
+    if options["adapt_bn"]:
+        variables, note = _adapt_bn(module, variables, results, inputs, batch_size)
+        done += [note] if note else []
+    p = probabilities_of_inputs(module, variables, results, inputs, batch_size)
+    if options["calibrate"] == "temperature":
+        t = decision["temperature"]
+        p = adapt.temperature_scale(p, t).astype(np.float32)
+        done.append(f"temperature {t:.4g}" + ("" if (results.get("decision") or {}).get("temperature") else
+                                              " (the run stored none)"))
+    if options["label_shift"] == "em":
+        decision, note = _label_shift(p.astype(np.float64), decision)
+        done += [note] if note else []
+    return p, decision, done
 
 
 def prediction_spread(workdir: str, n: int = 16, seed: int = 0) -> float:

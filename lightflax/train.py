@@ -496,10 +496,10 @@ def write_predictions(path: str, predictions: Dict[str, Tuple[np.ndarray, np.nda
 def _finish(loop: Loop, data, extra) -> Dict[str, Any]:
     """Tests the selected state, exports it and writes results.json, predictions.npz and the run's report."""
     cfg, trainer, selected = loop.cfg, loop.trainer, loop.selected
-    decision = decision_lib.build(cfg, data)
     predictions = {cfg.select_split: trainer.log_probs(selected, loop.select_arrays)}
     if data.splits.get("test") and "test" not in predictions:
         predictions["test"] = trainer.log_probs(selected, trainer.device_split("test"))
+    decision = decision_lib.build(cfg, data, predictions.get("val"))  # temperature fitted on validation only
     per_seed = {split: [decision_lib.split_metrics(lp[r], y, decision) for r in range(trainer.num_seeds)]
                 for split, (lp, y) in predictions.items()}
     ensemble = ({split: decision_lib.split_metrics(metrics_lib.ensemble_log_probs(lp), y, decision)

@@ -113,6 +113,18 @@ def test_a_live_model_learns_and_predict_scores_new_images(tmp_path):
     p_gray, _ = predict.predict_npz(str(wd), str(tmp_path / "gray.npz"), str(tmp_path / "gray_out.npz"))
     assert p_rgb.shape == (6, 2)
     np.testing.assert_array_equal(p_rgb, p_gray)
+    # test-time adaptation from the command line: the summary line names what ran; too few images for
+    # AdaBN fall back in one line
+    proc = run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'in.npz'}",
+                       f"--output_npz={out}", "--adapt_bn", "--label_shift=em", "--calibrate=temperature"], check=0)
+    assert "adaptations: AdaBN (" in proc.stdout and "; temperature " in proc.stdout and "; EM label shift" in proc.stdout
+    assert metrics.roc_auc(np.load(out)["probabilities"][:, 1], labels) > 0.8
+    proc = run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'gray.npz'}",
+                       f"--output_npz={out}", "--adapt_bn"], check=0)
+    assert "--adapt_bn: 6 images, fewer than 32" in proc.stdout and "adaptations: none" in proc.stdout
+    proc = run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'in.npz'}",
+                       f"--output_npz={out}", "--label_shift=bbse"], check=2)
+    assert "Traceback" not in proc.stderr and "label_shift" in proc.stderr
     # bad input: one line, exit 2
     np.savez(tmp_path / "bad.npz", pictures=np.zeros((2, 8, 8), np.uint8))
     proc = run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'bad.npz'}",

@@ -64,7 +64,7 @@ def test_ensemble_is_the_mean_of_the_replicas(run, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     counts = {"normal": int(np.sum(y == 0)), "pneumonia": int(np.sum(y == 1))}
     assert line == (f"wrote {tmp_path / 'ens.npz'}: 40 images, ensemble of 3 replicas, rule argmax, "
-                    f"predicted class counts {counts}")
+                    f"predicted class counts {counts}, adaptations: none")
 
 
 def test_threshold_and_prior_correction_are_applied(run, tmp_path):

@@ -91,7 +91,11 @@ def test_predictions_npz_reproduces_the_reported_metrics(two_seed_run):
     z = np.load(wd / "predictions.npz")
     assert sorted(z.files) == ["test_labels", "test_log_probs", "val_labels", "val_log_probs"]
     decision = r["decision"]
-    assert set(decision) == {"rule", "threshold", "train_prior", "model_prior", "target_prior"}
+    assert set(decision) == {"rule", "threshold", "train_prior", "model_prior", "target_prior", "temperature"}
+    from lightflax import adapt  # the temperature: fitted on the validation split's averaged probabilities
+
+    assert decision["temperature"] == pytest.approx(
+        adapt.fit_temperature(metrics.ensemble_log_probs(z["val_log_probs"]), z["val_labels"]), rel=1e-6)
     assert decision["model_prior"] == decision["train_prior"]  # no class weighting
     assert decision["rule"] == "prior_corrected"
     np.testing.assert_allclose(decision["target_prior"], metrics.PNEUMONIA_TEST_PRIOR)
@@ -124,7 +128,9 @@ def test_ten_classes_have_no_shift_proxies_and_refuse_prior_correction(tmp_path)
     run_launch(["--experiment=fashion_mnist", "--method=conv2d", f"--workdir={wd}", *TINY], check=0)
     r = json.loads((wd / "results.json").read_text())
     assert r["decision"] == {"rule": "argmax", "threshold": None, "train_prior": r["decision"]["train_prior"],
-                             "model_prior": r["decision"]["train_prior"], "target_prior": None}
+                             "model_prior": r["decision"]["train_prior"], "target_prior": None,
+                             "temperature": r["decision"]["temperature"]}
+    assert 0.05 <= r["decision"]["temperature"] <= 20  # fitted on the validation split
     assert len(r["decision"]["train_prior"]) == 10
     assert "balanced_accuracy" not in r["select_metrics"] and "ece" not in r["select_metrics"]
     assert "select_ensemble" not in r  # one seed: no ensemble
@@ -330,6 +336,19 @@ def test_recipe_sets_the_values_and_an_explicit_flag_wins():
     config, explicit = _config("xray_transfer", recipe="robust", **{"transfer.finetune_blocks": 1})
     out, record = recipes.apply(config, explicit)
     assert out.runtime.num_seeds == 1 and "num_seeds" in record["recipe_skipped"]
+
+
+def test_study_and_robust_store_no_predict_defaults(monkeypatch):
+    """predict's test-time adaptation stays off for study and robust runs (they stay reproducible as
+    documented); a recipe with predict defaults stores them in its record (results.json)."""
+    from experiments import recipes
+
+    for name in ("study", "robust"):
+        config, explicit = _config(recipe=name)
+        assert "predict_defaults" not in recipes.apply(config, explicit)[1], name
+    monkeypatch.setitem(recipes.PREDICT_DEFAULTS, "robust", {"adapt_bn": True, "label_shift": "em"})
+    config, explicit = _config(recipe="robust")
+    assert recipes.apply(config, explicit)[1]["predict_defaults"] == {"adapt_bn": True, "label_shift": "em"}
 
 
 def test_recipe_only_where_it_is_applied():
