@@ -23,16 +23,31 @@ import os
 import numpy as np
 
 from experiments import plan as plan_lib, training
-from lightflax import explain, progress, report, tables, train
+from lightflax import explain, files, progress, report, tables, train
 from lightflax.errors import UserError
 
 
 def main(config, explicit=frozenset()):
+    compilation_cache()
     training.configure(config)
     plan = plan_lib.resolve(config, explicit)
     with training.no_empty_folder_on_error(plan.workdir):
         study = progress.Study([(_label(row), _steps(row.run)) for row in plan.rows])
         _compare(plan, training.load(plan), study)
+
+
+def compilation_cache() -> str:
+    """JAX's persistent compilation cache for the study: $JAX_COMPILATION_CACHE_DIR when set, else the
+    user cache's lightflax/jax (files.cache_dir). The rows' programs differ in shape, so a cold study
+    gets no hit from it (measured: 0 of 392 lookups); a repeated study skips XLA's compilation (the
+    train step's 6-7 s per row under load down to 0.3-1.2 s, tracing and lowering remain)."""
+    import jax
+
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or files.cache_dir("jax")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # every program (as measured), not >= 1 s
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return folder
 
 
 def _label(row) -> str:

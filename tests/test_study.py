@@ -95,3 +95,22 @@ def test_the_study_line_and_its_eta_on_a_fake_clock(capsys):
         assert capsys.readouterr().out == ""
     finally:
         progress.set_mode("auto")
+
+
+def test_the_study_keeps_compiled_programs_in_the_user_cache(tmp_path, monkeypatch):
+    import jax
+
+    from experiments import xray_compare
+
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    monkeypatch.setenv("LIGHTFLAX_CACHE_DIR", str(tmp_path))
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        assert xray_compare.compilation_cache() == str(tmp_path / "jax") == jax.config.jax_compilation_cache_dir
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))  # the user's own wins
+        assert xray_compare.compilation_cache() == str(tmp_path / "mine") == jax.config.jax_compilation_cache_dir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
