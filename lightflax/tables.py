@@ -333,7 +333,7 @@ def comparison_figure(path: str, rows: List[Dict[str, Any]], title: str, synthet
                 bar.set_edgecolor("black")
         split = rows[0]["figure_split"] if rows and key in ("accuracy", "roc_auc") else ""
         if key == "time_per_epoch_s" and any(r.get("feature_extraction_s") is not None for r in rows):
-            split = "transfer: head on cached features"
+            name += "\n(transfer: head on cached features)"
         ax.set_title(f"{name}{f' ({split})' if split else ''}", fontsize=9)
         ax.set_xticks(range(len(rows)), [_model_cell(r).replace(" (dead", "\n(dead") for r in rows],
                       rotation=35, ha="right", fontsize=7)
