@@ -24,9 +24,9 @@ def pyplot():
 
 
 def labelled_bars(ax, names: Sequence[Any], values: Sequence[Optional[float]], stds: Sequence[Optional[float]],
-                  label: Callable[[float], str], color: Any = "C0") -> None:
+                  label: Callable[[float], str], color: Any = "C0"):
     """One bar per name (a missing value drawn at 0 and labelled ``n/a``), ±std error bars when any
-    std is non-zero, and each bar labelled above with ``label(value)``."""
+    std is non-zero, and each bar labelled above with ``label(value)``; returns the bars."""
     stds = [s or 0.0 for s in stds]
     bars = ax.bar(names, [v if v is not None else 0.0 for v in values], yerr=stds if any(stds) else None,
                   capsize=3, color=color)
@@ -34,6 +34,7 @@ def labelled_bars(ax, names: Sequence[Any], values: Sequence[Optional[float]], s
         ax.annotate("n/a" if v is None else label(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.margins(y=0.15)
+    return bars
 
 
 def save(fig, path: str, banner: Optional[str] = None, banner_size: int = 28, banner_alpha: float = 0.3,

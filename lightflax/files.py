@@ -27,7 +27,7 @@ DEFAULT_TIMEOUT_S = 10.0
 
 # kind -> (environment variable that moves it, sub-folder under that variable's folder)
 _CACHES = {"data": ("LIGHTFLAX_DATA_DIR", ""), "weights": ("LIGHTFLAX_WEIGHTS_DIR", ""),
-           "features": ("LIGHTFLAX_CACHE_DIR", "features")}
+           "features": ("LIGHTFLAX_CACHE_DIR", "features"), "jax": ("LIGHTFLAX_CACHE_DIR", "jax")}
 
 
 def user_cache(kind: str) -> str:
@@ -37,10 +37,10 @@ def user_cache(kind: str) -> str:
 
 
 def cache_dir(kind: str) -> str:
-    """Where lightflax caches ``kind`` ('data', 'weights' or 'features').
+    """Where lightflax caches ``kind`` ('data', 'weights', 'features' or 'jax': compiled programs).
 
-    data: $LIGHTFLAX_DATA_DIR; weights: $LIGHTFLAX_WEIGHTS_DIR; features:
-    $LIGHTFLAX_CACHE_DIR/features; else :func:`user_cache` of the kind.
+    data: $LIGHTFLAX_DATA_DIR; weights: $LIGHTFLAX_WEIGHTS_DIR; features, jax:
+    $LIGHTFLAX_CACHE_DIR/<kind>; else :func:`user_cache` of the kind.
     """
     if kind not in _CACHES:
         raise ValueError(f"cache kind must be one of {', '.join(_CACHES)}, got {kind!r}")

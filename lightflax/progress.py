@@ -121,3 +121,73 @@ def task(desc: str) -> Iterator[None]:
         yield
     finally:
         print(f" {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    """m:ss (h:mm:ss from an hour on)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Study:
+    """One view of a study of several rows, next to the rows' own bars: at each row's start a line
+    ``row i/N <name>  elapsed m:ss  ETA m:ss`` (on a terminal with a text bar of the rows done), and
+    ``study: N rows in m:ss`` at the end. The ETA is the steps left (each row's epochs x steps per
+    epoch) divided by the rate measured on the rows done (their steps over their wall time,
+    compilation included); before a row has finished it is ``?``.
+
+        study = progress.Study([("LightLayers K=1", 20 * 73), ...])
+        for i, row in enumerate(rows):
+            study.start(i)
+            ...                                   # train the row
+            study.done(i)
+        study.finish()
+    """
+
+    def __init__(self, rows, clock: Callable[[], float] = time.monotonic, width: int = 20):
+        self.names, self.steps = [n for n, _ in rows], [int(s) for _, s in rows]
+        self._clock, self._width = clock, width
+        self.t0 = clock()
+        self.wall_s: list = [None] * len(rows)
+        self._row_t0 = None
+
+    def elapsed(self) -> float:
+        return self._clock() - self.t0
+
+    def eta(self, i: int) -> Optional[float]:
+        """Seconds left for rows i.. (None before any row finished)."""
+        done = [k for k, w in enumerate(self.wall_s) if w is not None and self.steps[k]]
+        seconds = sum(self.wall_s[k] for k in done)
+        if not done or seconds <= 0:
+            return None
+        rate = sum(self.steps[k] for k in done) / seconds
+        return sum(self.steps[k] for k in range(i, len(self.steps)) if self.wall_s[k] is None) / rate
+
+    def line(self, i: int, bar: bool = False) -> str:
+        eta = self.eta(i)
+        n = len(self.names)
+        text = (f"row {i + 1}/{n} {self.names[i]}  elapsed {_clock(self.elapsed())}  "
+                f"ETA {'?' if eta is None else _clock(eta)}")
+        if bar:
+            filled = self._width * i // n
+            text = f"[{'#' * filled}{'.' * (self._width - filled)}] " + text
+        return text
+
+    def start(self, i: int) -> None:
+        self._row_t0 = self._clock()
+        epoch_line(self.line(i, bar=bars_enabled()))
+
+    def done(self, i: int, skipped: bool = False) -> float:
+        """Records row i's wall time (since its start); returns it. A skipped row (it stopped before
+        training) leaves the rate alone."""
+        self.wall_s[i] = self._clock() - self._row_t0
+        if skipped:
+            self.steps[i] = 0
+        return self.wall_s[i]
+
+    def finish(self) -> float:
+        """Prints and returns the study's wall time so far."""
+        total = self.elapsed()
+        ran = sum(w is not None for w in self.wall_s)
+        epoch_line(f"study: {ran}/{len(self.names)} rows in {_clock(total)} ({total:.1f} s)")
+        return total

@@ -215,11 +215,24 @@ COMPARISON_COLUMNS = [
     ("select_sensitivity", "val sens", "{:.4f}", "select.sensitivity"),
     ("select_specificity", "val spec", "{:.4f}", "select.specificity"),
     ("majority_baseline", "val majority", "{:.4f}", "majority"),
+    ("row_wall_s", "wall s", "{:.1f}", "row_wall_s"),
     ("total_time_s", "total s", "{:.1f}", "total_time_s"),
+    ("feature_extraction_s", "features s", "{:.1f}", "feature_extraction_s"),
     ("time_per_epoch_s", "s/epoch", "{:.2f}", "time_per_epoch_s"),
     ("images_per_s", "img/s", "{:.0f}", "images_per_s"),
     ("compile_time_s", "compile s", "{:.2f}", "compile_time_s"),
 ]
+# What the time columns include (printed under the study's table).
+TIME_COLUMNS_NOTE = (
+    "time columns: wall s = the row's wall time in this study (compilation, training, evaluation, export; "
+    "transfer: backbone loading and feature extraction too); total s = the epoch loop (training steps and the "
+    "validation pass of every epoch, compilation excluded; transfer: plus feature extraction); features s = the "
+    "transfer row's backbone feature extraction (0 on a cache hit); s/epoch = the epoch loop per epoch "
+    "(transfer: the head's epochs on cached features, not comparable with the other rows' epochs on images)")
+# A row whose model gives the same probabilities for every image: the largest standard deviation over the
+# selection split's images of a class probability is below this (benchmarks/dead_init.py's threshold).
+DEAD_SPREAD = 1e-6
+DEAD_FLAG = "dead: constant predictions"
 # The combined figure's panels: (row key, title)
 FIGURE_PANELS = [("accuracy", "accuracy"), ("roc_auc", "ROC AUC"), ("total_params", "parameters"),
                  ("size_kb", "size (KB)"), ("time_per_epoch_s", "s / epoch")]
@@ -241,13 +254,33 @@ def _column_value(r: Dict[str, Any], source: str):
     return value, r.get(std_key) if std_key else test_std
 
 
+def prediction_spreads(log_probs) -> List[float]:
+    """Per replica, how much a model tells images apart: the largest standard deviation, over the
+    classes, of its probabilities across the images. ``log_probs``: (R, N, C) or (N, C)."""
+    lp = np.asarray(log_probs, np.float64)
+    lp = lp[None] if lp.ndim == 2 else lp
+    return [float(np.std(np.exp(r), axis=0).max()) for r in lp]
+
+
+def dead_flag(spreads: Optional[Sequence[float]]) -> Optional[str]:
+    """``DEAD_FLAG`` when every replica's spread is below ``DEAD_SPREAD``, ``DEAD_FLAG (d/R seeds)`` when
+    some are, None when none is (or nothing was measured)."""
+    dead = sum(s < DEAD_SPREAD for s in spreads or ())
+    if not dead:
+        return None
+    return DEAD_FLAG if dead == len(spreads) else f"{DEAD_FLAG} ({dead}/{len(spreads)} seeds)"
+
+
 def comparison_rows(results: Sequence[Dict[str, Any]], labels: Sequence[str]) -> List[Dict[str, Any]]:
     """One row per run: every column's value and, over seeds, its ``<key>_std``; plus the split
     the accuracy figures come from and ``accuracy``/``roc_auc`` (test when there is one, else
-    the selection split) for the combined figure."""
+    the selection split) for the combined figure, and ``dead`` (``dead_flag`` of the run's
+    ``prediction_spread``: the selection split's per-replica spreads, set by the study)."""
     rows = []
     for label, r in zip(labels, results):
-        row: Dict[str, Any] = {"model": label, "select_split": r.get("select_split", "val")}
+        row: Dict[str, Any] = {"model": label, "select_split": r.get("select_split", "val"),
+                               "prediction_spread": r.get("prediction_spread"),
+                               "dead": dead_flag(r.get("prediction_spread"))}
         for key, _, _, source in COMPARISON_COLUMNS:
             row[key], std = _column_value(r, source)
             if std is not None:
@@ -272,9 +305,13 @@ def comparison_markdown(rows: List[Dict[str, Any]], note: str = "") -> str:
     the accuracy of always predicting the training split's most frequent class."""
     select = rows[0]["select_split"] if rows else "val"
     header = ["model"] + [h.replace("val ", f"{select} ") for _, h, _, _ in COMPARISON_COLUMNS]
-    table = markdown_table(header, [[row["model"]] + [_fmt(f, row[k], row.get(k + "_std"))
-                                                      for k, _, f, _ in COMPARISON_COLUMNS] for row in rows])
-    return (note + "\n\n" if note else "") + table
+    table = markdown_table(header, [[_model_cell(row)] + [_fmt(f, row[k], row.get(k + "_std"))
+                                                          for k, _, f, _ in COMPARISON_COLUMNS] for row in rows])
+    return (note + "\n\n" if note else "") + table + "\n" + TIME_COLUMNS_NOTE + "\n"
+
+
+def _model_cell(row: Dict[str, Any]) -> str:
+    return f"{row['model']} ({row['dead']})" if row.get("dead") else row["model"]
 
 
 def _value_label(v: float) -> str:
@@ -284,15 +321,22 @@ def _value_label(v: float) -> str:
 def comparison_figure(path: str, rows: List[Dict[str, Any]], title: str, synthetic: bool = False) -> str:
     """One figure of the comparison: accuracy, ROC AUC, parameters, size in KB and s/epoch, every
     bar labelled with its value (and error bar over seeds); ``title`` names the dataset and split."""
-    labels = [r["model"] for r in rows]
     fig, axes = figures.pyplot().subplots(1, len(FIGURE_PANELS),
                                           figsize=(3.2 * len(FIGURE_PANELS), 3.8 + 0.1 * len(rows)))
     for ax, (key, name) in zip(axes, FIGURE_PANELS):
-        figures.labelled_bars(ax, range(len(rows)), [r.get(key) for r in rows], [r.get(key + "_std") for r in rows],
-                              _value_label, color=[f"C{i}" for i in range(len(rows))])
+        bars = figures.labelled_bars(ax, range(len(rows)), [r.get(key) for r in rows],
+                                     [r.get(key + "_std") for r in rows], _value_label,
+                                     color=[f"C{i}" for i in range(len(rows))])
+        for bar, row in zip(bars, rows):
+            if row.get("dead"):
+                bar.set_hatch("xx")
+                bar.set_edgecolor("black")
         split = rows[0]["figure_split"] if rows and key in ("accuracy", "roc_auc") else ""
+        if key == "time_per_epoch_s" and any(r.get("feature_extraction_s") is not None for r in rows):
+            name += "\n(transfer: head on cached features)"
         ax.set_title(f"{name}{f' ({split})' if split else ''}", fontsize=9)
-        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_xticks(range(len(rows)), [_model_cell(r).replace(" (dead", "\n(dead") for r in rows],
+                      rotation=35, ha="right", fontsize=7)
     fig.suptitle(title, fontsize=10)
     return figures.save(fig, path, banner="SYNTHETIC DATA" if synthetic else None)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, idx_folder, run_launch, separable_npz
-from lightflax import metrics, parallel
+from lightflax import metrics, parallel, tables
 
 TINY = ["--dataset=synthetic", "--synthetic_size=32", "--batch_size=8", "--epochs=1", "--steps_per_epoch=2"]
 
@@ -77,7 +77,17 @@ def test_xray_compare_writes_the_study_table(tmp_path):
     assert (wd / "comparison_total_params.png").exists() and (wd / "comparison.png").stat().st_size > 10_000
     assert (wd / "explanations.png").stat().st_size > 10_000 and "explanations.png: " in proc.stdout
     assert "accuracy/AUC figures on the test split (16 images)" in md and " test AUC " in md.splitlines()[2]
-    assert json.loads((wd / "comparison.json").read_text())["rows"][0]["total_params"] == 2_753
+    comparison = json.loads((wd / "comparison.json").read_text())
+    assert comparison["rows"][0]["total_params"] == 2_753
+    # each row's wall time and the study's total, in comparison.json and comparison.md
+    walls = [r["row_wall_s"] for r in comparison["rows"]]
+    assert all(w > 0 for w in walls) and comparison["rows_wall_s"] == pytest.approx(sum(walls))
+    assert comparison["study_wall_s"] >= comparison["rows_wall_s"]
+    assert f"study wall time {comparison['study_wall_s']:.1f} s" in md and " wall s " in md.splitlines()[2]
+    # the rows' prediction spreads come from their predictions.npz; a row is flagged iff they are constant
+    for row in comparison["rows"]:
+        assert (row["dead"] is not None) == (max(row["prediction_spread"]) < tables.DEAD_SPREAD), row
+        assert (f"{row['model']} (dead: constant predictions)" in md) == (row["dead"] is not None)
 
 
 def test_a_live_model_learns_and_predict_scores_new_images(tmp_path):
