@@ -15,13 +15,15 @@ global read when no signal came.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 _pending: Optional[int] = None
 _previous_unraisablehook = None
+_deferring = 0
 
 
 def pending() -> Optional[int]:
@@ -37,8 +39,9 @@ def check() -> None:
 
 def reset() -> None:
     """Forget a recorded signal (tests)."""
-    global _pending
+    global _pending, _deferring
     _pending = None
+    _deferring = 0
 
 
 def _unsafe_codes() -> set:
@@ -56,11 +59,28 @@ def in_callback(frame) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A critical section (a checkpoint write): a signal that comes inside it is only recorded and
+    raised when the section ends, so the write completes (or fails) whole. Interrupting Orbax
+    mid-write left its writer threads scheduling work on a shutting-down interpreter: tracebacks
+    after the one-line message, and a half-written step."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring:
+        check()
+
+
 def record(signum: int, frame=None) -> None:
-    """The signal handler: record, and raise KeyboardInterrupt unless inside a callback."""
+    """The signal handler: record, and raise KeyboardInterrupt unless inside a callback or a
+    :func:`deferred` section."""
     global _pending
     _pending = signum
-    if not in_callback(frame):
+    if not _deferring and not in_callback(frame):
         raise KeyboardInterrupt
 
 

@@ -132,3 +132,17 @@ def test_run_peers_refuses_bad_flags(flag, capsys):
     with pytest.raises(SystemExit) as e:
         _run_peers().parse_args([flag])
     assert e.value.code == 2 and "error:" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_docs_peer_table_is_table_py_on_the_committed_runs():
+    """docs/speed.md's peer table is the verbatim output of the command in its marker line, on the
+    committed raw runs: a new run, a changed train step (STALE rows) or a hand edit shows up here."""
+    runs = sorted((REPO / "benchmarks" / "results" / "peers").glob("*.json"))
+    if subprocess.run(["git", "cat-file", "-e", f"{table.load(str(runs[0]))['commit']}^{{commit}}"], cwd=REPO,
+                      capture_output=True).returncode != 0:
+        pytest.skip("the runs' commits are not in this checkout's history (a shallow clone): staleness unknown")
+    doc = (REPO / "docs" / "speed.md").read_text()
+    marker = "<!-- PEER TABLE: python benchmarks/peers/table.py benchmarks/results/peers/*.json -->\n\n"
+    assert marker in doc
+    published = doc.split(marker, 1)[1].split("\n\n", 1)[0] + "\n"
+    assert published == table.render([table.load(str(p)) for p in runs], str(REPO))

@@ -17,10 +17,11 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from lightflax import pretrained, summary
+from lightflax import param_counts, pretrained
 from lightflax.errors import CheckpointError, UserError
-from lightflax.pretrained import keras_h5, resnet50, se_resnet50, xception
-from lightflax.pretrained.backbone import abstract_variables
+from lightflax.pretrained import resnet50, se_resnet50, xception
+from lightflax.pretrained.backbone import abstract_variables_and_order
+from keras_h5_writer import write_weights
 from test_pretrained_keras import _keras, _rel_err
 
 TOL = 1e-5  # relative to the largest output magnitude
@@ -94,7 +95,8 @@ def test_keras_backbone_matches_keras_on_its_own_file(keras_pair):
 def test_keras_parameter_counts_and_minimum_size(keras_pair):
     name, keras, model, _ = keras_pair
     cls, mod, _ = KERAS_MODELS[name]
-    counts = summary.variables_counts(abstract_variables(pretrained.build(name, include_top=True), mod.MIN_SIZE))
+    variables, _ = abstract_variables_and_order(pretrained.build(name, include_top=True), mod.MIN_SIZE)
+    counts = param_counts.variables_counts(variables)
     published = {"resnet50": 25_636_712, "xception": 22_910_480}[name]
     assert counts["total"] == model.count_params() == published
     assert counts["trainable"] == sum(int(np.prod(w.shape)) for w in model.trainable_weights)
@@ -250,7 +252,8 @@ def test_se_resnet50_matches_torch_definition(torch_senet):
 
 def test_se_resnet50_counts_and_minimum_size(torch_senet):
     torch, model, _ = torch_senet
-    counts = summary.variables_counts(abstract_variables(pretrained.build("se_resnet50", include_top=True), 224))
+    variables, _ = abstract_variables_and_order(pretrained.build("se_resnet50", include_top=True), 224)
+    counts = param_counts.variables_counts(variables)
     n_params = sum(p.numel() for p in model.parameters())
     n_stats = sum(b.numel() for k, b in model.state_dict().items() if k.endswith(("running_mean", "running_var")))
     assert counts["trainable"] == n_params == 28_088_024
@@ -284,7 +287,7 @@ def test_se_resnet50_bad_files(torch_senet, tmp_path):
     assert "\n" not in msg and "weight layer0.conv1.weight (expected shape (64, 3, 7, 7)) is missing" in msg
     assert "found: stem.conv1.weight, stem.bn1.weight" in msg and "not SE-ResNet50 weights" in msg
     h5 = tmp_path / "keras.h5"
-    keras_h5.write_weights(h5, [("conv1_conv", [("kernel", np.zeros((7, 7, 3, 64), np.float32))])])
+    write_weights(h5, [("conv1_conv", [("kernel", np.zeros((7, 7, 3, 64), np.float32))])])
     with pytest.raises(CheckpointError, match=r"not a PyTorch file.*expected the SE-ResNet50 \.pth state_dict"):
         pretrained.load_variables("se_resnet50", str(h5))
     cut = tmp_path / "cut.pth"

@@ -20,6 +20,7 @@ from lightflax.checkpoints.integrity import first_mismatch, leaf_specs, tree_crc
 from lightflax.checkpoints.orbax_quiet import (CapturedStderr, one_line, quiet, read_reason,
                                                silence_failed_read_leftovers, silence_failed_write_leftovers,
                                                write_reason)
+from lightflax import interrupts
 from lightflax.errors import CheckpointError
 
 _FORMAT = 1
@@ -114,7 +115,7 @@ class Checkpointer:
             # Orbax's writer threads log every failed write with a traceback (disk full: dozens),
             # and tensorstore's C++ threads print "Event loop is closed" tracebacks straight to
             # file descriptor 2; our CheckpointError below is the one line the user sees.
-            with quiet(absl_logging.FATAL), noise:
+            with interrupts.deferred(), quiet(absl_logging.FATAL), noise:
                 saved = manager.save(step, args=ocp.args.Composite(
                     **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta_blob)}))
                 manager.wait_until_finished()
