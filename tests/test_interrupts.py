@@ -197,3 +197,60 @@ def test_a_signal_at_a_random_moment_ends_130_and_resume_equals_an_uninterrupted
     resumed = json.loads((workdir / "results.json").read_text())
     for key in COMPARED:
         assert resumed[key] == uninterrupted[key], (sent, key)
+
+
+def test_predict_stops_at_the_next_batch_and_writes_nothing(tmp_path, monkeypatch):
+    """A signal that comes while predict scores (recorded: raised at the next batch's safe point)
+    ends the call with KeyboardInterrupt (launch.py: 130) and leaves no output file."""
+    import numpy as np
+
+    from lightflax import predict
+
+    real = predict.probability_fn
+    calls = []
+
+    def counting(module, results):
+        probs = real(module, results)
+
+        def wrapped(v, x):
+            calls.append(len(x))
+            if len(calls) == 2:
+                interrupts._pending = signal.SIGTERM  # a signal during the second batch
+            return probs(v, x)
+        return wrapped
+
+    monkeypatch.setattr(predict, "probability_fn", counting)
+    images = tmp_path / "in.npz"
+    np.savez(images, images=np.zeros((40, 16, 16), np.uint8))
+    interrupts.reset()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            predict.predict_npz(str(REPO / "tests" / "data" / "run_v1"), str(images), str(tmp_path / "out.npz"),
+                                batch_size=8)
+    finally:
+        interrupts.reset()
+    assert len(calls) == 2 and not (tmp_path / "out.npz").exists()
+
+
+def test_feature_extraction_stops_at_the_next_batch():
+    import numpy as np
+
+    from lightflax.pretrained import features
+
+    calls = []
+
+    class Backbone:
+        name, variables, output_shape = "fake", None, (3,)
+
+        def features_from_pixels(self, variables, batch):
+            calls.append(batch.shape[0])
+            interrupts._pending = signal.SIGINT  # a signal during this batch
+            return np.zeros((batch.shape[0], 3), np.float32)
+
+    interrupts.reset()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            features.compute(Backbone(), np.zeros((20, 8, 8, 3), np.uint8), batch_size=4)
+    finally:
+        interrupts.reset()
+    assert calls == [4]
