@@ -41,8 +41,9 @@ def shared_dir() -> Path:
     return Path(os.environ.get("LIGHTFLAX_SHARED_DIR", REPO.parent / "shared"))
 
 
-def run_launch(args, *, devices: int = 1, env=None, timeout=600, check=None, cwd=None):
-    """Runs launch.py in a fresh process (flags are process-global)."""
+def launch_env(devices: int = 1, env=None):
+    """The environment of a launch.py child process in the tests (every caller compiles the same
+    programs, so their numbers agree)."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     e["PYTHONUNBUFFERED"] = "1"
@@ -52,6 +53,12 @@ def run_launch(args, *, devices: int = 1, env=None, timeout=600, check=None, cwd
     e.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     if env:
         e.update(env)
+    return e
+
+
+def run_launch(args, *, devices: int = 1, env=None, timeout=600, check=None, cwd=None):
+    """Runs launch.py in a fresh process (flags are process-global)."""
+    e = launch_env(devices, env)
     proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd or REPO, env=e,
                           capture_output=True, text=True, timeout=timeout)
     if check is not None and proc.returncode != check:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_launch
+from conftest import REPO, launch_env, run_launch
 
 from lightflax import interrupts
 
@@ -143,12 +143,6 @@ FAULT = [*TINY, "--epochs=3", "--steps_per_epoch=3"]
 COMPARED = ("select_metrics", "test_accuracy", "test_loss", "epochs_run")
 
 
-def _launch_env():
-    """launch.py's environment as conftest.run_launch sets it (the same XLA options: same numbers)."""
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     from lightflax import predict
@@ -166,7 +160,7 @@ def _signal_at_random(args, rng):
     signum = rng.choice([signal.SIGINT, signal.SIGTERM])
     marker = rng.choice([None, "data:", "kernels:", "epoch 1/", "epoch 2/"])
     delay = rng.uniform(0.0, 1.5)
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=_launch_env(),
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=launch_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if marker is not None:
         for line in proc.stdout:
