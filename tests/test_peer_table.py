@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -135,14 +136,33 @@ def test_run_peers_refuses_bad_flags(flag, capsys):
 
 
 def test_the_docs_peer_table_is_table_py_on_the_committed_runs():
-    """docs/speed.md's peer table is the verbatim output of the command in its marker line, on the
-    committed raw runs: a new run, a changed train step (STALE rows) or a hand edit shows up here."""
-    runs = sorted((REPO / "benchmarks" / "results" / "peers").glob("*.json"))
-    if subprocess.run(["git", "cat-file", "-e", f"{table.load(str(runs[0]))['commit']}^{{commit}}"], cwd=REPO,
-                      capture_output=True).returncode != 0:
-        pytest.skip("the runs' commits are not in this checkout's history (a shallow clone): staleness unknown")
+    """Every peer table in docs/speed.md is the verbatim output of the command in its marker line, on the
+    committed raw runs that the marker's pattern names: a new run, a changed train step (STALE rows) or
+    a hand edit shows up here. The current table reads benchmarks/results/peers/*.json; earlier
+    programs' tables read their archived runs from a sub-folder."""
     doc = (REPO / "docs" / "speed.md").read_text()
+    markers = re.findall(r"<!-- PEER TABLE: python benchmarks/peers/table\.py (\S+) -->\n\n", doc)
+    assert "benchmarks/results/peers/*.json" in markers
+    for pattern in markers:
+        runs = sorted(REPO.glob(pattern))
+        assert runs, f"no run files match {pattern}"
+        if subprocess.run(["git", "cat-file", "-e", f"{table.load(str(runs[0]))['commit']}^{{commit}}"], cwd=REPO,
+                          capture_output=True).returncode != 0:
+            pytest.skip("the runs' commits are not in this checkout's history (a shallow clone): staleness unknown")
+        marker = f"<!-- PEER TABLE: python benchmarks/peers/table.py {pattern} -->\n\n"
+        published = doc.split(marker, 1)[1].split("\n\n", 1)[0] + "\n"
+        assert published == table.render([table.load(str(p)) for p in runs], str(REPO)), pattern
+
+
+def test_paste_rebuilds_every_marked_table_and_keeps_the_rest(tmp_path):
+    """table.py --paste replaces only the block after each marker line (an old table, a hand edit)."""
     marker = "<!-- PEER TABLE: python benchmarks/peers/table.py benchmarks/results/peers/*.json -->\n\n"
-    assert marker in doc
-    published = doc.split(marker, 1)[1].split("\n\n", 1)[0] + "\n"
-    assert published == table.render([table.load(str(p)) for p in runs], str(REPO))
+    doc = tmp_path / "doc.md"
+    doc.write_text("# title\n\n" + marker + "| old | table |\n|---|---|\n| 1 | 2 |\n\ntext after\n")
+    assert table.main(["--paste", str(doc)]) == 0
+    runs = sorted((REPO / "benchmarks" / "results" / "peers").glob("*.json"))
+    want = "# title\n\n" + marker + table.render([table.load(str(p)) for p in runs], str(REPO)) + "\ntext after\n"
+    assert doc.read_text() == want
+    doc.write_text("no marker here\n")
+    with pytest.raises(table.BadInput, match="no '<!-- PEER TABLE"):
+        table.paste(str(doc))

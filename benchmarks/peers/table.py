@@ -1,6 +1,7 @@
 """The docs' peer table, rebuilt from the raw runs that run_peers.py writes.
 
     python benchmarks/peers/table.py benchmarks/results/peers/*.json [--repo=DIR]
+    python benchmarks/peers/table.py --paste docs/speed.md   # re-build every marked table in a doc
 
 One row per (model, size, batch, competing processes): lightflax / tf.keras, wall and process CPU
 time per step, as the ratio per interleaved round (each round's figure: the median of its steps)
@@ -16,8 +17,10 @@ older run_peers.py (no raw rounds) are refused.
 """
 
 import argparse
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -117,12 +120,41 @@ def render(runs, repo=REPO):
     return "\n".join([HEADER] + [row(key, cells[key], repo) for key in order]) + "\n"
 
 
+MARKER = re.compile(r"<!-- PEER TABLE: python benchmarks/peers/table\.py (\S+) -->\n\n")
+
+
+def paste(doc_path, repo=REPO):
+    """Replaces the table after every marker line in doc_path by table.py's output on the marker's
+    files (a glob relative to repo); the doc's other text is kept byte for byte."""
+    with open(doc_path) as f:
+        doc = f.read()
+    out, pos = [], 0
+    for m in MARKER.finditer(doc):
+        files = sorted(glob.glob(os.path.join(repo, m.group(1))))
+        if not files:
+            raise BadInput(f"{doc_path}: no run files match {m.group(1)}")
+        end = doc.find("\n\n", m.end())
+        end = len(doc) if end < 0 else end + 1
+        out += [doc[pos:m.end()], render([load(p) for p in files], repo)]
+        pos = end
+    if not out:
+        raise BadInput(f"{doc_path}: no '<!-- PEER TABLE: python benchmarks/peers/table.py FILES -->' marker")
+    with open(doc_path, "w") as f:
+        f.write("".join(out) + doc[pos:])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="+", help="run_peers.py JSON files")
+    ap.add_argument("files", nargs="*", help="run_peers.py JSON files")
     ap.add_argument("--repo", default=REPO, help="git checkout whose HEAD the runs' commits are compared with")
+    ap.add_argument("--paste", metavar="DOC", help="re-build the marked tables of this markdown file in place")
     a = ap.parse_args(argv)
+    if bool(a.files) == bool(a.paste):
+        ap.error("give run files, or --paste DOC (not both)")
     try:
+        if a.paste:
+            paste(a.paste, a.repo)
+            return 0
         text = render([load(p) for p in a.files], a.repo)
     except BadInput as e:
         print(f"table.py: {e}", file=sys.stderr)
