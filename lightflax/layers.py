@@ -33,6 +33,7 @@ from flax import linen as nn
 from jax import lax
 
 from lightflax import native
+from lightflax.native import xla_pool
 
 Array = jax.Array
 Dtype = Any
@@ -601,14 +602,13 @@ def BatchNorm(train: bool, axis_name: Optional[str] = None, dtype: Optional[Dtyp
 def max_pool_2x2(x: Array) -> Array:
     """Keras MaxPooling2D() defaults: 2x2 window, stride 2, 'valid' (floor).
 
-    lightflax.kernels.max_pool_2x2: the same values and gradients as
+    The native kernel where active, else its XLA formulation
+    :func:`lightflax.native.xla_pool.max_pool_2x2`: the same values and gradients as
     ``nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')`` (ties included,
-    tests/test_kernels.py) without XLA:CPU's select-and-scatter machinery
+    tests/test_xla_pool.py) without XLA:CPU's select-and-scatter machinery
     (8-9 % of the X-ray train steps, docs/speed.md).
     """
-    from lightflax import kernels
-
-    return native.max_pool_2x2(x, kernels.max_pool_2x2)
+    return native.max_pool_2x2(x, xla_pool.max_pool_2x2)
 
 
 def reference_l2_penalty(params, coeff: float = 1e-4) -> Array:

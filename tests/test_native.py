@@ -17,7 +17,8 @@ from flax import linen as nn
 from jax import lax
 
 from conftest import REPO, run_python
-from lightflax import kernels, layers, native
+from lightflax import layers, native
+from lightflax.native import xla_pool
 from lightflax.errors import UserError
 from lightflax.native import _loader
 
@@ -511,17 +512,17 @@ def test_constant_channel_tie_routing():
 
 @needs_native
 @pytest.mark.parametrize("shape", [(1, 4, 6, 3), (7, 5, 7, 2), (2, 9, 8, 5), (3, 2, 3, 1), (2, 16, 16, 32)])
-def test_max_pool_matches_kernels(shape):
+def test_max_pool_matches_its_xla_formulation(shape):
     x = jnp.round(2 * jax.random.normal(jax.random.key(sum(shape)), shape))  # many ties
     g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
-    nat = lambda x: native.max_pool_2x2(x, kernels.max_pool_2x2)  # noqa: E731
+    nat = lambda x: native.max_pool_2x2(x, xla_pool.max_pool_2x2)  # noqa: E731
     native.reset_call_counts()
     y, vjp = jax.vjp(jax.jit(nat), x)
-    np.testing.assert_array_equal(y, kernels.max_pool_2x2(x))
-    np.testing.assert_array_equal(vjp(g)[0], jax.vjp(kernels.max_pool_2x2, x)[1](g)[0])
+    np.testing.assert_array_equal(y, xla_pool.max_pool_2x2(x))
+    np.testing.assert_array_equal(vjp(g)[0], jax.vjp(xla_pool.max_pool_2x2, x)[1](g)[0])
     assert native.call_counts()["pool_fwd"] >= 1 and native.call_counts()["pool_bwd"] == 1
     xs = jnp.stack([x, -x])
-    np.testing.assert_array_equal(jax.jit(jax.vmap(nat))(xs), jax.vmap(kernels.max_pool_2x2)(xs))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(nat))(xs), jax.vmap(xla_pool.max_pool_2x2)(xs))
 
 
 # ---------------------------------------------------------------------------
