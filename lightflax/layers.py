@@ -295,15 +295,8 @@ def extract_patches(
     return jnp.stack(taps, axis=3)
 
 
-# SeparableConv2D's depthwise part on the native kernel where active: 1.35-2x faster train steps, but
-# oneDNN accumulates the kernel gradient in float32 less accurately than XLA, and cifar_separable's
-# 1-vs-8-device check then differs by 2.6e-4 of the update (taps: 1e-6); off until the weight
-# gradient is summed more accurately (docs/native.md, attempt 9).
-NATIVE_DEPTHWISE = False
-
-
 def depthwise_conv2d(x: Array, w: Array, strides: Tuple[int, int], padding: str, *, precision: Any = None,
-                     taps: bool = True) -> Array:
+                     taps: bool = True, native_kernel: bool = False) -> Array:
     """Depthwise convolution, depth multiplier 1: x (B, H, W, C), w (kh, kw, C) -> (B, Ho, Wo, C).
 
     taps=True sums kh*kw shifted slices of the padded input times one weight
@@ -311,6 +304,12 @@ def depthwise_conv2d(x: Array, w: Array, strides: Tuple[int, int], padding: str,
     gradients are pads and reductions), instead of a grouped convolution that
     XLA:CPU runs as one tiny convolution per channel. taps=False: the grouped
     ``lax.conv`` (feature_group_count = C), the reference.
+
+    native_kernel=True (opt-in): oneDNN's depthwise kernels, forward and backward, where the
+    native kernels are active (CPU, float32), the formulation chosen by ``taps`` elsewhere.
+    1.35-2x faster separable train steps, but oneDNN sums the kernel gradient in float32 less
+    accurately than XLA: cifar_separable's 1-vs-8-device check then differs by 2.6e-4 of the
+    update (taps: 1e-6), so it stays off by default (docs/native.md, attempt 9).
     """
     kh, kw, c = w.shape
 
@@ -322,10 +321,8 @@ def depthwise_conv2d(x: Array, w: Array, strides: Tuple[int, int], padding: str,
             y = tap * wt if y is None else y + tap * wt
         return y
 
-    if not NATIVE_DEPTHWISE:
+    if not native_kernel:
         return xla(x, w.reshape(kh, kw, 1, c))
-    # oneDNN's depthwise kernels (forward and backward) on CPU when the native kernels are active;
-    # the formulation above elsewhere.
     pads = explicit_padding(x.shape, (kh, kw), strides, padding)
     return native.depthwise_conv2d(x, w.reshape(kh, kw, 1, c), None, strides, pads, None, xla)
 
@@ -545,7 +542,10 @@ class Conv2D(nn.Module):
 class SeparableConv2D(nn.Module):
     """Keras SeparableConv2D (depth_multiplier 1): depthwise, pointwise, bias.
 
-    Parameters kh*kw*c + c*f + f, as Keras counts them.
+    Parameters kh*kw*c + c*f + f, as Keras counts them. The depthwise part: fused shifted slices
+    (``depthwise_taps=True``, the default) or the grouped ``lax.conv`` (False); with
+    ``depthwise_native=True`` (opt-in, less accurate kernel gradient: :func:`depthwise_conv2d`)
+    oneDNN's depthwise kernels where the native kernels are active.
     """
 
     features: int
@@ -556,7 +556,8 @@ class SeparableConv2D(nn.Module):
     activation: Optional[Callable[[Array], Array]] = None
     dtype: Optional[Dtype] = None
     precision: Any = None
-    depthwise_taps: bool = True  # depthwise part: fused shifted slices (True) or the grouped lax.conv
+    depthwise_taps: bool = True
+    depthwise_native: bool = False
 
     def __post_init__(self):
         _check_conv_fields(self)
@@ -570,7 +571,8 @@ class SeparableConv2D(nn.Module):
         pw = self.param("pointwise_kernel", glorot_uniform, (1, 1, c, self.features))
         dtype = self.dtype or x.dtype
         y = depthwise_conv2d(x.astype(dtype), dw.reshape(*kernel, c).astype(dtype), strides, padding,
-                             precision=self.precision, taps=self.depthwise_taps)
+                             precision=self.precision, taps=self.depthwise_taps,
+                             native_kernel=self.depthwise_native)
         y = jnp.einsum("bhwc,cf->bhwf", y, pw[0, 0].astype(dtype), precision=self.precision)
         return _bias_and_activation(self, y)
 

@@ -18,9 +18,8 @@ from jax import lax
 
 from conftest import REPO, run_python
 from lightflax import layers, native
-from lightflax.native import xla_pool
 from lightflax.errors import UserError
-from lightflax.native import _loader
+from lightflax.native import _loader, xla_pool
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"native library not loaded: {native.status()['reason']}")
@@ -658,17 +657,17 @@ def test_train_steps_num_seeds():
 
 @needs_native
 @pytest.mark.parametrize("stride,padding", [(1, "SAME"), (2, "VALID")])
-def test_separable_depthwise_on_the_native_kernel(monkeypatch, stride, padding):
-    """layers.NATIVE_DEPTHWISE (opt-in): SeparableConv2D's depthwise part on the native kernel has
-    the taps' values and gradients, and makes native forward and backward calls."""
+def test_separable_depthwise_on_the_native_kernel(stride, padding):
+    """depthwise_conv2d(native_kernel=True) (opt-in, SeparableConv2D(depthwise_native=True)): the
+    native kernel has the taps' values and gradients, and makes native forward and backward calls."""
     x = jax.random.normal(jax.random.key(0), (4, 9, 9, 6))
     w = jax.random.normal(jax.random.key(1), (3, 3, 6)) / 3
     g = jax.random.normal(jax.random.key(2), layers.depthwise_conv2d(x, w, (stride, stride), padding).shape)
 
     def value_and_grads(native_dw):
-        monkeypatch.setattr(layers, "NATIVE_DEPTHWISE", native_dw)
         def f(x, w):
-            y, vjp = jax.vjp(lambda x, w: layers.depthwise_conv2d(x, w, (stride, stride), padding), x, w)
+            y, vjp = jax.vjp(lambda x, w: layers.depthwise_conv2d(x, w, (stride, stride), padding,
+                                                                  native_kernel=native_dw), x, w)
             return y, vjp(g)
 
         native.reset_call_counts()
@@ -682,3 +681,26 @@ def test_separable_depthwise_on_the_native_kernel(monkeypatch, stride, padding):
     assert_close(v_nat, v_taps)
     for a, b in zip(g_nat, g_taps):
         assert_close(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("model", [None, "mnist_separable"])
+def test_depthwise_native_reaches_the_kernel_from_the_layer_and_the_model(model):
+    """SeparableConv2D(depthwise_native=True) and models.create(..., depthwise_native=True) run the
+    native depthwise kernel (the default layer does not) and give the default's values."""
+    from lightflax import models
+
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+
+    def build(flag):
+        if model is None:
+            return layers.SeparableConv2D(4, 3, depthwise_native=flag)
+        return models.create(model, depthwise_native=flag)
+
+    variables = build(False).init(jax.random.key(1), x)
+    outs = {}
+    for flag in (False, True):
+        native.reset_call_counts()
+        outs[flag] = jax.block_until_ready(jax.jit(build(flag).apply)(variables, x))
+        assert (native.call_counts()["dwconv_fwd"] > 0) == flag, (flag, native.call_counts())
+    assert_close(outs[True], outs[False])
