@@ -394,6 +394,10 @@ BN_DEVICES_CODE = textwrap.dedent(
     from jax.sharding import PartitionSpec as P
     from lightflax import layers, native, parallel
     from lightflax.native import ops
+    one_call = ops._bn_train_fwd_impl
+
+    def split_on_one_device(x, scale, bias, eps, relu, axis_name):  # the cross-device path, one device
+        return ops._bn_train_across_devices(x, scale, bias, eps, relu, axis_name, 1)
     shape, eps = (16, 6, 5, 4), 1e-3
     ks = jax.random.split(jax.random.key(3), 4)
     x = 5.0 + jax.random.normal(ks[0], shape)  # a mean large against the spread (one-pass variance cancels)
@@ -414,7 +418,7 @@ BN_DEVICES_CODE = textwrap.dedent(
         runs = {}
         for kern, nd, split in (("native", 1, False), ("native", 1, True), ("native", 8, False), ("xla", 1, False),
                                 ("xla", 8, False)):
-            ops.SPLIT_ONE_DEVICE = split
+            ops._bn_train_fwd_impl = split_on_one_device if split else one_call  # read at trace time
             mod = layers.BatchNorm(True, axis_name=parallel.AXIS, relu=relu)
             v = {"params": {"scale": scale, "bias": bias}, "batch_stats": {"mean": jnp.zeros(c), "var": jnp.ones(c)}}
 
@@ -432,6 +436,8 @@ BN_DEVICES_CODE = textwrap.dedent(
                                            out_specs=(P(parallel.AXIS), P(), P(), P(parallel.AXIS))))
                 y, st, gp, gx = jax.device_get(fn(v, x, g))
                 assert (sum(native.call_counts().values()) > 0) == (kern == "native"), native.call_counts()
+                # the cross-device path (its reduce kernel) ran exactly where it was asked for
+                assert (native.call_counts()["bn_reduce"] > 0) == (kern == "native" and (nd > 1 or split))
             got = dict(y=y, mean=st["mean"], var=st["var"], dx=gx, dscale=gp["scale"], dbias=gp["bias"])
             errs = {k: rel(got[k], want[k]) for k in want}
             print(relu, kern, nd, split, " ".join(f"{k} {e:.1e}" for k, e in errs.items()))
