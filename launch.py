@@ -86,7 +86,9 @@ def define_flags(name: str) -> None:
 
     cli.define(importlib.import_module(f"configs.{name}").get_config(), flags.FLAGS)
     config_flags.DEFINE_config_file("config", default=_config_path(name), help_string=(
-        f"The experiment's config (default configs/{name}.py); --config.PATH=VALUE overrides a field."))
+        "The experiment's config file; --config.PATH=VALUE overrides a field."))
+    # --help names the default as the repository's file, not by this checkout's absolute path.
+    flags.FLAGS["config"].default_as_str = repr(f"configs/{name}.py")
 
 
 def main(argv) -> None:

@@ -5,7 +5,7 @@ backward), the whole train step of a separable model, interleaved in one process
     python benchmarks/bench_separable.py mnist_separable 28 64
 
 Both variants use the native convolution/BatchNorm/pooling kernels; only
-``lightflax.layers.NATIVE_DEPTHWISE`` (read at trace time) differs. 8 rounds, the first two
+the models' ``depthwise_native`` (``SeparableConv2D(depthwise_native=...)``) differs. 8 rounds, the first two
 excluded; median ms per step, the median per-round ratio, and the last native step's calls.
 """
 
@@ -14,17 +14,15 @@ import time
 
 import numpy as np
 
-from lightflax import layers, native, speed, timing
+from lightflax import native, speed, timing
 
 
 def main(model="cifar_separable", size="32", batch="64"):
     size, batch = int(size), int(batch)
     variants = {}
     for flag in (False, True):
-        layers.NATIVE_DEPTHWISE = flag
-        v = speed.model_variant(model, {}, batch=batch, size=size)
+        v = speed.model_variant(model, {"depthwise_native": flag}, batch=batch, size=size)
         variants[flag] = [v, v.args]
-    layers.NATIVE_DEPTHWISE = False
     times, calls = {False: [], True: []}, None
     for r in range(8):
         for flag in (False, True):

@@ -255,13 +255,14 @@ def mnist_conv2d(impl: str = "conv", **kwargs) -> nn.Module:
     return PlainNet(conv=functools.partial(layers.Conv2D, impl=impl), **_MNIST, **kwargs)
 
 
-def _separable(impl: Optional[str]) -> ConvFactory:
+def _separable(impl: Optional[str], depthwise_native: bool) -> ConvFactory:
     # --impl=conv: the grouped lax.conv reference for the depthwise part; otherwise the fused taps.
-    return functools.partial(layers.SeparableConv2D, depthwise_taps=impl != "conv")
+    # depthwise_native: oneDNN's depthwise kernels where active (opt-in: layers.depthwise_conv2d).
+    return functools.partial(layers.SeparableConv2D, depthwise_taps=impl != "conv", depthwise_native=depthwise_native)
 
 
-def mnist_separable(impl: Optional[str] = None, **kwargs) -> nn.Module:
-    return PlainNet(conv=_separable(impl), **_MNIST, **kwargs)
+def mnist_separable(impl: Optional[str] = None, depthwise_native: bool = False, **kwargs) -> nn.Module:
+    return PlainNet(conv=_separable(impl, depthwise_native), **_MNIST, **kwargs)
 
 
 def mnist_light(k: int, impl: str = "conv", **kwargs) -> nn.Module:
@@ -273,8 +274,8 @@ def cifar_conv2d(impl: str = "conv", **kwargs) -> nn.Module:
     return ResidualNet(conv=functools.partial(layers.Conv2D, impl=impl), **_CIFAR, **kwargs)
 
 
-def cifar_separable(impl: Optional[str] = None, **kwargs) -> nn.Module:
-    return ResidualNet(conv=_separable(impl), **_CIFAR, **kwargs)
+def cifar_separable(impl: Optional[str] = None, depthwise_native: bool = False, **kwargs) -> nn.Module:
+    return ResidualNet(conv=_separable(impl, depthwise_native), **_CIFAR, **kwargs)
 
 
 def cifar_light(k: int, impl: str = "conv", **kwargs) -> nn.Module:

@@ -9,7 +9,7 @@ BatchNorm batch statistics are averaged over ``parallel.AXIS``.
 
 Every state, key and output carries a leading replica axis (``num_seeds``
 independent initialisations and data orders trained in one step), also for a
-single seed: :func:`replicate_over_seeds` adds it.
+single seed: :func:`over_seeds` adds it.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def make_eval_step(model, cfg: RunConfig, local_batch: int) -> Callable:
     return eval_fn
 
 
-def replicate_over_seeds(fn: Callable, num_seeds: int, in_axes, out_axes=0, mode: str = "vmap") -> Callable:
+def over_seeds(fn: Callable, num_seeds: int, in_axes, out_axes=0, mode: str = "vmap") -> Callable:
     """Apply ``fn`` over a leading replica axis of ``num_seeds`` (always present, also for 1).
 
     ``mode="vmap"`` batches the replicas (one program, replica axis vectorised: every

@@ -133,10 +133,9 @@ class Trainer:
 
     def _build(self):
         cfg, rep, sharded = self.cfg, parallel.REPLICATED, parallel.SHARDED
-        train_fn = steps.replicate_over_seeds(steps.make_train_step(self.model, cfg, self.local_batch,
-                                                                    self.class_weights),
-                                              cfg.num_seeds, in_axes=(0, None, None, 0, None, 0, None),
-                                              mode=cfg.replica_mode)
+        train_fn = steps.over_seeds(steps.make_train_step(self.model, cfg, self.local_batch, self.class_weights),
+                                    cfg.num_seeds, in_axes=(0, None, None, 0, None, 0, None),
+                                    mode=cfg.replica_mode)
         steps_per_epoch = self.steps_per_epoch
 
         def per_device_train(state, images, labels, perm, key, dev_id):
@@ -146,9 +145,9 @@ class Trainer:
             per_device_train, self.mesh, in_specs=(rep, rep, rep, rep, rep, sharded), out_specs=(rep, rep),
             mode=cfg.parallel, donate_argnums=(0,),
         )
-        eval_fn = steps.replicate_over_seeds(steps.make_eval_step(self.model, cfg, self.local_batch),
-                                             cfg.num_seeds, in_axes=(0, None, None, None, None),
-                                             out_axes=(0, None, None), mode=cfg.replica_mode)
+        eval_fn = steps.over_seeds(steps.make_eval_step(self.model, cfg, self.local_batch),
+                                   cfg.num_seeds, in_axes=(0, None, None, None, None),
+                                   out_axes=(0, None, None), mode=cfg.replica_mode)
         # Log-probabilities are (replicas, batch, classes): sharded on axis 1, which
         # pmap cannot express, so evaluation always runs under shard_map.
         by_example = jax.sharding.PartitionSpec(None, parallel.AXIS)

@@ -271,6 +271,8 @@ def test_helpfull_lists_common_and_experiment_flags():
     for flag in ("--workdir", "--dataset", "--data_dir", "--manual_dir", "--image_size", "--batch_size", "--epochs",
                  "--learning_rate", "--seed", "--[no]resume", "--profile_dir", "--k:", "--num_seeds"):
         assert flag in out, flag
+    # --config's default by its repository path, not this checkout's absolute one
+    assert "(default: 'configs/xray_light.py')" in out and str(REPO / "configs") not in out
 
 
 def test_two_processes_through_jax_distributed(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from lightflax import layers
+from lightflax.layers import initializers
 
 RTOL = 1e-5
 
@@ -172,7 +173,7 @@ def test_uniform_is_jax_random_uniform_bit_for_bit(shape):
 
 
 def _limits(shape):
-    fan_in, fan_out = layers._keras_fans(shape)
+    fan_in, fan_out = initializers._keras_fans(shape)
     limit = np.sqrt(6.0 / (fan_in + fan_out))
     return -limit, limit
 

@@ -17,9 +17,9 @@ from flax import linen as nn
 from jax import lax
 
 from conftest import REPO, run_python
-from lightflax import kernels, layers, native
+from lightflax import layers, native
 from lightflax.errors import UserError
-from lightflax.native import _loader
+from lightflax.native import _loader, xla_pool
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"native library not loaded: {native.status()['reason']}")
@@ -394,6 +394,10 @@ BN_DEVICES_CODE = textwrap.dedent(
     from jax.sharding import PartitionSpec as P
     from lightflax import layers, native, parallel
     from lightflax.native import ops
+    one_call = ops._bn_train_fwd_impl
+
+    def split_on_one_device(x, scale, bias, eps, relu, axis_name):  # the cross-device path, one device
+        return ops._bn_train_across_devices(x, scale, bias, eps, relu, axis_name, 1)
     shape, eps = (16, 6, 5, 4), 1e-3
     ks = jax.random.split(jax.random.key(3), 4)
     x = 5.0 + jax.random.normal(ks[0], shape)  # a mean large against the spread (one-pass variance cancels)
@@ -414,7 +418,7 @@ BN_DEVICES_CODE = textwrap.dedent(
         runs = {}
         for kern, nd, split in (("native", 1, False), ("native", 1, True), ("native", 8, False), ("xla", 1, False),
                                 ("xla", 8, False)):
-            ops.SPLIT_ONE_DEVICE = split
+            ops._bn_train_fwd_impl = split_on_one_device if split else one_call  # read at trace time
             mod = layers.BatchNorm(True, axis_name=parallel.AXIS, relu=relu)
             v = {"params": {"scale": scale, "bias": bias}, "batch_stats": {"mean": jnp.zeros(c), "var": jnp.ones(c)}}
 
@@ -432,6 +436,8 @@ BN_DEVICES_CODE = textwrap.dedent(
                                            out_specs=(P(parallel.AXIS), P(), P(), P(parallel.AXIS))))
                 y, st, gp, gx = jax.device_get(fn(v, x, g))
                 assert (sum(native.call_counts().values()) > 0) == (kern == "native"), native.call_counts()
+                # the cross-device path (its reduce kernel) ran exactly where it was asked for
+                assert (native.call_counts()["bn_reduce"] > 0) == (kern == "native" and (nd > 1 or split))
             got = dict(y=y, mean=st["mean"], var=st["var"], dx=gx, dscale=gp["scale"], dbias=gp["bias"])
             errs = {k: rel(got[k], want[k]) for k in want}
             print(relu, kern, nd, split, " ".join(f"{k} {e:.1e}" for k, e in errs.items()))
@@ -511,17 +517,17 @@ def test_constant_channel_tie_routing():
 
 @needs_native
 @pytest.mark.parametrize("shape", [(1, 4, 6, 3), (7, 5, 7, 2), (2, 9, 8, 5), (3, 2, 3, 1), (2, 16, 16, 32)])
-def test_max_pool_matches_kernels(shape):
+def test_max_pool_matches_its_xla_formulation(shape):
     x = jnp.round(2 * jax.random.normal(jax.random.key(sum(shape)), shape))  # many ties
     g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
-    nat = lambda x: native.max_pool_2x2(x, kernels.max_pool_2x2)  # noqa: E731
+    nat = lambda x: native.max_pool_2x2(x, xla_pool.max_pool_2x2)  # noqa: E731
     native.reset_call_counts()
     y, vjp = jax.vjp(jax.jit(nat), x)
-    np.testing.assert_array_equal(y, kernels.max_pool_2x2(x))
-    np.testing.assert_array_equal(vjp(g)[0], jax.vjp(kernels.max_pool_2x2, x)[1](g)[0])
+    np.testing.assert_array_equal(y, xla_pool.max_pool_2x2(x))
+    np.testing.assert_array_equal(vjp(g)[0], jax.vjp(xla_pool.max_pool_2x2, x)[1](g)[0])
     assert native.call_counts()["pool_fwd"] >= 1 and native.call_counts()["pool_bwd"] == 1
     xs = jnp.stack([x, -x])
-    np.testing.assert_array_equal(jax.jit(jax.vmap(nat))(xs), jax.vmap(kernels.max_pool_2x2)(xs))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(nat))(xs), jax.vmap(xla_pool.max_pool_2x2)(xs))
 
 
 # ---------------------------------------------------------------------------
@@ -657,17 +663,17 @@ def test_train_steps_num_seeds():
 
 @needs_native
 @pytest.mark.parametrize("stride,padding", [(1, "SAME"), (2, "VALID")])
-def test_separable_depthwise_on_the_native_kernel(monkeypatch, stride, padding):
-    """layers.NATIVE_DEPTHWISE (opt-in): SeparableConv2D's depthwise part on the native kernel has
-    the taps' values and gradients, and makes native forward and backward calls."""
+def test_separable_depthwise_on_the_native_kernel(stride, padding):
+    """depthwise_conv2d(native_kernel=True) (opt-in, SeparableConv2D(depthwise_native=True)): the
+    native kernel has the taps' values and gradients, and makes native forward and backward calls."""
     x = jax.random.normal(jax.random.key(0), (4, 9, 9, 6))
     w = jax.random.normal(jax.random.key(1), (3, 3, 6)) / 3
     g = jax.random.normal(jax.random.key(2), layers.depthwise_conv2d(x, w, (stride, stride), padding).shape)
 
     def value_and_grads(native_dw):
-        monkeypatch.setattr(layers, "NATIVE_DEPTHWISE", native_dw)
         def f(x, w):
-            y, vjp = jax.vjp(lambda x, w: layers.depthwise_conv2d(x, w, (stride, stride), padding), x, w)
+            y, vjp = jax.vjp(lambda x, w: layers.depthwise_conv2d(x, w, (stride, stride), padding,
+                                                                  native_kernel=native_dw), x, w)
             return y, vjp(g)
 
         native.reset_call_counts()
@@ -681,3 +687,26 @@ def test_separable_depthwise_on_the_native_kernel(monkeypatch, stride, padding):
     assert_close(v_nat, v_taps)
     for a, b in zip(g_nat, g_taps):
         assert_close(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("model", [None, "mnist_separable"])
+def test_depthwise_native_reaches_the_kernel_from_the_layer_and_the_model(model):
+    """SeparableConv2D(depthwise_native=True) and models.create(..., depthwise_native=True) run the
+    native depthwise kernel (the default layer does not) and give the default's values."""
+    from lightflax import models
+
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+
+    def build(flag):
+        if model is None:
+            return layers.SeparableConv2D(4, 3, depthwise_native=flag)
+        return models.create(model, depthwise_native=flag)
+
+    variables = build(False).init(jax.random.key(1), x)
+    outs = {}
+    for flag in (False, True):
+        native.reset_call_counts()
+        outs[flag] = jax.block_until_ready(jax.jit(build(flag).apply)(variables, x))
+        assert (native.call_counts()["dwconv_fwd"] > 0) == flag, (flag, native.call_counts())
+    assert_close(outs[True], outs[False])

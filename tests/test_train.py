@@ -151,7 +151,7 @@ def test_multi_seed_loop_mode_is_the_plain_run_per_replica(one_device, three_vma
     np.testing.assert_allclose(losses, np.array(vmapped["losses"]), rtol=2e-3, atol=1e-5)
 
 
-def test_replicate_over_seeds_loop_equals_vmap():
+def test_over_seeds_loop_equals_vmap():
     """The unrolled-loop form of the replica axis against vmap, with shared (None) inputs and
     an output that is the same for every replica (out_axes None)."""
     import jax
@@ -168,15 +168,15 @@ def test_replicate_over_seeds_loop_equals_vmap():
     k = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
     args = (w, x, k, jnp.float32(0.5))
     in_axes, out_axes = (0, None, 0, None), (0, None)
-    want = steps.replicate_over_seeds(fn, 4, in_axes, out_axes)(*args)
-    got = jax.jit(steps.replicate_over_seeds(fn, 4, in_axes, out_axes, mode="loop"))(*args)
+    want = steps.over_seeds(fn, 4, in_axes, out_axes)(*args)
+    got = jax.jit(steps.over_seeds(fn, 4, in_axes, out_axes, mode="loop"))(*args)
     assert got[0].shape == want[0].shape == (4, 6, 3) and got[1].shape == want[1].shape == ()
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
     # replica r of the loop form is fn on replica r's slice, exactly
     np.testing.assert_array_equal(got[0][2], fn(w[2], x, k[2], 0.5)[0])
     with pytest.raises(ValueError, match="replica mode must be one of vmap, loop"):
-        steps.replicate_over_seeds(fn, 4, in_axes, mode="scan")
+        steps.over_seeds(fn, 4, in_axes, mode="scan")
 
 
 def test_single_seed_replica_axis_is_the_plain_step():

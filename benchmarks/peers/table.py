@@ -32,8 +32,8 @@ if REPO not in sys.path:
 from lightflax import timing  # noqa: E402
 FORMAT = 2  # run_peers.py's JSON layout with raw per-round, per-step times
 # Files whose change makes an earlier measurement of the train step stale.
-STEP_FILES = ("lightflax/native", "lightflax/steps.py", "lightflax/layers.py", "lightflax/models.py",
-              "lightflax/kernels.py", "lightflax/xla_defaults.py", "lightflax/huge_pages.py")
+STEP_FILES = ("lightflax/native", "lightflax/steps.py", "lightflax/layers", "lightflax/models.py",
+              "lightflax/xla_defaults.py", "lightflax/huge_pages.py")
 MODEL_NAMES = {"xray_conv2d": "Conv2D", "xray_light": "LightLayers"}
 HEADER = ("| model | size | batch | competing processes | lightflax / tf.keras wall, median (10-90 %) "
           "| CPU, median (10-90 %) | verdict wall / CPU | tf.keras ms/step | lightflax ms/step "

@@ -137,10 +137,6 @@ def _axis_size(axis_name) -> int:
     return int(lax.psum(1, axis_name))
 
 
-# Tests set this to run the cross-device statistics (reduce -> merge -> apply) on one device too.
-SPLIT_ONE_DEVICE = False
-
-
 def _merge_means(local, axis_name, ndev: int):
     """The mean over devices of equally weighted per-device means, as device 0's plus the mean deviation."""
     first = lax.psum(jnp.where(lax.axis_index(axis_name) == 0, local, jnp.zeros_like(local)), axis_name)
@@ -150,10 +146,16 @@ def _merge_means(local, axis_name, ndev: int):
 def _bn_train_fwd_impl(x, scale, bias, eps, relu, axis_name):
     pc = _sds(scale.shape)
     ndev = _axis_size(axis_name)
-    if ndev == 1 and not (SPLIT_ONE_DEVICE and axis_name is not None):
+    if ndev == 1:
         y, mean, var = _call("lightflax_bn_train", (_sds(x.shape), pc, pc), x, scale, bias,
                              eps=np.float32(eps), relu=np.int64(relu))
         return y, mean, var
+    return _bn_train_across_devices(x, scale, bias, eps, relu, axis_name, ndev)
+
+
+def _bn_train_across_devices(x, scale, bias, eps, relu, axis_name, ndev: int):
+    """Statistics over ``axis_name`` (reduce -> merge -> apply); tests run it on one device too."""
+    pc = _sds(scale.shape)
     # Every device holds the same number of examples, so the global statistics are the means of the
     # local ones. They are merged as deviations from device 0's: mean = m0 + psum(m_d - m0) / n. With
     # one device this is m0 exactly, the one-call kernel's statistics bit for bit; a channel whose

@@ -1,4 +1,4 @@
-"""lightflax.kernels against float64 NumPy and lax references; lightflax.xla_defaults flag merging."""
+"""lightflax.native.xla_pool (the XLA formulation of the 2x2 max pool) against float64 NumPy and lax references."""
 
 import itertools
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lightflax import kernels, xla_defaults
+from lightflax.native import xla_pool
 
 
 def np_max_pool_2x2(x):
@@ -46,7 +46,7 @@ def test_max_pool_matches_numpy(shape, ties):
     if ties:  # integer values: many windows with several equal maxima
         x = jnp.round(x)
     g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
-    y, vjp = jax.vjp(kernels.max_pool_2x2, x)
+    y, vjp = jax.vjp(xla_pool.max_pool_2x2, x)
     y_ref, _ = np_max_pool_2x2(x)
     np.testing.assert_array_equal(np.asarray(y, np.float64), y_ref)
     np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float64), np_max_pool_grad(x, g))
@@ -62,55 +62,17 @@ def test_max_pool_matches_flax_under_jit(shape):
 
     ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # noqa: E731
     v_ref, g_ref = jax.jit(jax.value_and_grad(lambda x: loss(ref, x)))(x)
-    v_new, g_new = jax.jit(jax.value_and_grad(lambda x: loss(kernels.max_pool_2x2, x)))(x)
+    v_new, g_new = jax.jit(jax.value_and_grad(lambda x: loss(xla_pool.max_pool_2x2, x)))(x)
     np.testing.assert_array_equal(np.asarray(v_new), np.asarray(v_ref))
     np.testing.assert_array_equal(np.asarray(g_new), np.asarray(g_ref))
 
 
 def test_max_pool_bfloat16_keeps_dtype():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3)).astype(jnp.bfloat16)
-    y, vjp = jax.vjp(kernels.max_pool_2x2, x)
+    y, vjp = jax.vjp(xla_pool.max_pool_2x2, x)
     assert y.dtype == jnp.bfloat16 and vjp(jnp.ones_like(y))[0].dtype == jnp.bfloat16
 
 
 def test_max_pool_rejects_wrong_rank():
     with pytest.raises(ValueError, match="NHWC input of rank 4"):
-        kernels.max_pool_2x2(jnp.zeros((4, 4, 3)))
-
-
-# ---------------------------------------------------------------------------
-# xla_defaults: pure flag merging (the process's own XLA_FLAGS are not touched)
-# ---------------------------------------------------------------------------
-
-FLAG = "xla_cpu_experimental_ynn_fusion_type"
-TESTED = xla_defaults.TESTED_JAXLIB[0]
-
-
-def test_defaults_appended_when_absent():
-    out = xla_defaults.merged_flags("--xla_force_host_platform_device_count=2", TESTED)
-    assert out.split() == ["--xla_force_host_platform_device_count=2", f"--{FLAG}={xla_defaults.CPU_FLAGS[FLAG]}"]
-    assert xla_defaults.merged_flags("", TESTED) == f"--{FLAG}={xla_defaults.CPU_FLAGS[FLAG]}"
-
-
-def test_user_flag_wins():
-    user = f"--{FLAG}=dot --xla_cpu_use_onednn=true"
-    assert xla_defaults.merged_flags(user, TESTED) == user
-
-
-@pytest.mark.parametrize("version", [None, (0, 4, 35), (0, 10, 1), xla_defaults.TESTED_JAXLIB[1], (1, 0, 0)])
-def test_untested_jaxlib_left_alone(version):
-    assert xla_defaults.merged_flags("--a=1", version) == "--a=1"
-
-
-def test_apply_switch_and_environ():
-    env = {"XLA_FLAGS": "--a=1"}
-    merged = xla_defaults.apply(env)
-    assert env["XLA_FLAGS"] == merged
-    off = {"XLA_FLAGS": "--a=1", xla_defaults.ENV_SWITCH: "0"}
-    assert xla_defaults.apply(off) == "--a=1" and off["XLA_FLAGS"] == "--a=1"
-
-
-def test_version_parsing():
-    assert xla_defaults._version_tuple("0.10.2") == (0, 10, 2)
-    assert xla_defaults._version_tuple("0.10.2.dev20260101") == (0, 10, 2)
-    assert xla_defaults._version_tuple("garbage") is None
+        xla_pool.max_pool_2x2(jnp.zeros((4, 4, 3)))

@@ -1,12 +1,12 @@
-"""Fast CPU formulations of the study's non-convolution hot spots.
+"""The XLA formulation of the native 2x2 max pool: a pure-JAX max pool with a custom VJP.
 
-XLA:CPU lowers the gradient of ``lax.reduce_window`` max pooling
-(``select_and_scatter_add``) into a variadic reduce-window that carries four
-int32 iota tensors of the full input size (argmax bookkeeping) plus a scatter:
-for the X-ray Conv2D model at 128x128 that machinery took ~35 % of the train
-step (docs/speed.md). :func:`max_pool_2x2` computes the same values
-and the same gradients with a reshape, a max and, in the backward pass, one
-elementwise fusion.
+:func:`lightflax.native.max_pool_2x2` runs the native kernel where it is active and this
+function everywhere else (other platforms and dtypes, ``--kernels=xla``). XLA:CPU lowers the
+gradient of ``lax.reduce_window`` max pooling (``select_and_scatter_add``) into a variadic
+reduce-window that carries four int32 iota tensors of the full input size (argmax bookkeeping)
+plus a scatter: for the X-ray Conv2D model at 128x128 that machinery took ~35 % of the train
+step (docs/speed.md). :func:`max_pool_2x2` computes the same values and the same gradients
+with a reshape, a max and, in the backward pass, one elementwise fusion.
 
 Semantics are those of ``flax.linen.max_pool(x, (2, 2), strides=(2, 2),
 padding='VALID')`` (Keras MaxPooling2D defaults): floor division of odd sizes,
