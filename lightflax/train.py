@@ -246,7 +246,7 @@ class RunTimes:
 
 
 # Settings --resume may change; every other RunConfig field must equal the interrupted run's.
-RESUMABLE = ("epochs", "resume", "workdir", "profile_dir", "profile_start_step", "profile_steps")
+RESUMABLE = ("epochs", "resume", "workdir", "profile_dir", "profile_start_step", "profile_steps", "checkpoint_every")
 
 
 def check_resume_settings(cfg: RunConfig, saved: Optional[Dict[str, Any]]) -> None:
@@ -290,6 +290,7 @@ class Loop:
     step_timer: Optional[timing.StepTimer] = None
     profile: Optional[timing.ProfileWindow] = None
     hook: Optional[Callable[[int], None]] = None  # lightflax._testing.fault_hook
+    selected_unsaved: bool = False  # the selected state changed since the last checkpoint (checkpoint_every)
 
     @property
     def cfg(self) -> RunConfig:
@@ -501,7 +502,13 @@ def _end_epoch(loop: Loop, epoch: int, train_loss, train_acc, train_s: float, se
            "select_loss": select_loss.tolist(), "select_accuracy": [m["accuracy"] for m in selected],
            "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": loop.times.epoch_s[-1]}
     loop.history.append(row)
-    _save(loop, epoch, selected_changed=bool(kept.any()))
+    loop.selected_unsaved |= bool(kept.any())
+    every, last = cfg.checkpoint_every, epoch + 1 == cfg.epochs or loop.tracker.all_stopped
+    if last or (every and (epoch + 1) % every == 0):
+        _save(loop, epoch, selected_changed=loop.selected_unsaved)
+        loop.selected_unsaved = False
+    else:
+        loop.times.tick()
     _print_epoch(cfg, row, loop.trainer.steps_per_epoch, bool(improved.any()))
     return row
 
