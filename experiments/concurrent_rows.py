@@ -81,9 +81,13 @@ def run(fn: Callable[[int], Any], n: int, workers: int, labels: Sequence[str]) -
         progress.set_mode("epochs")
 
     def labelled(i: int) -> Any:
+        interrupts.check()  # a row does not start once another failed or a signal came
         stdout.label(labels[i])
         try:
             return fn(i)
+        except BaseException:
+            interrupts.request_stop()  # before this thread can take the next row
+            raise
         finally:
             stdout.close_label()
 
@@ -95,12 +99,11 @@ def run(fn: Callable[[int], Any], n: int, workers: int, labels: Sequence[str]) -
                 for f in concurrent.futures.as_completed(futures):
                     out[futures[f]] = f.result()
             except BaseException:
-                requested = interrupts.request_stop()  # the other rows stop at their next step
+                interrupts.request_stop()  # the other rows stop at their next step (a signal stays recorded)
                 for f in futures:
                     f.cancel()
                 concurrent.futures.wait(futures)
-                if requested:
-                    interrupts.clear_stop()
+                interrupts.clear_stop()
                 raise
     finally:
         sys.stdout = real
