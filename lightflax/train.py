@@ -259,8 +259,8 @@ def check_resume_settings(cfg: RunConfig, saved: Optional[Dict[str, Any]]) -> No
                if (k not in RESUMABLE or k in fixed) and k in saved and saved[k] != now[k]]
     if changed:
         raise UserError(f"--resume with settings that differ from the run in {cfg.workdir}: {', '.join(changed)}; "
-                        f"resume with the original values (only --epochs, not under --lr_schedule=cosine, and "
-                        f"--profile_* may change) or choose another --workdir")
+                        f"resume with the original values (only --epochs, not under --lr_schedule=cosine, "
+                        f"--profile_* and --checkpoint_every may change) or choose another --workdir")
 
 
 @dataclasses.dataclass
