@@ -108,6 +108,7 @@ def main() -> int:
     root = ns.keep or tempfile.mkdtemp(prefix="lightflax-faults-")
     os.makedirs(root, exist_ok=True)
     rng = random.Random(ns.seed)
+    load_before = os.getloadavg()
     reference = os.path.join(root, "reference")
     shutil.rmtree(reference, ignore_errors=True)
     t0 = time.perf_counter()
@@ -139,7 +140,11 @@ def main() -> int:
     summary = {"trials": ns.trials, "passed": passed, "epochs": ns.epochs, "steps": steps, "k": ns.k,
                "reference_spread": spread,
                "command": "python benchmarks/fault_injection.py " + " ".join(sys.argv[1:]),
-               "date": datetime.date.today().isoformat(), "wall_s": round(time.perf_counter() - t0, 1)}
+               "date": datetime.date.today().isoformat(), "wall_s": round(time.perf_counter() - t0, 1),
+               "commit": subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True).stdout.strip(),
+               "jax_disable_most_optimizations": os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS"),
+               "load_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(summary), flush=True)
     if not ns.keep:
         shutil.rmtree(root, ignore_errors=True)

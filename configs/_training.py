@@ -39,7 +39,7 @@ def get_config(experiment: str, model: str) -> ml_collections.ConfigDict:
         decision="argmax"))
     c.runtime = ml_collections.ConfigDict(dict(
         seed=0, num_seeds=1, replica_mode="vmap", parallel="shard_map", dtype="float32", kernels="native",
-        resume=False, progress="auto", profile=False, profile_dir=placeholder(str), profile_start_step=3,
+        resume=False, checkpoint_every=1, progress="auto", profile=False, profile_dir=placeholder(str), profile_start_step=3,
         profile_steps=3, coordinator_address=placeholder(str), num_processes=placeholder(int),
         process_id=placeholder(int)))
     return c

@@ -9,4 +9,6 @@ def get_config():
     c.model.channels = 3
     c.model.ks = "1,2,3,4,5"  # LightLayers ranks of the rows
     c.transfer = _training.transfer_section(backbone="inception_v3")  # 'none': no transfer row
+    c.runtime.concurrent_rows = 2  # rows trained at a time (experiments/concurrent_rows.py; docs/speed.md)
+    c.runtime.checkpoint_every = 0  # each row at its end: an interrupted row restarts (docs/reliability.md)
     return c

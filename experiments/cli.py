@@ -153,6 +153,12 @@ ALIASES: Tuple[Alias, ...] = (
           "oneDNN through XLA FFI where the library was built, else XLA's, said in the log and results.json; "
           "see docs/native.md) or xla. GPUs/TPUs always use XLA's.", run_config.KERNELS),
     Alias("resume", "runtime.resume", "Continue the run in --workdir exactly where it stopped."),
+    Alias("concurrent_rows", "runtime.concurrent_rows", "xray_compare: rows trained at a time in one process "
+          "(one native thread per call each; their times are then marked contended). 1: one after another.",
+          lower=1),
+    Alias("checkpoint_every", "runtime.checkpoint_every", "Epochs between checkpoints (--resume continues from "
+          "the last one); 0: only after the last epoch. Default 1; xray_compare 0 (an interrupted row restarts, "
+          "finished rows are kept).", lower=0),
     Alias("progress", "runtime.progress", "Console progress: auto (a per-step bar when stdout is a terminal, else "
           "one line per epoch), bars, epochs (one line per epoch), quiet (no epoch lines). --verbosity=-1 (or "
           "lower) without --progress means epochs, -2 or lower quiet.", ("auto", "bars", "epochs", "quiet")),

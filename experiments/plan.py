@@ -303,6 +303,7 @@ def _run_config(config: ml_collections.ConfigDict, model: str, kwargs: Dict[str,
         callbacks=CallbacksConfig(**c),
         runtime=RuntimeConfig(seed=r.seed, num_seeds=r.num_seeds, replica_mode=r.replica_mode, parallel=r.parallel,
                               dtype=r.dtype, kernels=r.kernels, resume=r.resume,
+                              checkpoint_every=r.checkpoint_every,
                               profile_dir=r.profile_dir or (workdir if r.profile else None),  # next to the scalars
                               profile_start_step=r.profile_start_step, profile_steps=r.profile_steps))
     return run.replace(**fields) if fields else run

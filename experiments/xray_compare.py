@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from experiments import plan as plan_lib, training
+from experiments import concurrent_rows, plan as plan_lib, training
 from lightflax import explain, files, progress, report, tables, train
 from lightflax.errors import UserError
 
@@ -31,8 +31,9 @@ def main(config, explicit=frozenset()):
     compilation_cache()
     training.configure(config)
     plan = plan_lib.resolve(config, explicit)
+    workers = max(1, min(int(config.runtime.get("concurrent_rows", 1)), len(plan.rows)))
     with training.no_empty_folder_on_error(plan.workdir):
-        study = progress.Study([(_label(row), _steps(row.run)) for row in plan.rows])
+        study = progress.Study([(_label(row), _steps(row.run)) for row in plan.rows], workers=workers)
         _compare(plan, training.load(plan), study)
 
 
@@ -68,24 +69,46 @@ def _spreads(result):
         return tables.prediction_spreads(z[f"{result.get('select_split', 'val')}_log_probs"])
 
 
+def _train_one(plan, data, study, i):
+    """Row i trained (its results.json content), or the UserError of a transfer row that cannot run."""
+    row = plan.rows[i]
+    study.start(i)
+    try:
+        r = training.train_row(plan, row, data)
+    except UserError as e:
+        if row.run.transfer is None:
+            raise
+        study.done(i, skipped=True)
+        return e
+    study.done(i)
+    return r
+
+
 def _train_rows(plan, data, study):
     """(results, labels, notes) of every row, each with its wall time (``row_wall_s``) and prediction
-    spread; a transfer row that cannot run is reported as skipped."""
+    spread; a transfer row that cannot run is reported as skipped. With ``study.workers`` > 1 the rows
+    train that many at a time (experiments/concurrent_rows.py) and a note says their times are contended."""
     results, labels, notes = [], [], [n for n in (plan.note, *plan.comparison_notes) if n]
     study.steps = [_steps(row.run, data) for row in plan.rows]
-    for i, row in enumerate(plan.rows):
-        study.start(i)
-        try:
-            r = training.train_row(plan, row, data)
-        except UserError as e:
-            if row.run.transfer is None:
-                raise
-            study.done(i, skipped=True)
-            notes.append(f"transfer row skipped: {str(e).splitlines()[0]}")
+    n = len(plan.rows)
+    if study.workers > 1:
+        outcomes = concurrent_rows.run(lambda i: _train_one(plan, data, study, i), n, study.workers,
+                                       [row.label for row in plan.rows])
+        notes.append(CONTENDED_NOTE.format(n=study.workers))
+    else:
+        outcomes = [_train_one(plan, data, study, i) for i in range(n)]
+    for i, (row, r) in enumerate(zip(plan.rows, outcomes)):
+        if isinstance(r, UserError):
+            notes.append(f"transfer row skipped: {str(r).splitlines()[0]}")
             continue
-        results.append(dict(r, row_wall_s=study.done(i), prediction_spread=_spreads(r)))
+        results.append(dict(r, row_wall_s=study.wall_s[i], prediction_spread=_spreads(r)))
         labels.append(_label(row))
     return results, labels, notes
+
+
+CONTENDED_NOTE = ("rows trained {n} at a time (--concurrent_rows={n}, one native thread per call): wall s, total s "
+                  "and s/epoch were measured with another row training beside each row (contended; their ratios "
+                  "depend on what ran beside). Uncontended per-row times: --concurrent_rows=1")
 
 
 def _compare(plan, data, study):
@@ -98,7 +121,7 @@ def _compare(plan, data, study):
     header = (f"dataset: {dataset} ({data.source or 'generated'}); accuracy/AUC figures on the {split} split "
               f"({n_split} images){'; test columns are null: no test split' if split != 'test' else ''}; "
               f"batch {run.batch_size}; epochs {run.epochs}; seeds {run.num_seeds}")
-    title = f"xray_compare: {dataset}, {split} split"
+    title = f"xray_compare: {dataset}, {split} split" + (", times contended" if study.workers > 1 else "")
     tables.comparison_figure(os.path.join(workdir, "comparison.png"), table, title, synthetic=data.synthetic)
     tables.comparison_bar_charts(os.path.join(workdir, "comparison"), table, title=f"{dataset}, {split}",
                                  synthetic=data.synthetic)

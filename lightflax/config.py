@@ -154,10 +154,12 @@ class RuntimeConfig:
     profile_dir: Optional[str] = None
     profile_start_step: int = 3
     profile_steps: int = 3
+    checkpoint_every: int = 1  # epochs between checkpoints; 0: only after the last epoch (the run's end)
 
     def __post_init__(self):
         check_flag_values(seed=self.seed)
         _check_int("num_seeds", self.num_seeds, 1)
+        _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_int("profile_steps", self.profile_steps, 1)
         _check_int("profile_start_step", self.profile_start_step, 0)
         for name, allowed in (("replica_mode", REPLICA_MODES), ("parallel", PARALLEL_MODES), ("dtype", DTYPES),

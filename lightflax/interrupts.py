@@ -37,6 +37,26 @@ def check() -> None:
         raise KeyboardInterrupt
 
 
+STOP = -1  # not a signal: the program asked its other threads to stop (request_stop)
+
+
+def request_stop() -> bool:
+    """Makes every thread's next :func:`check` raise KeyboardInterrupt, as a signal would (a study's
+    other rows, when one row failed); returns False when a real signal is already pending."""
+    global _pending
+    if _pending is not None:
+        return False
+    _pending = STOP
+    return True
+
+
+def clear_stop() -> None:
+    """Forgets a :func:`request_stop` (a real signal recorded since stays)."""
+    global _pending
+    if _pending == STOP:
+        _pending = None
+
+
 def reset() -> None:
     """Forget a recorded signal (tests)."""
     global _pending, _deferring

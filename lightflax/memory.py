@@ -1,4 +1,5 @@
-"""The device-memory estimate that refuses a --num_seeds too large for the device, before any work."""
+"""Memory checks before anything is allocated: a lower bound from shapes (plan time), and XLA's memory
+analysis of the train step compiled on abstract shapes (before the parameters and device data exist)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,15 @@ def check_memory(model, input_shape: Tuple[int, ...], local_batch: int, num_seed
 
 
 def host_available_bytes() -> Optional[int]:
-    """Memory the host can give now (MemAvailable), or None when unknown."""
+    """Memory the host can give now: /proc/meminfo's MemAvailable (free memory plus the page cache
+    it can drop), else free pages (sysconf), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -63,3 +72,69 @@ def check_budget(parts: Dict[str, Tuple[int, str]], have: Optional[int]) -> None
     listing = ", ".join(f"{k} {b / 2**30:.1f} GiB" for k, (b, _) in parts.items())
     raise UserError(f"this run needs at least {need / 2**30:.1f} GiB ({listing}) but {have / 2**30:.1f} GiB "
                     f"is available; nothing was allocated: {fix}")
+
+
+def compiled_need_bytes(stats: Optional[Dict[str, int]], resident_bytes: int = 0) -> Optional[int]:
+    """Bytes a compiled train step needs while it runs, from XLA's memory analysis
+    (``timing.memory_analysis``: arguments + outputs - donated aliases + temporaries + code), plus
+    ``resident_bytes`` that live beside it (the selected state's copy, the selection split); None
+    when the backend gives no analysis."""
+    if not stats or "temp_bytes" not in stats:
+        return None
+    step = (stats.get("argument_bytes", 0) + stats.get("output_bytes", 0) - stats.get("alias_bytes", 0)
+            + stats["temp_bytes"] + stats.get("generated_code_bytes", 0))
+    return step + resident_bytes
+
+
+def device_available_bytes(device=None) -> Optional[int]:
+    """Memory one device can give now: an accelerator's limit less what is in use, else the host's
+    available memory (None: unknown)."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return host_available_bytes()
+
+
+def advice(num_seeds: int, batch_size: int, image_size: Optional[int], need: int, have: int) -> str:
+    """What to change, from the flags given: fewer seeds when there are several (the largest number
+    that fits), else a smaller batch, and a smaller input when one was set."""
+    per = need / max(1, num_seeds)
+    fits = int(have // per) if per else 0
+    parts = [f"use --num_seeds={fits} or fewer"] if num_seeds > 1 and 1 <= fits < num_seeds else []
+    if batch_size > 1:
+        parts.append(f"a smaller --batch_size (now {batch_size})")
+    if image_size:
+        parts.append(f"a smaller --image_size (now {image_size})")
+    if not parts:
+        return "this model does not fit this machine at batch 1"
+    first = parts[0] if parts[0].startswith("use ") else f"use {parts[0]}"
+    return ", or ".join([first, *parts[1:]])
+
+
+def check_compiled(need: Optional[int], have: Optional[int], num_seeds: int, batch_size: int,
+                   image_size: Optional[int]) -> None:
+    """Refuses (one line) a run whose compiled train step needs more than ``have``, before its
+    parameters, optimiser state or device data exist (only the abstract step was compiled)."""
+    if need is None or not have or need <= have:
+        return
+    raise UserError(f"the compiled train step needs {need / 2**30:.1f} GiB (XLA's memory analysis: inputs, "
+                    f"outputs, temporaries, with {num_seeds} seed(s) at batch {batch_size}) but "
+                    f"{have / 2**30:.1f} GiB is available; nothing was allocated on the device: "
+                    f"{advice(num_seeds, batch_size, image_size, need, have)}")
+
+
+def check_train_step(trainer):
+    """XLA's memory analysis of a ``lightflax.train.Trainer``'s train step compiled on abstract shapes
+    (``Trainer.abstract_compile``), against the memory the device has now, before anything of the run
+    is allocated (:func:`check_compiled`); returns the compiled step, which the loop runs (None: the
+    step is compiled later on the real arguments)."""
+    compiled = trainer.abstract_compile()
+    if compiled is None:
+        return None
+    cfg, select = trainer.cfg, trainer.data.splits[trainer.cfg.select_split]
+    state_bytes = (compiled.memory or {}).get("output_bytes", 0)  # the new state: the selected copy's size
+    resident = state_bytes + np.asarray(select.images).nbytes + np.asarray(select.labels).nbytes
+    check_compiled(compiled_need_bytes(compiled.memory, resident), device_available_bytes(),
+                   cfg.num_seeds, cfg.batch_size, cfg.image_size)
+    return compiled

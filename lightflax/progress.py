@@ -134,7 +134,8 @@ class Study:
     ``row i/N <name>  elapsed m:ss  ETA m:ss`` (on a terminal with a text bar of the rows done), and
     ``study: N rows in m:ss`` at the end. The ETA is the steps left (each row's epochs x steps per
     epoch) divided by the rate measured on the rows done (their steps over their wall time,
-    compilation included); before a row has finished it is ``?``.
+    compilation included); before a row has finished it is ``?``. With ``workers`` rows at a time
+    the work left is shared among them (their rate is each row's own, measured while contended).
 
         study = progress.Study([("LightLayers K=1", 20 * 73), ...])
         for i, row in enumerate(rows):
@@ -144,12 +145,13 @@ class Study:
         study.finish()
     """
 
-    def __init__(self, rows, clock: Callable[[], float] = time.monotonic, width: int = 20):
+    def __init__(self, rows, clock: Callable[[], float] = time.monotonic, width: int = 20, workers: int = 1):
         self.names, self.steps = [n for n, _ in rows], [int(s) for _, s in rows]
         self._clock, self._width = clock, width
+        self.workers = workers  # rows trained at the same time: the ETA divides the work left among them
         self.t0 = clock()
         self.wall_s: list = [None] * len(rows)
-        self._row_t0 = None
+        self._row_t0: dict = {}
 
     def elapsed(self) -> float:
         return self._clock() - self.t0
@@ -161,7 +163,8 @@ class Study:
         if not done or seconds <= 0:
             return None
         rate = sum(self.steps[k] for k in done) / seconds
-        return sum(self.steps[k] for k in range(i, len(self.steps)) if self.wall_s[k] is None) / rate
+        left = [k for k in range(i, len(self.steps)) if self.wall_s[k] is None]
+        return sum(self.steps[k] for k in left) / rate / max(1, min(self.workers, len(left)))
 
     def line(self, i: int, bar: bool = False) -> str:
         eta = self.eta(i)
@@ -174,13 +177,13 @@ class Study:
         return text
 
     def start(self, i: int) -> None:
-        self._row_t0 = self._clock()
+        self._row_t0[i] = self._clock()
         epoch_line(self.line(i, bar=bars_enabled()))
 
     def done(self, i: int, skipped: bool = False) -> float:
         """Records row i's wall time (since its start); returns it. A skipped row (it stopped before
         training) leaves the rate alone."""
-        self.wall_s[i] = self._clock() - self._row_t0
+        self.wall_s[i] = self._clock() - self._row_t0.pop(i)
         if skipped:
             self.steps[i] = 0
         return self.wall_s[i]

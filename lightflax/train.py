@@ -123,13 +123,34 @@ class Trainer:
         self.dev_ids = parallel.device_ids(self.mesh)
         self._build()
 
-    def init_state(self):
-        """The replica-stacked initial state (replica r from seed + r), on every device."""
+    def _stacked_state(self):
         shape = (1, *self.input_shape)
         create = functools.partial(steps.create_state, self.model, self.tx, input_shape=shape,
                                    init_variables=self.init_variables)
         states = [create(jax.random.key(int(s))) for s in self.seeds]
-        return parallel.replicate(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states), self.mesh)
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+    def init_state(self):
+        """The replica-stacked initial state (replica r from seed + r), on every device."""
+        return parallel.replicate(self._stacked_state(), self.mesh)
+
+    def abstract_compile(self) -> Optional[timing.CompiledStep]:
+        """The train step compiled ahead of time on abstract shapes (``jax.ShapeDtypeStruct`` with the
+        shardings the real arguments get): no parameter, optimiser state or device copy of the data
+        exists yet, and the executable is the one the loop then runs (no second compilation). None
+        where the step cannot be lowered abstractly (pmap, several processes)."""
+        if self.cfg.parallel != "shard_map" or jax.process_count() > 1:
+            return None
+        rep = jax.sharding.NamedSharding(self.mesh, parallel.REPLICATED)
+
+        def abstract(a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
+
+        state = jax.tree_util.tree_map(abstract, jax.eval_shape(self._stacked_state))
+        train = self.data.splits["train"]
+        arrays = (abstract(np.asarray(train.images)), jax.ShapeDtypeStruct(train.labels.shape, np.int32,
+                                                                            sharding=rep))
+        return timing.aot_compile(self, state, *arrays, self.permutations(0), self.data_keys())
 
     def _build(self):
         cfg, rep, sharded = self.cfg, parallel.REPLICATED, parallel.SHARDED
@@ -224,7 +245,7 @@ class RunTimes:
 
 
 # Settings --resume may change; every other RunConfig field must equal the interrupted run's.
-RESUMABLE = ("epochs", "resume", "workdir", "profile_dir", "profile_start_step", "profile_steps")
+RESUMABLE = ("epochs", "resume", "workdir", "profile_dir", "profile_start_step", "profile_steps", "checkpoint_every")
 
 
 def check_resume_settings(cfg: RunConfig, saved: Optional[Dict[str, Any]]) -> None:
@@ -237,8 +258,8 @@ def check_resume_settings(cfg: RunConfig, saved: Optional[Dict[str, Any]]) -> No
                if (k not in RESUMABLE or k in fixed) and k in saved and saved[k] != now[k]]
     if changed:
         raise UserError(f"--resume with settings that differ from the run in {cfg.workdir}: {', '.join(changed)}; "
-                        f"resume with the original values (only --epochs, not under --lr_schedule=cosine, and "
-                        f"--profile_* may change) or choose another --workdir")
+                        f"resume with the original values (only --epochs, not under --lr_schedule=cosine, "
+                        f"--profile_* and --checkpoint_every may change) or choose another --workdir")
 
 
 @dataclasses.dataclass
@@ -268,6 +289,7 @@ class Loop:
     step_timer: Optional[timing.StepTimer] = None
     profile: Optional[timing.ProfileWindow] = None
     hook: Optional[Callable[[int], None]] = None  # lightflax._testing.fault_hook
+    selected_unsaved: bool = False  # the selected state changed since the last checkpoint (checkpoint_every)
 
     @property
     def cfg(self) -> RunConfig:
@@ -361,9 +383,11 @@ def _print_epoch(cfg: RunConfig, row: Dict[str, Any], steps_per_epoch: int, impr
         f"{row['epoch_s']:.2f} s" + ("  *" if improved else ""))
 
 
-def _compile(trainer: Trainer, state, train_arrays, keys, first_epoch: int, select_arrays):
-    """Ahead-of-time compilation of the train step, and of evaluation by one pass, before the clock starts."""
-    compiled = timing.aot_compile(trainer, state, *train_arrays, trainer.permutations(first_epoch), keys)
+def _compile(trainer: Trainer, state, train_arrays, keys, first_epoch: int, select_arrays, compiled=None):
+    """Ahead-of-time compilation of the train step (``compiled``: already done by ``memory.check_train_step``),
+    and of evaluation by one pass, before the clock starts."""
+    if compiled is None:
+        compiled = timing.aot_compile(trainer, state, *train_arrays, trainer.permutations(first_epoch), keys)
     print(
         f"compiled train step in {compiled.compile_s:.2f} s (lowering {compiled.lower_s:.2f} s); "
         f"{(compiled.flops or 0) * trainer.n_devices / 1e9:.3f} GFLOP/step; {trainer.n_devices} device(s), "
@@ -406,8 +430,9 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
     decision_lib.build(cfg, data)  # a decision the data cannot take stops the run before training
     _announce(cfg, data)
     trainer = Trainer(cfg, data, init_variables=init_variables)
+    compiled = memory.check_train_step(trainer)
     loop = start_or_resume(trainer, checkpoints.Checkpointer(cfg.workdir))
-    prepare(loop)
+    prepare(loop, compiled)
     try:
         _epochs(loop)
     except NonFiniteLossError as e:
@@ -422,15 +447,16 @@ def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:
     return _finish(loop, data, extra)
 
 
-def prepare(loop: Loop) -> None:
-    """Counts the variables, puts the splits on the devices, compiles, and starts the loop's clock."""
+def prepare(loop: Loop, compiled: Optional[timing.CompiledStep] = None) -> None:
+    """Counts the variables, puts the splits on the devices, compiles (unless ``compiled`` is the train
+    step already compiled by ``memory.check_train_step``), and starts the loop's clock."""
     trainer, cfg = loop.trainer, loop.cfg
     loop.counts = param_counts.variables_counts({"params": _first_seed(loop.state.params),
                                                  "batch_stats": _first_seed(loop.state.batch_stats)})
     loop.keys, loop.train_arrays = trainer.data_keys(), trainer.device_split("train")
     loop.select_arrays = trainer.device_split(cfg.select_split)
     loop.compiled, loop.eval_compile_s = _compile(trainer, loop.state, loop.train_arrays, loop.keys,
-                                                  loop.first_epoch, loop.select_arrays)
+                                                  loop.first_epoch, loop.select_arrays, compiled)
     interrupts.check()
     loop.step_timer, loop.hook = timing.StepTimer(warmup=1), _testing.fault_hook()
     loop.profile = timing.ProfileWindow(cfg.profile_dir, cfg.profile_start_step, cfg.profile_steps)
@@ -475,7 +501,13 @@ def _end_epoch(loop: Loop, epoch: int, train_loss, train_acc, train_s: float, se
            "select_loss": select_loss.tolist(), "select_accuracy": [m["accuracy"] for m in selected],
            "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": loop.times.epoch_s[-1]}
     loop.history.append(row)
-    _save(loop, epoch, selected_changed=bool(kept.any()))
+    loop.selected_unsaved |= bool(kept.any())
+    every, last = cfg.checkpoint_every, epoch + 1 == cfg.epochs or loop.tracker.all_stopped
+    if last or (every and (epoch + 1) % every == 0):
+        _save(loop, epoch, selected_changed=loop.selected_unsaved)
+        loop.selected_unsaved = False
+    else:
+        loop.times.tick()
     _print_epoch(cfg, row, loop.trainer.steps_per_epoch, bool(improved.any()))
     return row
 

@@ -1,5 +1,5 @@
 """Kaggle-layout folders as users have them: the whole layout is checked before any image is
-decoded; a train split without a class is one line and exit 2 with no run folder left; images in
+decoded; a split without a class (train, val or test) is one line and exit 2 with no run folder left; images in
 subfolders of a class folder are used and said; a class folder inside another one is refused."""
 
 from pathlib import Path
@@ -32,27 +32,31 @@ def _tree(root: Path, skip=(), per_class=2) -> Path:
     return root
 
 
-@pytest.mark.parametrize("how", ["empty", "missing"])
-def test_a_one_class_train_split_is_refused_before_decoding(tmp_path, monkeypatch, how):
-    root = _tree(tmp_path / "chest_xray", skip={("train", "NORMAL")})
+@pytest.mark.parametrize("split,how", [("train", "empty"), ("train", "missing"), ("val", "empty"),
+                                       ("test", "empty"), ("test", "missing")])
+def test_a_one_class_split_is_refused_before_decoding(tmp_path, monkeypatch, split, how):
+    cls = "NORMAL" if split != "val" else "PNEUMONIA"
+    root = _tree(tmp_path / "chest_xray", skip={(split, cls)})
     if how == "missing":
-        (root / "train" / "NORMAL").rmdir()
+        (root / split / cls).rmdir()
     monkeypatch.setattr(chest_xray, "_try_decode", lambda *a: pytest.fail("decoded before the check"))
     with pytest.raises(DataError) as e:
         data.load("chest_xray", manual_dir=str(root), data_dir=str(tmp_path / "prep"), stored_size=64)
-    assert "\n" not in str(e.value) and str(root / "train") in str(e.value) and "NORMAL" in str(e.value)
+    assert "\n" not in str(e.value) and str(root / split) in str(e.value) and cls in str(e.value)
+    assert f"the {split} split needs images of both classes" in str(e.value) or how == "missing"
     assert not (tmp_path / "prep").exists()
 
 
-def test_one_class_train_split_is_exit_2_with_no_run_folder(tmp_path):
-    root = _tree(tmp_path / "chest_xray", skip={("train", "NORMAL")})
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_one_class_split_is_exit_2_with_no_run_folder(tmp_path, split):
+    root = _tree(tmp_path / "chest_xray", skip={(split, "NORMAL")})
     wd = tmp_path / "w"
     proc = run_launch(["--experiment=xray_light", "--k=1", f"--manual_dir={root}", "--image_size=64",
                        f"--data_dir={tmp_path / 'prep'}", "--epochs=1", f"--workdir={wd}"], check=2)
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "NORMAL holds no images" in err[0] and "train split needs images of both classes" in err[0]
-    assert not wd.exists() and "epoch" not in proc.stdout
+    assert "NORMAL holds no images" in err[0] and f"{split} split needs images of both classes" in err[0]
+    assert not wd.exists() and "epoch" not in proc.stdout and not (tmp_path / "prep").exists()
 
 
 def test_images_in_subfolders_are_used_and_said(tmp_path, capsys):

@@ -106,7 +106,10 @@ def test_a_run_folder_from_before_the_configs_stays_readable(tmp_path):
     assert list(tables.collect(str(tmp_path / "runs"))) == ["old"]
     saved = json.loads((run / "results.json").read_text())["config"]
     now = RunConfig.from_json(saved)
-    assert now.to_json() == saved  # the flat form results.json records is unchanged by the sections
+    flat = now.to_json()  # the flat form results.json records is unchanged by the sections; fields added
+    assert {k: v for k, v in flat.items() if k in saved} == saved  # since (checkpoint_every) take defaults
+    default = RunConfig.flat(workdir="d", model="xray_light").to_json()
+    assert all(default[k] == v for k, v in flat.items() if k not in saved)
     check_resume_settings(now, saved)  # the same settings: no complaint
     with pytest.raises(Exception, match="--resume with settings that differ"):
         check_resume_settings(now.replace(batch_size=16), saved)

@@ -263,6 +263,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert_alive(full)
 
 
+def test_checkpoint_every_saves_less_often_and_resume_is_still_exact(tmp_path):
+    """--checkpoint_every=2 over 3 epochs saves after epochs 2 and 3 only; a kill in epoch 3 resumes from
+    epoch 2 and ends equal to an uninterrupted run with the default (every epoch)."""
+    args = [*ALIVE, *TINY, "--epochs=3", "--steps_per_epoch=3"]
+    full, sparse = tmp_path / "full", tmp_path / "sparse"
+    run_launch(args + [f"--workdir={full}"], check=0)
+    proc = run_launch(args + [f"--workdir={sparse}", "--checkpoint_every=2"], env={FAULT_KILL_ENV: "8"})
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL after step 8, in epoch 3
+    assert sorted(os.listdir(sparse / "checkpoints" / "latest")) == ["6"]  # epoch 2's, not epoch 1's
+    proc = run_launch(args + [f"--workdir={sparse}", "--checkpoint_every=2", "--resume"], check=0)
+    assert "resumed" in proc.stdout and "at epoch 2" in proc.stdout
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((sparse / "results.json").read_text())
+    assert a["select_metrics"] == b["select_metrics"] and a["test_loss"] == b["test_loss"]
+    strip = lambda rows: [",".join(r.split(",")[:6]) for r in rows]  # drop the timing column
+    assert strip((full / "history.csv").read_text().splitlines()) == strip(
+        (sparse / "history.csv").read_text().splitlines())
+    assert sorted(os.listdir(sparse / "checkpoints" / "latest")) == ["6", "9"]
+
+
 def test_eval_image_size_evaluates_at_another_resolution():
     """FixRes: --eval_image_size feeds evaluation at its own resolution (models with global pooling)."""
     code = textwrap.dedent(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -90,6 +91,10 @@ def _misplaced_class_folder(folder: Path) -> None:
                                 f"folder take its label; move it to {folder.parent / n.upper()}")
 
 
+_NEEDS = {"train": "train", "val": "select the checkpoint and fit the decision threshold (ROC AUC is undefined "
+          "on one class)", "test": "be scored (ROC AUC is undefined on one class)"}
+
+
 def _split_files(root: Path, split: str, notes: List[str], nested: List[str]) -> List[Tuple[str, int]]:
     """(path relative to root, label) of one split's images, subfolders of a class folder included."""
     d = root / split
@@ -101,11 +106,9 @@ def _split_files(root: Path, split: str, notes: List[str], nested: List[str]) ->
     for label, cls in enumerate(CLASSES):
         _misplaced_class_folder(d / cls)
         found = _images(d / cls)
-        if not found and split == "train":
-            raise DataError(f"{d / cls} holds no images: the train split needs images of both classes "
-                            f"(NORMAL and PNEUMONIA) to train; put that class's images there")
-        if not found:
-            notes.append(f"{d / cls} holds no images")
+        if not found:  # train: nothing to learn the class from; val/test: AUC and the decision undefined
+            raise DataError(f"{d / cls} holds no images: the {split} split needs images of both classes "
+                            f"(NORMAL and PNEUMONIA) to {_NEEDS[split]}; put that class's images there")
         nested += [str(f.relative_to(root)) for f in found if f.parent != d / cls]
         files += [(str(f.relative_to(root)), label) for f in found]
     return files
@@ -117,8 +120,8 @@ def scan(root: Path) -> Tuple[Listing, List[str]]:
 
     Images in subfolders of a class folder are used with that class's label (a note says how many);
     a class folder inside another one is refused. Raises DataError when a split's class folders are
-    not exactly NORMAL and PNEUMONIA, when a train class folder holds no image, or when train or test
-    holds no image.
+    not exactly NORMAL and PNEUMONIA, or when a class folder of any split holds no image (every split
+    needs both classes).
     """
     listing: Listing = {}
     notes: List[str] = []
@@ -328,9 +331,7 @@ def load(manual_dir: Optional[str] = None, data_dir: Optional[str] = None, resol
         raise DataError(f"chest X-ray folders not found (looked in {', '.join(looked)}); {HOW_TO_GET}")
     listing, notes = scan(root)
     for note in notes:
-        if note.endswith("holds no images"):
-            print(f"WARNING: {note}: that split has a single class", flush=True)
-        elif note.startswith("data: "):  # images in subfolders of a class folder
+        if note.startswith("data: "):  # images in subfolders of a class folder
             print(note, flush=True)
     target = locations.prepared_dir(data_dir, "chest_xray", source_key(root, listing))
     builder = tfds_util.prepare(ChestXray, data_dir=target, config=str(resolution), manual_dir=root)
@@ -341,14 +342,14 @@ def load(manual_dir: Optional[str] = None, data_dir: Optional[str] = None, resol
         if on_corrupt == "fail":
             raise DataError(f"{msg}; delete or replace them, or pass --on_corrupt=skip")
         notes.append(f"skipped {msg}")
-        print(f"WARNING: skipped {msg}", flush=True)
+        print(f"WARNING: skipped {msg}", file=sys.stderr, flush=True)
     num_tiny = int(builder.info.metadata.get("num_tiny", 0))
     if num_tiny:
         tiny = list(builder.info.metadata.get("tiny", []))
         msg = (f"{num_tiny} image(s) in {root} are smaller than {TINY}x{TINY} pixels (kept, upscaled to "
                f"{resolution}x{resolution}), first: {'; '.join(tiny[:3])}")
         notes.append(msg)
-        print(f"WARNING: {msg}", flush=True)
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
     arrays = tfds_util.read_all(builder, SPLITS)
     splits: Dict[str, Optional[Split]] = {s: None for s in SPLITS}
     for s, (images, labels, _) in arrays.items():

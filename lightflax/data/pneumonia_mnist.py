@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -292,13 +291,12 @@ def load(data_dir: Optional[str] = None, size: Optional[int] = None, download_ok
     if splits["test"] is None:
         notes.append(f"{path.name} has no test split: trained on train, selected on val; test columns are null "
                      f"(never computed on val)")
-    for s, split in splits.items():
-        if split is not None and len(np.unique(split.labels)) < 2:
+    for s, split in splits.items():  # train: experiments.training.check_train_classes (every real data set)
+        if s != "train" and split is not None and len(np.unique(split.labels)) < 2:
             only = CLASSES[int(split.labels[0])]
-            msg = (f"the {s} split of {path.name} holds a single class ({only}, {len(split)} images): accuracy "
-                   f"on it says little and ROC AUC is undefined")
-            notes.append(msg)
-            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+            raise DataError(f"the {s} split of {path} holds a single class ({only}, {len(split)} images): "
+                            f"checkpoint selection, the decision threshold and ROC AUC need both classes; "
+                            f"use an npz whose {s} split holds images of both")
     dup = _overlap(splits["train"].images, splits["val"].images)
     if dup:
         notes.append(f"{dup} val image(s) also occur byte-identical in train (present in the original data)")
