@@ -248,3 +248,13 @@ def test_predict_rebuilds_an_se_run_from_results_json(tmp_path):
     loaded, got, _, _ = predict.load_replicas(str(tmp_path))
     assert loaded.se_ratio == 0.25
     np.testing.assert_array_equal(loaded.apply(got[0], x), module.apply(variables, x))
+
+
+@pytest.mark.parametrize("name,kwargs", [("xray_light", {"k": 5}), ("xray_conv2d", {})])
+def test_adding_se_leaves_every_other_layers_initialisation_unchanged(name, kwargs):
+    """A seed-paired A/B (docs/results.md) compares the same initial weights plus the SE layers."""
+    x = jnp.zeros((1, 64, 64, 3))
+    off = models.create(name, **kwargs).init(jax.random.key(3), x, train=False)["params"]
+    on = models.create(name, se_ratio=0.25, **kwargs).init(jax.random.key(3), x, train=False)["params"]
+    assert set(on) - set(off) == {"block1_se", "block2_se", "block3_se"}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, off, {k: on[k] for k in off})
