@@ -71,6 +71,10 @@ ALIASES: Tuple[Alias, ...] = (
     Alias("ks", "model.ks", "LightLayers ranks to compare.", is_list=True),
     Alias("impl", "model.impl", "LightConv2D/Conv2D implementation: conv (XLA's convolution, the default) or "
           "einsum (patches + one GEMM).", ("conv", "einsum")),
+    Alias("se_ratio", "model.se_ratio", "Squeeze-and-excitation on every block (SENet; residual blocks: on the "
+          "residual branch before the addition; Conv2D's plain blocks: after the last convolution, before the "
+          "pooling) with a bottleneck of floor(channels x ratio) channels; 0 = off (the study's models), else "
+          "from 1/8 (the narrowest blocks have 8 channels) to 1."),
     Alias("dropout", "model.dropout", "Dropout before the head (the study tried 0.25).", lower=0.0, upper=0.99),
     Alias("l2", "model.l2", "L2 penalty on LightConv2D kernels (default: the reference's 1e-4 for LightLayers "
           "models, 0 otherwise).", lower=0.0),

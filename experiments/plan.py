@@ -215,13 +215,22 @@ def _rows(config: ml_collections.ConfigDict, explicit: FrozenSet[str], dataset: 
         model, kwargs, fields = _paper_model(config, explicit)
     elif "k" in config.model:
         kwargs = {"k": config.model.k}
+    kwargs = _se(config, kwargs)
     size = image_size(config, model, model, kwargs, dataset)
     return [_Draft(model, "", model, kwargs, size, None, fields)], _tags(kwargs, size), []
 
 
+def _se(config: ml_collections.ConfigDict, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """--se_ratio into the model's keyword arguments, only when given as non-zero: a run without
+    squeeze-and-excitation records what it always did (its model is then checked on construction)."""
+    ratio = config.model.get("se_ratio")
+    return dict(kwargs, se_ratio=ratio) if ratio else kwargs
+
+
 def _tags(kwargs: Dict[str, Any], size: Optional[int]) -> list:
-    """What varies between runs, for the default run folder name: k5, 28px."""
-    return ([f"k{kwargs['k']}"] if "k" in kwargs else []) + ([f"{size}px"] if size else [])
+    """What varies between runs, for the default run folder name: k5, se0.25, 28px."""
+    return ([f"k{kwargs['k']}"] if "k" in kwargs else []) + \
+        ([f"se{kwargs['se_ratio']:g}"] if "se_ratio" in kwargs else []) + ([f"{size}px"] if size else [])
 
 
 def _paper_model(config: ml_collections.ConfigDict, explicit: FrozenSet[str]):
@@ -247,6 +256,8 @@ def _compare_rows(config: ml_collections.ConfigDict, dataset: str) -> Tuple[list
         raise UserError(f"--ks values must be >= 1, got {config.model.ks}")
     rows = [(f"LightLayers K={k}", f"light_k{k}", "xray_light", {"k": k}) for k in ks]
     rows.append(("Conv2D", "conv2d", "xray_conv2d", {}))
+    se = f" + SE {config.model.se_ratio:g}" if config.model.get("se_ratio") else ""
+    rows = [(label + se, sub, model, _se(config, kwargs)) for label, sub, model, kwargs in rows]
     out = [_Draft(label, sub, model, kwargs, image_size(config, label, model, kwargs, dataset), None, {})
            for label, sub, model, kwargs in rows]
     sizes = sorted({d.image_size for d in out})

@@ -17,6 +17,11 @@ Registered (see :func:`names`):
   xray_lowrank    xray_light with LowRankConv2D (linear factorisation) instead of LightConv2D
   mnist_conv2d / mnist_separable / mnist_light      paper Tables 1-2 (28x28x1)
   cifar_conv2d / cifar_separable / cifar_light      paper Table 4 (32x32x3, residual)
+
+Every zoo model takes ``se_ratio`` (0 = off, the default: the published architectures):
+squeeze-and-excitation (:class:`SqueezeExcite`) with a bottleneck of floor(C * se_ratio) channels
+on each block, where SENet puts it: on the residual branch before the addition (ResidualNet), after
+the block's last convolution (+ BatchNorm) before its pooling (PlainNet, which has no residual path).
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from lightflax import layers
+from lightflax.errors import UserError
 
 Array = jax.Array
 
@@ -60,6 +68,59 @@ def _check_size(model: "Any", h: int, w: int) -> None:
         )
 
 
+def se_width(channels: int, se_ratio: float) -> int:
+    """Bottleneck channels of squeeze-and-excitation on a C-channel block: floor(C * se_ratio)."""
+    return int(math.floor(channels * se_ratio + 1e-9))  # 1e-9: 8 * (1/8) is one channel, not 0.999...
+
+
+def check_se_ratio(se_ratio: Any, filters: Sequence[int], model: str) -> None:
+    """0 (off), or a ratio in (0, 1] that leaves every block's bottleneck at least one channel wide
+    (UserError, one line naming the smallest valid value)."""
+    if isinstance(se_ratio, (int, float)) and not isinstance(se_ratio, bool) and se_ratio == 0:
+        return
+    c = min(filters)
+    valid = f"use 0 (off) or a value from {1 / c:g} (the smallest for {model}, whose narrowest blocks have {c} " \
+            f"channels) to 1"
+    if isinstance(se_ratio, bool) or not isinstance(se_ratio, (int, float)) or not math.isfinite(se_ratio):
+        raise UserError(f"--se_ratio must be a number, got {se_ratio!r}; {valid}")
+    if se_ratio < 0:
+        raise UserError(f"--se_ratio={se_ratio:g} is negative; {valid}")
+    if se_ratio > 1:
+        raise UserError(f"--se_ratio={se_ratio:g} is above 1 (a bottleneck wider than its block); {valid}")
+    if se_width(c, se_ratio) < 1:
+        raise UserError(f"--se_ratio={se_ratio:g} gives {model}'s {c}-channel blocks a zero-width "
+                        f"squeeze-and-excitation bottleneck (floor({c} x {se_ratio:g}) = 0); the smallest valid "
+                        f"value is {1 / c:g} (0 turns it off)")
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018):
+
+        s = mean over H, W of x                         # squeeze: (B, C)
+        g = sigmoid(relu(s @ W1 + b1) @ W2 + b2)        # excitation: W1 (C, width), W2 (width, C)
+        y = x * g                                       # a per-channel gate in (0, 1)
+
+    Parameters: 2 * C * width + width + C (two Dense layers; glorot_uniform kernels, zero biases,
+    as Keras' Dense). The gate is computed in float32 whatever the compute dtype.
+    """
+
+    width: int
+
+    @nn.compact
+    def gate(self, x: Array) -> Array:
+        c = x.shape[-1]
+        w1 = self.param("reduce_kernel", layers.glorot_uniform, (c, self.width))
+        b1 = self.param("reduce_bias", nn.initializers.zeros, (self.width,))
+        w2 = self.param("expand_kernel", layers.glorot_uniform, (self.width, c))
+        b2 = self.param("expand_bias", nn.initializers.zeros, (c,))
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        z = nn.relu(jnp.dot(s, w1, precision=lax.Precision.HIGHEST) + b1)
+        return nn.sigmoid(jnp.dot(z, w2, precision=lax.Precision.HIGHEST) + b2)
+
+    def __call__(self, x: Array) -> Array:
+        return x * self.gate(x)[:, None, None, :].astype(x.dtype)
+
+
 class _Zoo(nn.Module):
     """Shared fields and helpers of the zoo's models: the convolution and the head are injected."""
 
@@ -71,6 +132,7 @@ class _Zoo(nn.Module):
     dtype: Optional[Any] = None
     bn_axis_name: Optional[str] = None
     dropout: float = 0.0
+    se_ratio: float = 0.0  # squeeze-and-excitation bottleneck ratio; 0: off (the published models)
     model_name: str = "model"
 
     def __post_init__(self):
@@ -78,7 +140,14 @@ class _Zoo(nn.Module):
             raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_se_ratio(self.se_ratio, self.filters, self.model_name)
         super().__post_init__()
+
+    def excite(self, x: Array, name: str) -> Array:
+        """Squeeze-and-excitation on a block's output when se_ratio > 0, else x unchanged."""
+        if not self.se_ratio:
+            return x
+        return SqueezeExcite(se_width(x.shape[-1], self.se_ratio), name=name)(x)
 
     def conv_layer(self, features, kernel, padding, activation=None, name=None):
         return self.conv(features, kernel, padding=padding, activation=activation, dtype=self.dtype, name=name)
@@ -104,6 +173,7 @@ class PlainNet(_Zoo):
 
     order='conv_bn_relu': Conv -> BatchNorm -> ReLU (the paper's MNIST models).
     order='conv_relu_bn': Conv(relu) -> BatchNorm (the study's X-ray Conv2D).
+    se_ratio > 0: squeeze-and-excitation on each block's output, before its MaxPool.
     """
 
     convs_per_block: int = 2
@@ -133,6 +203,7 @@ class PlainNet(_Zoo):
                 else:
                     x = self.conv_layer(f, 3, self.padding, name=name)(x)
                     x = self.bn(train, name=f"block{b + 1}_bn{i + 1}", relu=True)(x)
+            x = self.excite(x, name=f"block{b + 1}_se")  # no residual path: on the block's output, before pooling
             x = layers.max_pool_2x2(x)
         return self.classify(x, train)
 
@@ -143,6 +214,8 @@ class ResidualNet(_Zoo):
         a = conv3x3(x) -> BN -> ReLU -> conv3x3 -> BN
         s = conv1x1(x) -> BN
         x = MaxPool2x2(ReLU(a + s))
+
+    se_ratio > 0: a = SqueezeExcite(a) before the addition (SENet's residual placement).
     """
 
     def spatial_sizes(self, size: int) -> Tuple[int, ...]:
@@ -162,6 +235,7 @@ class ResidualNet(_Zoo):
             a = self.bn(train, name=f"{p}_bn1", relu=True)(a)
             a = self.conv_layer(f, 3, "SAME", name=f"{p}_conv2")(a)
             a = self.bn(train, name=f"{p}_bn2")(a)
+            a = self.excite(a, name=f"{p}_se")  # SENet: on the residual branch, before the addition
             s = self.conv_layer(f, 1, "SAME", name=f"{p}_shortcut")(x)
             s = self.bn(train, name=f"{p}_bn_shortcut")(s)
             x = layers.max_pool_2x2(nn.relu(a + s))
@@ -283,7 +357,7 @@ def cifar_light(k: int, impl: str = "conv", **kwargs) -> nn.Module:
                        **kwargs)
 
 
-_ZOO_KWARGS = ("num_classes", "dtype", "bn_axis_name", "dropout", "in_channels")
+_ZOO_KWARGS = ("num_classes", "dtype", "bn_axis_name", "dropout", "in_channels", "se_ratio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +412,7 @@ def create(name: str, **kwargs) -> nn.Module:
       name: one of :func:`names`.
       **kwargs: ``num_classes`` (default: the published setting), ``k`` (LightLayers
         and low-rank models only, required there), and optionally ``impl``,
-        ``dtype``, ``bn_axis_name``, ``dropout``, ``in_channels``.
+        ``dtype``, ``bn_axis_name``, ``dropout``, ``in_channels``, ``se_ratio``.
     """
     meta = info(name)
     if meta.needs_k and "k" not in kwargs:

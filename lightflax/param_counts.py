@@ -1,6 +1,7 @@
 """Parameter counts as Keras counts them, and a Keras-like per-layer table.
 
     python -m lightflax.param_counts --model=xray_light --k=5 --input_shape=1,299,299,3
+    python -m lightflax.param_counts --model=xray_conv2d --se_ratio=0.25   # with squeeze-and-excitation
 
 Trainable = the ``params`` collection; non-trainable = every other collection
 (BatchNorm moving mean/variance in ``batch_stats``), as Keras' model.summary().
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help=f"one of: {', '.join(models.names())}")
     parser.add_argument("--k", type=int, default=None, help="LightLayers rank (light/lowrank models)")
     parser.add_argument("--num_classes", type=int, default=None)
+    parser.add_argument("--se_ratio", type=float, default=0.0,
+                        help="squeeze-and-excitation bottleneck ratio per block (zoo models; 0: off)")
     parser.add_argument("--input_shape", default=None,
                         help="NHWC with batch, e.g. 1,299,299,3 (default: the published setting)")
     args = parser.parse_args(argv)
@@ -119,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs: Dict[str, Any] = {}
         if args.num_classes is not None:
             kwargs["num_classes"] = args.num_classes
+        if args.se_ratio:
+            kwargs["se_ratio"] = args.se_ratio
         if meta.needs_k:
             kwargs["k"] = args.k if args.k is not None else 1
         elif args.k is not None:
