@@ -142,14 +142,16 @@ def _scored(run: str, images, cache_dir):
     return out
 
 
-def proxy_figures(scored, labels_of, idx=None) -> Dict[str, Dict[str, List[float]]]:
+def proxy_figures(scored, labels_of, idx=None, ensemble_only: bool = False) -> Dict[str, Dict[str, List[float]]]:
     """{proxy: {key: [replica figures..., ensemble figure]}} (mean over the proxy's conditions);
-    ``idx``: {subset: image indices into the subset} (a bootstrap resample), None = all."""
+    ``idx``: {subset: image indices into the subset} (a bootstrap resample), None = all;
+    ``ensemble_only``: [ensemble figure] alone."""
     out = {}
     for proxy, (subset, conds) in PROXIES.items():
         y = labels_of[subset] if idx is None else labels_of[subset][idx[subset]]
         rows = []
-        for m in range(len(scored[(subset, conds[0])])):
+        n = len(scored[(subset, conds[0])])
+        for m in ([n - 1] if ensemble_only else range(n)):
             f = []
             for c in conds:
                 p1, yp = scored[(subset, c)][m]
@@ -167,7 +169,7 @@ def bootstrap(scored, labels_of, n_boot: int, seed: int = 0):
     out = []
     for _ in range(n_boot):
         idx = {s: rng.integers(0, len(y), len(y)) for s, y in labels_of.items()}
-        out.append(proxy_figures(scored, labels_of, idx))
+        out.append(proxy_figures(scored, labels_of, idx, ensemble_only=True))
     return out
 
 

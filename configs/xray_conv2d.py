@@ -6,5 +6,5 @@ from configs import _training
 def get_config():
     c = _training.get_config("xray_conv2d", "xray_conv2d")
     c.model.channels = 3
-    c.recipe = "study"  # study | robust (experiments/recipes.py)
+    c.recipe = "study"  # study | robust | shift (experiments/recipes.py)
     return c

@@ -7,5 +7,5 @@ def get_config():
     c = _training.get_config("xray_light", "xray_light")
     c.model.k = 5  # LightLayers rank K
     c.model.channels = 3
-    c.recipe = "study"  # study | robust (experiments/recipes.py)
+    c.recipe = "study"  # study | robust | shift (experiments/recipes.py)
     return c

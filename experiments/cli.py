@@ -63,7 +63,9 @@ ALIASES: Tuple[Alias, ...] = (
           "events); predict: the finished run. Default: runs/<experiment>-<tags>-<UTC time>."),
     Alias("recipe", "recipe", "A set of values: study (the seed study's protocol, the default) or robust (for a "
           "test set whose class balance and images differ from training: --lr_schedule=cosine --num_seeds=3 "
-          "--decision=prior_corrected; xray_transfer: --epochs=100). Flags given on the command line override "
+          "--decision=prior_corrected; xray_transfer: --epochs=100) or shift (for images that differ from the "
+          "training pool: robust plus the acquisition-shift ablations' choices, and predict's AdaBN by default; "
+          "docs/robust.md). Flags given on the command line override "
           "the recipe's values (experiments/recipes.py).", _recipes),
     # model
     Alias("k", "model.k", "LightLayers rank K (--method=light).", lower=1),

@@ -12,6 +12,7 @@ from lightflax._testing import FAULT_KILL_ENV
 
 TINY = ["--dataset=synthetic", "--epochs=1", "--steps_per_epoch=1", "--batch_size=16", "--synthetic_size=32",
         "--progress=quiet"]
+SHIFT_CHANGES = {"augment"}  # what --recipe=shift changes over robust (docs/robust.md, "The shift recipe")
 
 
 # ----------------------------------------------------------------------------
@@ -349,6 +350,27 @@ def test_study_and_robust_store_no_predict_defaults(monkeypatch):
     monkeypatch.setitem(recipes.PREDICT_DEFAULTS, "robust", {"adapt_bn": True, "label_shift": "em"})
     config, explicit = _config(recipe="robust")
     assert recipes.apply(config, explicit)[1]["predict_defaults"] == {"adapt_bn": True, "label_shift": "em"}
+
+
+def test_shift_recipe_is_robust_plus_its_choices_and_stores_predicts_procedure():
+    """--recipe=shift: robust's values plus the acquisition ablations' choices; its record carries
+    predict's whole default procedure (AdaBN, no EM, no temperature; the stored decision)."""
+    from experiments import recipes
+
+    config, explicit = _config(recipe="shift")
+    out, record = recipes.apply(config, explicit)
+    robust, _ = recipes.apply(_config(recipe="robust")[0], frozenset())
+    changed = {f for f, p in recipes.KNOBS.items() if recipes.get(out, p) != recipes.get(robust, p)}
+    assert changed == SHIFT_CHANGES
+    assert (out.runtime.num_seeds, out.schedule.lr_schedule, out.callbacks.decision) == (3, "cosine", "prior_corrected")
+    assert record["predict_defaults"] == {"adapt_bn": True, "label_shift": "none", "calibrate": "none"}
+    # an explicit flag still wins, and is recorded as an override
+    config, explicit = _config(recipe="shift", **{"data.augment": "none"})
+    out, record = recipes.apply(config, explicit)
+    assert out.data.augment == "none" and record["recipe_overrides"] == {"augment": "none"}
+    # xray_transfer: the augmentation is skipped (cached features), predict's defaults are stored
+    out, record = recipes.apply(*_config("xray_transfer", recipe="shift"))
+    assert out.data.augment == "none" and "augment" in record["recipe_skipped"] and out.schedule.epochs == 100
 
 
 def test_recipe_only_where_it_is_applied():
