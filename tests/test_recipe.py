@@ -399,6 +399,25 @@ def test_robust_recipe_end_to_end(tmp_path):
     assert r["decision"]["rule"] == "prior_corrected" and "test_ensemble" in r
 
 
+def test_shift_recipe_end_to_end_and_predict_applies_its_procedure(tmp_path, capsys):
+    """A --recipe=shift run trains with the acquisition augmentation and stores predict's procedure;
+    predict then applies AdaBN by default, and an explicit adapt_bn=False turns it off."""
+    from lightflax import predict
+
+    wd = tmp_path / "run"
+    run_launch(["--experiment=xray_light", "--k=2", "--image_size=28", "--recipe=shift", "--num_seeds=2",
+                f"--workdir={wd}", *TINY], check=0)
+    r = json.loads((wd / "results.json").read_text())
+    assert r["recipe"] == "shift" and r["config"]["augment"] == "acquisition"
+    assert r["predict_defaults"] == {"adapt_bn": True, "label_shift": "none", "calibrate": "none"}
+    np.savez(tmp_path / "in.npz", images=np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    adapted, _ = predict.predict_npz(str(wd), str(tmp_path / "in.npz"), str(tmp_path / "a.npz"))
+    assert "AdaBN" in capsys.readouterr().out
+    plain, _ = predict.predict_npz(str(wd), str(tmp_path / "in.npz"), str(tmp_path / "p.npz"),
+                                   adapt_options={"adapt_bn": False})
+    assert "AdaBN" not in capsys.readouterr().out and np.abs(adapted - plain).max() > 1e-4
+
+
 def test_unknown_recipe_is_a_flag_error(tmp_path):
     proc = run_launch(["--experiment=xray_conv2d", "--recipe=fancy", f"--workdir={tmp_path / 'x'}", *TINY],
                       check=2)
