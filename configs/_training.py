@@ -33,7 +33,8 @@ def get_config(experiment: str, model: str) -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, batch_size=64, class_weighting="none"))
     c.schedule = ml_collections.ConfigDict(dict(
-        epochs=20, lr_schedule="constant", warmup_epochs=0, steps_per_epoch=placeholder(int)))
+        epochs=20, lr_schedule="constant", warmup_epochs=0, steps_per_epoch=placeholder(int),
+        weight_averaging="none", averaging_epochs=5))
     c.callbacks = ml_collections.ConfigDict(dict(
         select_split="val", early_stopping_patience=0, reduce_lr_patience=0, reduce_lr_factor=0.1,
         decision="argmax"))

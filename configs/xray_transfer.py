@@ -8,5 +8,5 @@ def get_config():
     c = _training.get_config("xray_transfer", "linear_head")
     c.model.channels = 3
     c.transfer = _training.transfer_section()
-    c.recipe = "study"  # study | robust (experiments/recipes.py)
+    c.recipe = "study"  # study | robust | shift (experiments/recipes.py)
     return c

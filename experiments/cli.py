@@ -63,7 +63,9 @@ ALIASES: Tuple[Alias, ...] = (
           "events); predict: the finished run. Default: runs/<experiment>-<tags>-<UTC time>."),
     Alias("recipe", "recipe", "A set of values: study (the seed study's protocol, the default) or robust (for a "
           "test set whose class balance and images differ from training: --lr_schedule=cosine --num_seeds=3 "
-          "--decision=prior_corrected; xray_transfer: --epochs=100). Flags given on the command line override "
+          "--decision=prior_corrected; xray_transfer: --epochs=100) or shift (for images that differ from the "
+          "training pool: robust plus the acquisition-shift ablations' choices, and predict's AdaBN by default; "
+          "docs/robust.md). Flags given on the command line override "
           "the recipe's values (experiments/recipes.py).", _recipes),
     # model
     Alias("k", "model.k", "LightLayers rank K (--method=light).", lower=1),
@@ -94,7 +96,8 @@ ALIASES: Tuple[Alias, ...] = (
           lower=1),
     Alias("eval_image_size", "data.eval_image_size", "Evaluate at this resolution (FixRes; models ending in "
           "global pooling).", lower=1),
-    Alias("augment", "data.augment", "On-device augmentation (study = its ImageDataGenerator).",
+    Alias("augment", "data.augment", "On-device augmentation: study (its ImageDataGenerator) or acquisition "
+          "(gamma, contrast, blur, noise, resolution round trips; docs/robust.md).",
           run_config.AUGMENTS),
     Alias("mean_subtraction", "data.mean_subtraction", "Subtract the training split's per-channel mean on device."),
     Alias("synthetic_size", "data.synthetic_size", "Training examples of synthetic data (val/test get half).",
@@ -132,6 +135,10 @@ ALIASES: Tuple[Alias, ...] = (
           "given) or cosine (decay to 0 over the run's steps, per step).", run_config.LR_SCHEDULES),
     Alias("warmup_epochs", "schedule.warmup_epochs", "Linear learning-rate warm-up epochs before the cosine decay "
           "(--lr_schedule=cosine).", lower=0),
+    Alias("weight_averaging", "schedule.weight_averaging", "Evaluate, select and export an average of the "
+          "weights over epochs: none, ema (per-epoch decay 1 - 1/--averaging_epochs) or swa (mean of the last "
+          "--averaging_epochs epochs); training continues from the raw weights.", run_config.WEIGHT_AVERAGING),
+    Alias("averaging_epochs", "schedule.averaging_epochs", "--weight_averaging's window in epochs.", lower=1),
     Alias("steps_per_epoch", "schedule.steps_per_epoch", "Cap on steps per epoch (smoke runs).", lower=1),
     # callbacks
     Alias("select_split", "callbacks.select_split", "Split on which the best checkpoint is chosen.",

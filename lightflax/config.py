@@ -27,13 +27,14 @@ from lightflax.errors import UserError
 PARALLEL_MODES = ("shard_map", "pmap")  # data-parallel wrapper of the step (lightflax.parallel)
 REPLICA_MODES = ("vmap", "loop")  # how --num_seeds replicas share one step (lightflax.steps)
 DTYPES = ("float32", "bfloat16")
-AUGMENTS = ("none", "study")
+AUGMENTS = ("none", "study", "acquisition")  # lightflax.data.augment.from_name
 SELECT_SPLITS = ("val", "test")
 KEEPS = ("best", "last")  # weights reported and exported: the best by the selection split's loss, or the last
 OPTIMIZERS = ("adam", "sgd")
 KERNELS = ("native", "xla")  # convolution/BatchNorm/pooling kernels on CPU (lightflax.native where built)
 CLASS_WEIGHTINGS = ("none", "balanced")  # per-example loss weights (lightflax.steps.class_weights)
 LR_SCHEDULES = ("constant", "cosine")  # lightflax.steps.learning_rate_schedule
+WEIGHT_AVERAGING = ("none", "ema", "swa")  # lightflax.averaging
 DECISIONS = ("argmax", "prior_corrected")  # the reported decision rule (lightflax.train, results.json 'decision')
 
 
@@ -87,6 +88,8 @@ class DataConfig:
                 _check_int(name, getattr(self, name), 1)
         check_flag_values(image_size=self.image_size, eval_image_size=self.eval_image_size)
         _check_choice("augment", self.augment, AUGMENTS)
+        if self.augment == "acquisition" and self.mean is not None:
+            raise UserError("--augment=acquisition changes images in [0, 1] units; drop --mean_subtraction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +112,13 @@ class ScheduleConfig:
     lr_schedule: str = "constant"  # "cosine": decay to 0 over the run's steps (after warmup_epochs)
     warmup_epochs: int = 0  # linear warm-up from 0 (lr_schedule="cosine" only)
     steps_per_epoch: Optional[int] = None  # cap (smoke runs); None = full epochs
+    weight_averaging: str = "none"  # ema | swa over epochs: what is evaluated and exported (lightflax.averaging)
+    averaging_epochs: int = 5  # ema: time constant in epochs; swa: the last N epochs averaged
 
     def __post_init__(self):
         _check_int("epochs", self.epochs, 1)
+        _check_choice("weight_averaging", self.weight_averaging, WEIGHT_AVERAGING)
+        _check_int("averaging_epochs", self.averaging_epochs, 1)
         _check_int("warmup_epochs", self.warmup_epochs, 0)
         if self.steps_per_epoch is not None:
             _check_int("steps_per_epoch", self.steps_per_epoch, 1)
@@ -197,6 +204,9 @@ class RunConfig:
         if self.schedule.lr_schedule != "constant" and self.callbacks.reduce_lr_patience:
             raise UserError(f"--lr_schedule={self.schedule.lr_schedule} cannot be combined with --reduce_lr_patience "
                             f"(both set the learning rate); drop one of them")
+        if self.schedule.weight_averaging != "none" and self.runtime.resume:
+            raise UserError(f"--weight_averaging={self.schedule.weight_averaging} cannot --resume (the average is "
+                            f"not checkpointed); start the run again in a new --workdir")
         mean = self.data.mean
         if mean is not None and len(mean) not in (1, self.model.channels):
             raise UserError(f"mean has {len(mean)} entries; it needs 1 or --channels ({self.model.channels})")

@@ -142,7 +142,7 @@ def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None)
     of :func:`lightflax.data.pipeline.get_batch` (global batch = n_devices * local_batch).
     """
     devices = cfg.batch_size // local_batch
-    augment = augment_lib.AugmentConfig.study() if cfg.augment == "study" else None
+    augment = augment_lib.from_name(cfg.augment)
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
     def step_fn(state: TrainState, images, labels, perm, step, key, dev_id):

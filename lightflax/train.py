@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lightflax import (_testing, checkpoints, decision as decision_lib, files, interrupts, memory,
+from lightflax import (_testing, averaging, checkpoints, decision as decision_lib, files, interrupts, memory,
                        metrics as metrics_lib, models, native, param_counts, parallel, plateau, progress, report,
                        steps, tensorboard, timing)
 from lightflax.config import RunConfig
@@ -290,6 +290,8 @@ class Loop:
     profile: Optional[timing.ProfileWindow] = None
     hook: Optional[Callable[[int], None]] = None  # lightflax._testing.fault_hook
     selected_unsaved: bool = False  # the selected state changed since the last checkpoint (checkpoint_every)
+    average: Any = None  # --weight_averaging's running average of params and batch_stats
+    evaluated: Any = None  # the state evaluated and selected this epoch: ``state``, or its average
 
     @property
     def cfg(self) -> RunConfig:
@@ -476,12 +478,24 @@ def _epochs(loop: Loop) -> None:
             with progress.bar(trainer.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
                 loop.state, train_loss, train_acc = run_epoch(loop, epoch, bar)
             train_s = time.perf_counter() - t0
-            selected = trainer.evaluate(loop.state, loop.select_arrays)
+            loop.evaluated = _averaged(loop, epoch)
+            selected = trainer.evaluate(loop.evaluated, loop.select_arrays)
             loop.times.epoch_s.append(time.perf_counter() - t0)
             row = _end_epoch(loop, epoch, train_loss, train_acc, train_s, selected)
             tb.epoch((epoch + 1) * trainer.steps_per_epoch, tensorboard.epoch_scalars(
                 row, selected, cfg.select_split, float(np.median(loop.step_timer.durations[n_timed:])),
                 trainer.steps_per_epoch * cfg.batch_size * cfg.num_seeds))
+
+
+def _averaged(loop: Loop, epoch: int):
+    """``loop.state``, or with --weight_averaging the state carrying the running average of its
+    params and batch_stats (lightflax.averaging)."""
+    cfg = loop.cfg
+    if cfg.weight_averaging == "none":
+        return loop.state
+    loop.average = averaging.update(loop.average, {"params": loop.state.params, "batch_stats": loop.state.batch_stats},
+                                    cfg.weight_averaging, epoch, cfg.epochs, cfg.averaging_epochs)
+    return loop.state.replace(**loop.average)
 
 
 def _end_epoch(loop: Loop, epoch: int, train_loss, train_acc, train_s: float, selected) -> Dict[str, Any]:
@@ -496,7 +510,7 @@ def _end_epoch(loop: Loop, epoch: int, train_loss, train_acc, train_s: float, se
         loop.state = _set_learning_rates(loop.trainer, loop.state, new_lrs)
     kept = improved if cfg.keep == "best" else active  # keep=last: the selected slot holds the last epoch
     if kept.any():
-        loop.selected = _select(jnp.asarray(kept), loop.state, loop.selected)
+        loop.selected = _select(jnp.asarray(kept), loop.evaluated, loop.selected)
     row = {"epoch": epoch + 1, "train_loss": train_loss.tolist(), "train_accuracy": train_acc.tolist(),
            "select_loss": select_loss.tolist(), "select_accuracy": [m["accuracy"] for m in selected],
            "learning_rate": new_lrs.tolist(), "train_s": train_s, "epoch_s": loop.times.epoch_s[-1]}

@@ -91,6 +91,18 @@ def test_a_recipe_keeps_what_the_command_line_gave(tmp_path):
     assert p.record["recipe_overrides"] == {"num_seeds": 2} and p.record["flags"]["num_seeds"] == 2
 
 
+def test_the_shift_recipe_resolves_through_the_plan(tmp_path):
+    from experiments import plan
+
+    p = plan.resolve(*_parsed("xray_light", ["--dataset=synthetic", "--recipe=shift"], tmp_path))
+    run = p.rows[0].run
+    assert (run.num_seeds, run.lr_schedule, run.decision, run.augment) == (3, "cosine", "prior_corrected",
+                                                                            "acquisition")
+    assert p.record["recipe"] == "shift" and p.record["predict_defaults"]["adapt_bn"] is True
+    p = plan.resolve(*_parsed("xray_light", ["--dataset=synthetic", "--recipe=robust"], tmp_path))
+    assert p.rows[0].run.augment == "none" and "predict_defaults" not in p.record  # robust unchanged
+
+
 def test_a_run_folder_from_before_the_configs_stays_readable(tmp_path):
     """predict scores it, tables lists it, and its saved config passes --resume's settings check."""
     from lightflax import predict, tables

@@ -12,6 +12,7 @@ from lightflax._testing import FAULT_KILL_ENV
 
 TINY = ["--dataset=synthetic", "--epochs=1", "--steps_per_epoch=1", "--batch_size=16", "--synthetic_size=32",
         "--progress=quiet"]
+SHIFT_CHANGES = {"augment"}  # what --recipe=shift changes over robust (docs/robust.md, "The shift recipe")
 
 
 # ----------------------------------------------------------------------------
@@ -351,6 +352,27 @@ def test_study_and_robust_store_no_predict_defaults(monkeypatch):
     assert recipes.apply(config, explicit)[1]["predict_defaults"] == {"adapt_bn": True, "label_shift": "em"}
 
 
+def test_shift_recipe_is_robust_plus_its_choices_and_stores_predicts_procedure():
+    """--recipe=shift: robust's values plus the acquisition ablations' choices; its record carries
+    predict's whole default procedure (AdaBN, no EM, no temperature; the stored decision)."""
+    from experiments import recipes
+
+    config, explicit = _config(recipe="shift")
+    out, record = recipes.apply(config, explicit)
+    robust, _ = recipes.apply(_config(recipe="robust")[0], frozenset())
+    changed = {f for f, p in recipes.KNOBS.items() if recipes.get(out, p) != recipes.get(robust, p)}
+    assert changed == SHIFT_CHANGES
+    assert (out.runtime.num_seeds, out.schedule.lr_schedule, out.callbacks.decision) == (3, "cosine", "prior_corrected")
+    assert record["predict_defaults"] == {"adapt_bn": True, "label_shift": "none", "calibrate": "none"}
+    # an explicit flag still wins, and is recorded as an override
+    config, explicit = _config(recipe="shift", **{"data.augment": "none"})
+    out, record = recipes.apply(config, explicit)
+    assert out.data.augment == "none" and record["recipe_overrides"] == {"augment": "none"}
+    # xray_transfer: the augmentation is skipped (cached features), predict's defaults are stored
+    out, record = recipes.apply(*_config("xray_transfer", recipe="shift"))
+    assert out.data.augment == "none" and "augment" in record["recipe_skipped"] and out.schedule.epochs == 100
+
+
 def test_recipe_only_where_it_is_applied():
     from experiments import recipes
     from lightflax.errors import UserError
@@ -375,6 +397,25 @@ def test_robust_recipe_end_to_end(tmp_path):
     assert r["recipe_overrides"] == {"epochs": 1, "num_seeds": 2}
     assert r["recipe_values"]["epochs"] == 1 and r["recipe_values"]["lr_schedule"] == "cosine"
     assert r["decision"]["rule"] == "prior_corrected" and "test_ensemble" in r
+
+
+def test_shift_recipe_end_to_end_and_predict_applies_its_procedure(tmp_path, capsys):
+    """A --recipe=shift run trains with the acquisition augmentation and stores predict's procedure;
+    predict then applies AdaBN by default, and an explicit adapt_bn=False turns it off."""
+    from lightflax import predict
+
+    wd = tmp_path / "run"
+    run_launch(["--experiment=xray_light", "--k=2", "--image_size=28", "--recipe=shift", "--num_seeds=2",
+                f"--workdir={wd}", *TINY], check=0)
+    r = json.loads((wd / "results.json").read_text())
+    assert r["recipe"] == "shift" and r["config"]["augment"] == "acquisition"
+    assert r["predict_defaults"] == {"adapt_bn": True, "label_shift": "none", "calibrate": "none"}
+    np.savez(tmp_path / "in.npz", images=np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    adapted, _ = predict.predict_npz(str(wd), str(tmp_path / "in.npz"), str(tmp_path / "a.npz"))
+    assert "AdaBN" in capsys.readouterr().out
+    plain, _ = predict.predict_npz(str(wd), str(tmp_path / "in.npz"), str(tmp_path / "p.npz"),
+                                   adapt_options={"adapt_bn": False})
+    assert "AdaBN" not in capsys.readouterr().out and np.abs(adapted - plain).max() > 1e-4
 
 
 def test_unknown_recipe_is_a_flag_error(tmp_path):

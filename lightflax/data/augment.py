@@ -11,16 +11,25 @@ shifts as fractions of the width/height, zoom factors drawn independently per ax
 from [1 - z, 1 + z]. For square images the transform equals Keras'
 ``apply_affine_transform`` (tested); for non-square images the width shift moves
 columns and the height shift rows (Keras mixes the two axes there).
+
+``AugmentConfig.acquisition()`` (``--augment=acquisition``) instead draws per image photometric
+changes that mimic another X-ray acquisition (docs/robust.md): a resolution round trip (down to a
+fraction of the side and back, bilinear), a Gaussian blur, an exposure curve (gamma), a contrast
+change about the image mean and additive Gaussian noise, each applied with probability
+``acquisition_p``; results are clipped to [0, 1]. :func:`acquisition_params` samples them,
+:func:`apply_acquisition` applies given parameters (deterministic; tested against NumPy).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -35,12 +44,30 @@ class AugmentConfig:
     shear_range: float = 0.0  # degrees, uniform in [-r, r] (Keras convention)
     zoom_range: float = 0.0  # zoom factors uniform in [1 - z, 1 + z], per axis
     horizontal_flip: bool = False  # flip left-right with probability 1/2
+    # acquisition changes (photometric), each applied with probability acquisition_p per image:
+    gamma_range: float = 1.0  # exposure curve x ** g, log g uniform in [-log r, log r] (1: off)
+    contrast_range: float = 0.0  # (x - mean) * c + mean, c uniform in [1 - r, 1 + r]
+    blur_sigma: float = 0.0  # Gaussian blur (5x5 taps), sigma uniform in [0, s] pixels
+    noise_std: float = 0.0  # additive Gaussian noise, std uniform in [0, s] ([0, 1] units)
+    lowres_scales: Tuple[float, ...] = ()  # down to round(scale * side) and back, one scale drawn per image
+    acquisition_p: float = 0.5
 
     @classmethod
     def study(cls) -> "AugmentConfig":
         """The study's ImageDataGenerator settings."""
         return cls(rotation_range=30.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.2,
                    zoom_range=0.2, horizontal_flip=True)
+
+    @classmethod
+    def acquisition(cls) -> "AugmentConfig":
+        """Acquisition-mimicking changes (no geometry): docs/robust.md."""
+        return cls(gamma_range=1.5, contrast_range=0.4, blur_sigma=1.0, noise_std=0.04,
+                   lowres_scales=(0.5, 0.65, 0.8))
+
+    @property
+    def photometric(self) -> bool:
+        return bool(self.gamma_range != 1.0 or self.contrast_range or self.blur_sigma or self.noise_std
+                    or self.lowres_scales)
 
     @property
     def affine(self) -> bool:
@@ -49,7 +76,12 @@ class AugmentConfig:
 
     @property
     def active(self) -> bool:
-        return self.affine or self.horizontal_flip
+        return self.affine or self.horizontal_flip or self.photometric
+
+
+def from_name(name: str) -> Optional[AugmentConfig]:
+    """``--augment``'s value -> its config (None: no augmentation)."""
+    return {"none": None, "study": AugmentConfig.study(), "acquisition": AugmentConfig.acquisition()}[name]
 
 
 def sample_params(rng: Array, n: int, height: int, width: int, cfg: AugmentConfig) -> Dict[str, Array]:
@@ -127,4 +159,79 @@ def augment(rng: Array, images: Array, cfg: AugmentConfig) -> Array:
     out = apply_affine(images, affine_matrices(p)) if cfg.affine else images
     if cfg.horizontal_flip:
         out = jnp.where(p["flip"][:, None, None, None], out[:, :, ::-1, :], out)
+    if cfg.photometric:
+        out = apply_acquisition(out, acquisition_params(jax.random.fold_in(rng, 1), n, cfg), cfg)
     return out.astype(images.dtype)
+
+
+def acquisition_params(rng: Array, n: int, cfg: AugmentConfig) -> Dict[str, Array]:
+    """Per image (n,): gamma, contrast, blur sigma, noise std (1 / 1 / 0 / 0 where not drawn), the
+    index of the resolution scale (-1: none) and a noise key."""
+    ks = jax.random.split(rng, 11)
+    on = [jax.random.bernoulli(ks[i], cfg.acquisition_p, (n,)) for i in range(5)]
+
+    def u(k, lo, hi):
+        return jax.random.uniform(k, (n,), jnp.float32, lo, hi)
+
+    log_g = math.log(max(cfg.gamma_range, 1.0))
+    return {
+        "gamma": jnp.where(on[0], jnp.exp(u(ks[5], -log_g, log_g)), 1.0),
+        "contrast": jnp.where(on[1], u(ks[6], 1.0 - cfg.contrast_range, 1.0 + cfg.contrast_range), 1.0),
+        "blur": jnp.where(on[2], u(ks[7], 0.0, cfg.blur_sigma), 0.0),
+        "noise": jnp.where(on[3], u(ks[8], 0.0, cfg.noise_std), 0.0),
+        "scale": (jnp.where(on[4], jax.random.randint(ks[9], (n,), 0, len(cfg.lowres_scales)), -1)
+                  if cfg.lowres_scales else jnp.full((n,), -1, jnp.int32)),
+        "noise_key": ks[10],
+    }
+
+
+def gaussian_taps(sigma: Array, radius: int = 2) -> Array:
+    """(n, 2 * radius + 1) normalised Gaussian taps of per-image ``sigma`` (sigma 0: the identity)."""
+    t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    s = jnp.maximum(sigma, 1e-3)[:, None]
+    g = jnp.exp(-0.5 * (t[None, :] / s) ** 2)
+    return g / jnp.sum(g, axis=1, keepdims=True)
+
+
+def blur(images: Array, sigma: Array, radius: int = 2) -> Array:
+    """Separable Gaussian blur of (B, H, W, C) images with per-image ``sigma``; edges repeat."""
+    g = gaussian_taps(sigma, radius)[:, :, None, None, None]
+    _, h, w, _ = images.shape
+    pad = jnp.pad(images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+    rows = sum(g[:, i] * pad[:, i:i + h, :, :] for i in range(2 * radius + 1))
+    return sum(g[:, i] * rows[:, :, i:i + w, :] for i in range(2 * radius + 1))
+
+
+@functools.lru_cache(maxsize=64)
+def round_trip_matrix(side: int, scale: float) -> np.ndarray:
+    """(side, side) float32 linear map of one axis: down to round(scale * side) (antialiased bilinear,
+    jax.image.resize) and back up (bilinear). Resizing is separable and linear, so the 2-D round
+    trip of an image X is ``M @ X @ M.T``: two small matmuls instead of two resizes per step."""
+    eye = np.eye(side, dtype=np.float32)
+    small = max(1, round(scale * side))
+    with jax.ensure_compile_time_eval():  # constants, also when called while tracing
+        down = np.asarray(jax.image.resize(eye, (small, side), "bilinear", antialias=True))
+        return np.asarray(jax.image.resize(down, (side, side), "bilinear")).astype(np.float32)
+
+
+def round_trip(images: Array, scale: float) -> Array:
+    """(B, H, W, C) down to round(scale * side) and back (:func:`round_trip_matrix` per axis)."""
+    mh = jnp.asarray(round_trip_matrix(images.shape[1], scale))
+    mw = jnp.asarray(round_trip_matrix(images.shape[2], scale))
+    return jnp.einsum("ih,bhwc,jw->bijc", mh, images, mw)
+
+
+def apply_acquisition(images: Array, p: Dict[str, Array], cfg: AugmentConfig) -> Array:
+    """Applies :func:`acquisition_params`' ``p`` to float images in [0, 1] (B, H, W, C), in the order
+    resolution, blur, gamma, contrast, noise; clipped to [0, 1]."""
+    x = jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
+    for i, scale in enumerate(cfg.lowres_scales):
+        x = jnp.where((p["scale"] == i)[:, None, None, None], round_trip(x, scale), x)
+    if cfg.blur_sigma:
+        x = jnp.where((p["blur"] > 0)[:, None, None, None], blur(x, p["blur"]), x)
+    x = jnp.clip(x, 0.0, 1.0) ** p["gamma"][:, None, None, None]
+    mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+    x = mean + p["contrast"][:, None, None, None] * (x - mean)
+    noise = jax.random.normal(p["noise_key"], x.shape[:3] + (1,), jnp.float32)  # one per pixel, all channels
+    x = x + p["noise"][:, None, None, None] * noise
+    return jnp.clip(x, 0.0, 1.0)
