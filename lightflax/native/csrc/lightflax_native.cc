@@ -25,6 +25,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "loops_ops.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -95,6 +96,9 @@ int Threads() {
   int n = g_threads.load();
   return n > 0 ? n : omp_get_max_threads();
 }
+}  // namespace
+int lf::NumThreads() { return Threads(); }
+namespace {
 
 // Channel counts the loops are compiled for (the study's models: 8, 16, 32; 64 for wider ones):
 // a compile-time count lets the per-row channel loop unroll into vector code. Others (0) run the
@@ -392,18 +396,10 @@ ffi::Error ConvBwd(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffe
       std::vector<double> bsum(g.o);
       if (g.relu) {  // dy * (y > 0), the ReLU post-op's gradient, and (bias) its channel sums
         float* masked = Scratch(2, ys * sizeof(float));
-        const float* yy = y.typed_data() + r * ys;
-        const float* gg = g_ptr;
-        ChannelSums(rows, g.o, bsum.data(), [&](int64_t i, int64_t k) {
-          int64_t j = i * g.o + k;
-          float v = Mask(gg[j], yy[j]);
-          masked[j] = v;
-          return v;
-        });
+        lf::loops::MaskSumsRun(g_ptr, y.typed_data() + r * ys, rows, g.o, true, masked, bsum.data());
         g_ptr = masked;
       } else if (g.bias) {
-        const float* gg = g_ptr;
-        ChannelSums(rows, g.o, bsum.data(), [&](int64_t i, int64_t k) { return gg[i * g.o + k]; });
+        lf::loops::MaskSumsRun(g_ptr, g_ptr, rows, g.o, false, nullptr, bsum.data());
       }
       for (int64_t k = 0; k < g.o; ++k) db[r * g.o + k] = g.bias ? (float)bsum[k] : 0.f;
       memory dym(e->dst, Engine(), g_ptr), xm(e->src, Engine(), x.typed_data() + r * xs);
@@ -469,110 +465,43 @@ BnView View(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> pd) {
   return BnView{Prod(xd, 0, p), Prod(xd, p, xd.size() - 1), xd[xd.size() - 1]};
 }
 
-// y = relu?((x - mean) * (rsqrt(var + eps) * scale) + bias). The row loop is compiled per channel
-// count and per ReLU (branch-free: a data-dependent branch on the sign is ~50 % mispredicted).
-template <int CT, bool RELU>
-void BnApplyRows(const float* __restrict__ x, const float* mul, const float* mu, const float* bb, int64_t m,
-                 int64_t c, float* __restrict__ y) {
-  const int64_t cc = CT ? CT : c;
-  constexpr int kLocal = CT ? CT : 1;
-  alignas(64) float lm[kLocal], lmu[kLocal], lb[kLocal];
-  const float *pm = mul, *pmu = mu, *pb = bb;
-  if (CT) {
-    std::copy(mul, mul + cc, lm);
-    std::copy(mu, mu + cc, lmu);
-    std::copy(bb, bb + cc, lb);
-    pm = lm, pmu = lmu, pb = lb;
-  }
-#pragma omp parallel for num_threads(Threads()) schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
-    const float* __restrict__ xi = x + i * cc;
-    float* __restrict__ yi = y + i * cc;
-#pragma omp simd
-    for (int64_t k = 0; k < cc; ++k) {
-      float v = (xi[k] - pmu[k]) * pm[k] + pb[k];
-      yi[k] = RELU ? (v > 0.f ? v : 0.f) : v;
-    }
-  }
-}
-
-void BnApply(const float* x, const float* mean, const float* var, const float* scale, const float* bias,
-             float eps, bool relu, int64_t m, int64_t c, float* y) {
-  std::vector<float> mul(c), mu(c), bb(c);
-  for (int64_t k = 0; k < c; ++k) {
-    mul[k] = (1.f / std::sqrt(var[k] + eps)) * scale[k];
-    mu[k] = mean[k];
-    bb[k] = bias[k];
-  }
-  WithChannels(c, [&](auto ct) {
-    constexpr int CT = decltype(ct)::value;
-    if (relu)
-      BnApplyRows<CT, true>(x, mul.data(), mu.data(), bb.data(), m, c, y);
-    else
-      BnApplyRows<CT, false>(x, mul.data(), mu.data(), bb.data(), m, c, y);
-  });
-}
-
-// Per-channel mean of x (m rows of c) in double, summed as deviations from the channel's first
-// value: mean = x0 + sum(x - x0) / m. The float blocks of ChannelSums then add small deviations
-// (better conditioned than the raw values), and a constant channel has mean == its value exactly
-// (all deviations 0), so x - mean == 0 and the normalised output is exactly the bias.
-void ShiftedMean(const float* x, int64_t m, int64_t c, double* out) {
-  std::vector<float> x0(x, x + c);
-  const float* p0 = x0.data();
-  ChannelSums(m, c, out, [&](int64_t i, int64_t k) { return x[i * c + k] - p0[k]; });
-  for (int64_t k = 0; k < c; ++k) out[k] = (double)p0[k] + out[k] / (double)m;
-}
-
+// The statistics and loops: loops_ops.h (one pass for mean and variance, ISA-dispatched loops).
 // The local statistics of the cross-device path (ops.py merges them across devices):
-// mode 0: mean of x -> out; mode 1: mean of (x - mean)^2 -> out. Both are the double sums
-// divided by the local count and rounded once, exactly as BnTrainImpl computes the one-device
-// statistics, so that the merge over one device reproduces BnTrainImpl bit for bit and a
-// constant channel has mean == its value and variance 0 on any number of devices.
+// mode 0: mean of x -> out; mode 1: mean of (x - mean)^2 around the given (merged) mean -> out.
+// Both are the arithmetic of BnTrainImpl's statistics (lf::loops::BnStats), so that the merge over
+// one device reproduces BnTrainImpl bit for bit, and a constant channel has mean == its value and
+// variance 0 on any number of devices.
 ffi::Error BnReduceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> out,
                         int64_t mode) {
   Timed timed(4);
   SetThreads();
   BnView v = View(x.dimensions(), mean.dimensions());
-  std::vector<double> s(v.c);
   for (int64_t r = 0; r < v.reps; ++r) {
     const float* xr = x.typed_data() + r * v.m * v.c;
-    const float* mr = mean.typed_data() + r * v.c;
-    if (mode == 0) {
-      ShiftedMean(xr, v.m, v.c, s.data());
-      for (int64_t k = 0; k < v.c; ++k) out->typed_data()[r * v.c + k] = (float)s[k];
-      continue;
-    }
-    ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) {
-      float d = xr[i * v.c + k] - mr[k];
-      return d * d;
-    });
-    for (int64_t k = 0; k < v.c; ++k) out->typed_data()[r * v.c + k] = (float)(s[k] / (double)v.m);
+    float* o = out->typed_data() + r * v.c;
+    if (mode == 0)
+      lf::loops::BnStats(xr, v.m, v.c, 0, nullptr, o, nullptr);
+    else
+      lf::loops::BnStats(xr, v.m, v.c, 1, mean.typed_data() + r * v.c, nullptr, o);
   }
   return ffi::Error::Success();
 }
 
-// Training forward on local statistics: -> y, mean, var (biased).
+// Training forward on local statistics: -> y, mean, var (biased). Two passes over x: the
+// statistics (one pass), then the normalisation.
 ffi::Error BnTrainImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
                        ffi::ResultBuffer<ffi::F32> var, float eps, int64_t relu) {
   Timed timed(2);
   SetThreads();
   BnView v = View(x.dimensions(), scale.dimensions());
-  std::vector<double> s(v.c);
   for (int64_t r = 0; r < v.reps; ++r) {
     const float* xr = x.typed_data() + r * v.m * v.c;
     float* mr = mean->typed_data() + r * v.c;
     float* vr = var->typed_data() + r * v.c;
-    ShiftedMean(xr, v.m, v.c, s.data());
-    for (int64_t k = 0; k < v.c; ++k) mr[k] = (float)s[k];
-    ChannelSums(v.m, v.c, s.data(), [&](int64_t i, int64_t k) {
-      float d = xr[i * v.c + k] - mr[k];
-      return d * d;
-    });
-    for (int64_t k = 0; k < v.c; ++k) vr[k] = (float)(s[k] / (double)v.m);
-    BnApply(xr, mr, vr, scale.typed_data() + r * v.c, bias.typed_data() + r * v.c, eps, relu != 0, v.m, v.c,
-            y->typed_data() + r * v.m * v.c);
+    lf::loops::BnStats(xr, v.m, v.c, 2, nullptr, mr, vr);
+    lf::loops::BnApplyRun(xr, v.m, v.c, mr, vr, scale.typed_data() + r * v.c, bias.typed_data() + r * v.c, eps,
+                          relu != 0, y->typed_data() + r * v.m * v.c);
   }
   return ffi::Error::Success();
 }
@@ -585,9 +514,9 @@ ffi::Error BnApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi:
   SetThreads();
   BnView v = View(x.dimensions(), scale.dimensions());
   for (int64_t r = 0; r < v.reps; ++r)
-    BnApply(x.typed_data() + r * v.m * v.c, mean.typed_data() + r * v.c, var.typed_data() + r * v.c,
-            scale.typed_data() + r * v.c, bias.typed_data() + r * v.c, eps, relu != 0, v.m, v.c,
-            y->typed_data() + r * v.m * v.c);
+    lf::loops::BnApplyRun(x.typed_data() + r * v.m * v.c, v.m, v.c, mean.typed_data() + r * v.c,
+                          var.typed_data() + r * v.c, scale.typed_data() + r * v.c, bias.typed_data() + r * v.c, eps,
+                          relu != 0, y->typed_data() + r * v.m * v.c);
   return ffi::Error::Success();
 }
 
@@ -595,55 +524,14 @@ ffi::Error BnApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi:
 // sums: sg = sum g, sgx = sum g * xhat (per channel).
 void BnBwdSums(const float* dy, const float* x, const float* y, const float* mean, const float* var, float eps,
                bool relu, int64_t m, int64_t c, double* sg, double* sgx) {
-  std::vector<float> inv(c);
-  for (int64_t k = 0; k < c; ++k) inv[k] = 1.f / std::sqrt(var[k] + eps);
-  const float* pi = inv.data();
-  double* outs[2] = {sg, sgx};
-  // one pass: (g, g * xhat) per element, g = dy masked by the ReLU when relu
-  ChannelSumsN<2>(m, c, outs, [&](int64_t i, int64_t k) {
-    int64_t j = i * c + k;
-    float g = relu ? Mask(dy[j], y[j]) : dy[j];
-    return std::array<float, 2>{g, g * ((x[j] - mean[k]) * pi[k])};
-  });
+  lf::loops::BnBwdSumsRun(dy, x, y, m, c, mean, var, eps, relu, sg, sgx);
 }
 
-// dx = scale * inv * (g - sg / count - xhat * sgx / count) (train), scale * inv * g (inference).
-// The per-channel means sg / count and sgx / count are carried as float pairs (hi + lo) so that
-// sum(dx) over a channel cancels to float accuracy: with a rounded mean, a channel of constant
-// input (a dead ReLU in front) leaves count * ulp(mean) * scale * inv in the gradient of the bias
-// in front of this BatchNorm, whose exact value is 0.
+// dx (see lf::loops::BnBwdApplyRun).
 void BnBwdApply(const float* dy, const float* x, const float* y, const float* mean, const float* var,
                 const float* scale, const float* sg, const float* sgx, float eps, bool relu, bool train,
                 double count, int64_t m, int64_t c, float* dx) {
-  std::vector<float> inv(c), a(c), mg(c), mgl(c), mgx(c), mgxl(c), mu(c);
-  for (int64_t k = 0; k < c; ++k) {
-    inv[k] = 1.f / std::sqrt(var[k] + eps);
-    a[k] = scale[k] * inv[k];
-    double g1 = train ? (double)sg[k] / count : 0.0, g2 = train ? (double)sgx[k] / count : 0.0;
-    mg[k] = (float)g1;
-    mgl[k] = (float)(g1 - (double)mg[k]);
-    mgx[k] = (float)g2;
-    mgxl[k] = (float)(g2 - (double)mgx[k]);
-    mu[k] = mean[k];
-  }
-  const float *pi = inv.data(), *pa = a.data(), *pg = mg.data(), *pgl = mgl.data(), *pgx = mgx.data(),
-              *pgxl = mgxl.data(), *pmu = mu.data();
-  WithChannels(c, [&](auto ct) {
-    constexpr int CT = decltype(ct)::value;
-    const int64_t cc = CT ? CT : c;
-#pragma omp parallel for num_threads(Threads()) schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-      const float* __restrict__ dyi = dy + i * cc;
-      const float* __restrict__ xi = x + i * cc;
-      const float* __restrict__ yi = y + i * cc;
-      float* __restrict__ dxi = dx + i * cc;
-      for (int64_t k = 0; k < cc; ++k) {
-        float g = relu ? Mask(dyi[k], yi[k]) : dyi[k];
-        float xhat = (xi[k] - pmu[k]) * pi[k];
-        dxi[k] = pa[k] * (((g - pg[k]) - pgl[k]) - (xhat * pgx[k] + xhat * pgxl[k]));
-      }
-    }
-  });
+  lf::loops::BnBwdApplyRun(dy, x, y, m, c, mean, var, scale, sg, sgx, eps, relu, train, count, dx);
 }
 
 // Local sums for the backward pass (cross-device: psum them, then BnBwdApply).
@@ -713,40 +601,12 @@ ffi::Error BnBwdImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buf
 // Ties: the gradient goes to the FIRST maximal element in row-major order.
 // ---------------------------------------------------------------------------
 
-// max of a window; NaN if any element is NaN (as jnp.max). Branch-free selects.
-inline float Max4(float a, float b, float c, float d) {
-  float m = a;
-  m = b > m ? b : m;
-  m = c > m ? c : m;
-  m = d > m ? d : m;
-  bool nan = (a != a) | (b != b) | (c != c) | (d != d);
-  return nan ? a + b + c + d : m;
-}
-
 ffi::Error PoolFwdImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
   Timed timed(5);
   SetThreads();
   auto xd = x.dimensions();
   size_t r = xd.size();
-  int64_t n = Prod(xd, 0, r - 3), h = xd[r - 3], w = xd[r - 2], c = xd[r - 1], ho = h / 2, wo = w / 2;
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  WithChannels(c, [&](auto ct) {
-    constexpr int CT = decltype(ct)::value;
-    const int64_t cc = CT ? CT : c;
-#pragma omp parallel for num_threads(Threads()) schedule(static)
-    for (int64_t row = 0; row < n * ho; ++row) {
-      int64_t b = row / ho, i = row % ho;
-      const float* __restrict__ r0 = xp + ((b * h + 2 * i) * w) * cc;
-      const float* __restrict__ r1 = r0 + w * cc;
-      float* __restrict__ out = yp + (b * ho + i) * wo * cc;
-      for (int64_t j = 0; j < wo; ++j)
-        for (int64_t k = 0; k < cc; ++k) {
-          int64_t a = 2 * j * cc + k;
-          out[j * cc + k] = Max4(r0[a], r0[a + cc], r1[a], r1[a + cc]);
-        }
-    }
-  });
+  lf::loops::PoolFwdRun(x.typed_data(), Prod(xd, 0, r - 3), xd[r - 3], xd[r - 2], xd[r - 1], y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -757,39 +617,8 @@ ffi::Error PoolBwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::R
   SetThreads();
   auto xd = x.dimensions();
   size_t r = xd.size();
-  int64_t n = Prod(xd, 0, r - 3), h = xd[r - 3], w = xd[r - 2], c = xd[r - 1], ho = h / 2, wo = w / 2;
-  const float* xp = x.typed_data();
-  const float* gp = dy.typed_data();
-  float* dp = dx->typed_data();
-  WithChannels(c, [&](auto ct) {
-    constexpr int CT = decltype(ct)::value;
-    const int64_t cc = CT ? CT : c;
-#pragma omp parallel for num_threads(Threads()) schedule(static)
-    for (int64_t row = 0; row < n * ho; ++row) {
-      int64_t b = row / ho, i = row % ho;
-      int64_t off = ((b * h + 2 * i) * w) * cc;
-      const float* __restrict__ r0 = xp + off;
-      const float* __restrict__ r1 = r0 + w * cc;
-      float* __restrict__ d0 = dp + off;
-      float* __restrict__ d1 = d0 + w * cc;
-      const float* __restrict__ g = gp + (b * ho + i) * wo * cc;
-      for (int64_t j = 0; j < wo; ++j)
-        for (int64_t k = 0; k < cc; ++k) {
-          int64_t a = 2 * j * cc + k;
-          float v0 = r0[a], v1 = r0[a + cc], v2 = r1[a], v3 = r1[a + cc];
-          float m = Max4(v0, v1, v2, v3);
-          bool e0 = v0 == m, e1 = (v1 == m) & !e0, e2 = (v2 == m) & !(e0 | e1), e3 = (v3 == m) & !(e0 | e1 | e2);
-          float gv = g[j * cc + k];
-          d0[a] = e0 ? gv : 0.f;
-          d0[a + cc] = e1 ? gv : 0.f;
-          d1[a] = e2 ? gv : 0.f;
-          d1[a + cc] = e3 ? gv : 0.f;
-        }
-      for (int64_t a = 2 * wo * cc; a < w * cc; ++a) d0[a] = d1[a] = 0.f;  // odd last column
-    }
-  });
-  if (h % 2)  // odd last row of every image: no window
-    for (int64_t b = 0; b < n; ++b) std::memset(dp + ((b * h + h - 1) * w) * c, 0, w * c * sizeof(float));
+  lf::loops::PoolBwdRun(x.typed_data(), dy.typed_data(), Prod(xd, 0, r - 3), xd[r - 3], xd[r - 2], xd[r - 1],
+                        dx->typed_data());
   return ffi::Error::Success();
 }
 
@@ -884,6 +713,10 @@ LF_EXPORT int64_t lightflax_native_dnnl_runtime() {
   const dnnl_version_t* v = dnnl_version();
   return v->major * 100 + v->minor;
 }
+// The instruction set of the hand-written loops (loops.h): 0 baseline x86-64, 1 AVX2 + FMA.
+// set_isa(-1) picks the best the CPU has (the default); returns the one in use.
+LF_EXPORT int64_t lightflax_native_set_isa(int64_t want) { return lf::loops::SetIsa((int)want); }
+LF_EXPORT int64_t lightflax_native_isa() { return lf::loops::Isa(); }
 LF_EXPORT void lightflax_native_set_threads(int64_t n) { g_threads = (int)n; }
 LF_EXPORT int64_t lightflax_native_get_threads() { return g_threads.load(); }
 LF_EXPORT int64_t lightflax_native_primitives() { return g_primitives.load(); }
