@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#define LF_LOOPS_STANDALONE
+#include "serial_parallel.h"
 #include "old_loops.h"
 #include "loops_ops.h"
 

@@ -12,7 +12,9 @@
 #include <vector>
 
 #include "loops.h"
+#ifndef LF_LOOPS_STANDALONE  // benchmarks/native_loops: its own serial lf::ParallelFor
 #include "parallel.h"
+#endif
 
 namespace lf {
 namespace loops {

@@ -1,4 +1,4 @@
-// Serial stand-in for lightflax/native/csrc/parallel.h (the microbenchmark measures one thread).
+// Serial stand-in for lightflax/native/csrc/parallel.h (with LF_LOOPS_STANDALONE) (the microbenchmark measures one thread).
 #pragma once
 #include <cstdint>
 namespace lf {
