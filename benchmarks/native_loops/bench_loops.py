@@ -262,7 +262,9 @@ def summarize(times):
                                      ratio_wall_median=float(np.median(ratio)),
                                      ratio_wall_10_90=[float(np.percentile(ratio, 10)),
                                                        float(np.percentile(ratio, 90))],
-                                     ratio_cpu_median=float(np.median(a[:, 1] / old[:, 1])))
+                                     ratio_cpu_median=float(np.median(a[:, 1] / old[:, 1])),
+                                     ratio_cpu_10_90=[float(np.percentile(a[:, 1] / old[:, 1], 10)),
+                                                      float(np.percentile(a[:, 1] / old[:, 1], 90))])
     return rows
 
 
@@ -304,7 +306,7 @@ def main(argv=None):
             for k, s in rec["timing"][model]["summary"].items():
                 print(f"{model:12s} {k:20s} wall {s['wall_ms']:7.2f} ms cpu {s['cpu_ms']:7.2f} ms  new/old wall "
                       f"{s['ratio_wall_median']:.3f} ({s['ratio_wall_10_90'][0]:.3f}-{s['ratio_wall_10_90'][1]:.3f}) "
-                      f"cpu {s['ratio_cpu_median']:.3f}")
+                      f"cpu {s['ratio_cpu_median']:.3f} ({s['ratio_cpu_10_90'][0]:.3f}-{s['ratio_cpu_10_90'][1]:.3f})")
         rec["load_after"] = os.getloadavg()
     out = os.path.join(ROOT, "benchmarks", "results", "native_loops")
     os.makedirs(out, exist_ok=True)
