@@ -187,8 +187,8 @@ def status() -> Dict[str, Any]:
     }
 
 
-_COUNTERS = ("conv_fwd", "conv_bwd", "bn_fwd", "bn_bwd", "bn_reduce", "pool_fwd", "pool_bwd", "dwconv_fwd",
-             "dwconv_bwd")
+# The counted handler kinds, named by the library itself (its Counter enum); none without it.
+_COUNTERS = _LIB.counter_names if _LIB is not None else ()
 
 
 def call_counts() -> Dict[str, int]:
