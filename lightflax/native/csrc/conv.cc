@@ -1,5 +1,7 @@
 // Convolutions over oneDNN: the primitive cache, the forward and the backward handlers (dense,
 // and depthwise = groups of one channel, depth multiplier 1).
+#include <omp.h>
+
 #include <mutex>
 #include <unordered_map>
 
@@ -38,7 +40,7 @@ std::unordered_map<std::string, std::shared_ptr<ConvEntry>> g_conv_cache;
 
 std::string Key(const ConvGeom& g, int kind) {
   std::string key;
-  for (int64_t v : {(int64_t)kind, (int64_t)NumThreads(), g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh,
+  for (int64_t v : {(int64_t)kind, (int64_t)omp_get_max_threads(), g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh,
                     g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, (int64_t)g.bias, (int64_t)g.relu, g.groups}) {
     key += std::to_string(v);
     key += ',';
@@ -178,35 +180,90 @@ ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, f
   return ffi::Error::Success();
 }
 
+// A convolution's batch is cut into chunks of b images (the last one `last` <= b images), each run
+// by primitives created for its own batch: single-threaded under the chunk runtime, where the
+// chunks go to the pool (parallel.h); one chunk of the whole batch on an OpenMP team under
+// kOpenMP. The chunking depends on the batch only (BatchChunks), so results do not depend on the
+// thread count.
+struct Chunking {
+  int64_t chunks, b, last;
+};
+
+Chunking ChunksOf(int64_t n) {
+  int64_t want = std::max<int64_t>(1, BatchChunks(n));
+  int64_t b = (n + want - 1) / want, chunks = (n + b - 1) / b;
+  return {chunks, b, n - (chunks - 1) * b};
+}
+
+ConvGeom WithBatch(ConvGeom g, int64_t n) {
+  g.n = n;
+  return g;
+}
+
+// The first error of any chunk (chunks may run on pool threads, which must not throw).
+struct ChunkErrors {
+  std::mutex mu;
+  std::string what;
+  template <class F>
+  void Run(F&& f) {
+    try {
+      f();
+    } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
+      std::lock_guard<std::mutex> lk(mu);
+      if (what.empty()) what = e.what();
+    }
+  }
+};
+
+// A chunk's own buffer for the weight gradient in the primitive's layout (thread-local).
+float* ChunkScratch(size_t bytes) {
+  thread_local std::vector<char> buf;
+  if (buf.size() < bytes) buf.resize(bytes);
+  return reinterpret_cast<float*>(buf.data());
+}
+
 // relu?(conv(x, w, groups) + b) for every leading (vmapped) replica: the dense and the depthwise
 // forward handlers' common body (their shape checks and call counters differ).
-ffi::Error ConvFwdRun(F32Buf x, F32Buf w, F32Buf b,
-                      F32Ret y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                      int64_t pr, int64_t bias, int64_t relu, bool depthwise) {
+ffi::Error ConvFwdRun(F32Buf x, F32Buf w, F32Buf b, F32Ret y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                      int64_t pl, int64_t pr, int64_t bias, int64_t relu, bool depthwise) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   EnterCall();
+  ChunkErrors errors;
   try {
     ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
     if (depthwise) g.groups = g.c;
-    auto e = GetFwd(g);
+    if (g.n == 0) return ffi::Error::Success();  // an empty batch: nothing to write
+    const Chunking ch = ChunksOf(g.n);
+    const std::shared_ptr<ConvEntry> e[2] = {GetFwd(WithBatch(g, ch.b)), GetFwd(WithBatch(g, ch.last))};
     int64_t reps = Prod(xd, 0, xd.size() - 4);
     int64_t xs = Prod(xd, xd.size() - 4, xd.size()), ws = Prod(wd, wd.size() - 4, wd.size());
-    int64_t ys = Prod(yd, yd.size() - 4, yd.size());
-    auto& s = Stream();
+    int64_t ys = Prod(yd, yd.size() - 4, yd.size()), xi = xs / g.n, yi = ys / g.n;
     for (int64_t r = 0; r < reps; ++r) {
-      memory xm(e->src, Engine(), x.typed_data() + r * xs), ym(e->dst, Engine(), y->typed_data() + r * ys);
-      memory wm = WeightsFor(e->fwd_w, e->user_w, w.typed_data() + r * ws, 0);
-      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
-                                           {DNNL_ARG_SCRATCHPAD, ScratchMem(e->fwd_scratch, 1)}};
-      if (g.bias) args[DNNL_ARG_BIAS] = memory(e->bias, Engine(), b.typed_data() + r * g.o);
-      e->fwd.execute(s, args);
+      memory wm[2];
+      wm[0] = WeightsFor(e[0]->fwd_w, e[0]->user_w, w.typed_data() + r * ws, 0);
+      wm[1] = e[1]->fwd_w == e[0]->fwd_w ? wm[0]
+                                          : WeightsFor(e[1]->fwd_w, e[1]->user_w, w.typed_data() + r * ws, 3);
+      ParallelChunks(ch.chunks, [&](int64_t k, int) {
+        errors.Run([&] {
+          const bool last = k + 1 == ch.chunks;
+          const ConvEntry& ek = *e[last];
+          const int64_t off = k * ch.b;
+          memory xm(ek.src, Engine(), x.typed_data() + r * xs + off * xi);
+          memory ym(ek.dst, Engine(), y->typed_data() + r * ys + off * yi);
+          std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm[last]}, {DNNL_ARG_DST, ym},
+                                               {DNNL_ARG_SCRATCHPAD, ScratchMem(ek.fwd_scratch, 1)}};
+          if (g.bias) args[DNNL_ARG_BIAS] = memory(ek.bias, Engine(), b.typed_data() + r * g.o);
+          ek.fwd.execute(Stream(), args);
+          Stream().wait();
+        });
+      });
     }
-    s.wait();
   } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string(depthwise ? "lightflax depthwise conv (oneDNN): "
-                                                      : "lightflax conv (oneDNN): ") + err.what());
+    errors.what = err.what();
   }
-  return ffi::Error::Success();
+  if (errors.what.empty()) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(depthwise ? "lightflax depthwise conv (oneDNN): " : "lightflax conv (oneDNN): ") +
+                              errors.what);
 }
 
 
@@ -218,56 +275,102 @@ ffi::Error ConvFwdRun(F32Buf x, F32Buf w, F32Buf b,
 
 // dy, x, w, y (the forward output: ReLU mask when relu) -> [dx], dw, db.
 // The shape checks (and the call counter) are the callers'; depthwise: groups = C.
-ffi::Error ConvBwd(F32Buf dy, F32Buf x, F32Buf w,
-                   F32Buf y, float* dx, float* dw, float* db, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr, int64_t bias, int64_t relu, bool depthwise) {
+// One chunk's weight gradient, into its own plain (user-layout) partial `part`: the caller adds the
+// partials in chunk order.
+void BwdWeightsChunk(const ConvEntry& ek, const memory& xm, const memory& dym, float* part) {
+  memory dwu(ek.user_w, Engine(), part);
+  memory dwm = dwu;
+  const bool reorder = !(ek.bwd_weights_w == ek.user_w);
+  if (reorder) dwm = memory(ek.bwd_weights_w, Engine(), ChunkScratch(ek.bwd_weights_w.get_size()));
+  ek.bwd_weights.execute(Stream(), {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dwm},
+                                    {DNNL_ARG_SCRATCHPAD, ScratchMem(ek.bwd_weights_scratch, 1)}});
+  if (reorder) dnnl::reorder(dwm, dwu).execute(Stream(), dwm, dwu);
+  Stream().wait();
+}
+
+// dw = the chunks' partials added in chunk order (in double, rounded once).
+void AddPartials(const float* parts, int64_t chunks, int64_t n, float* out) {
+  if (chunks == 1) {
+    std::copy(parts, parts + n, out);
+    return;
+  }
+  ParallelFor(n, [&](int64_t j, int) {
+    double s = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) s += parts[k * n + j];
+    out[j] = (float)s;
+  }, 4096);
+}
+
+// The gradient the primitives take: dy * (y > 0) when relu (the ReLU post-op's gradient, into the
+// caller's scratch), else dy; db = its channel sums when bias (in double), else 0.
+const float* MaskedBiasGrad(const float* gy, const float* yy, const ConvGeom& g, int64_t rows, float* db) {
+  std::vector<double> bsum(g.o);
+  const float* out = gy;
+  if (g.relu) {  // loops_ops.h: per instruction set, chunk-order double sums
+    float* masked = Scratch(2, rows * g.o * sizeof(float));
+    loops::MaskSumsRun(gy, yy, rows, g.o, true, masked, bsum.data());
+    out = masked;
+  } else if (g.bias) {
+    loops::MaskSumsRun(gy, gy, rows, g.o, false, nullptr, bsum.data());
+  }
+  for (int64_t k = 0; k < g.o; ++k) db[k] = g.bias ? (float)bsum[k] : 0.f;
+  return out;
+}
+
+ffi::Error ConvBwd(F32Buf dy, F32Buf x, F32Buf w, F32Buf y, float* dx, float* dw, float* db, int64_t sh, int64_t sw,
+                   int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t bias, int64_t relu, bool depthwise) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = dy.dimensions();
   EnterCall();
+  ChunkErrors errors;
   try {
     ConvGeom g = Geom(xd, wd, yd, sh, sw, pt, pb, pl, pr, bias, relu);
     if (depthwise) g.groups = g.c;
-    auto e = GetBwd(g);
+    if (g.n == 0) {  // an empty batch: zero weight and bias gradients
+      std::fill(dw, dw + Prod(wd, 0, wd.size()), 0.f);
+      std::fill(db, db + Prod(xd, 0, xd.size() - 4) * g.o, 0.f);
+      return ffi::Error::Success();
+    }
+    const Chunking ch = ChunksOf(g.n);
+    const std::shared_ptr<ConvEntry> e[2] = {GetBwd(WithBatch(g, ch.b)), GetBwd(WithBatch(g, ch.last))};
     int64_t reps = Prod(xd, 0, xd.size() - 4);
     int64_t xs = Prod(xd, xd.size() - 4, xd.size()), ws = Prod(wd, wd.size() - 4, wd.size());
-    int64_t ys = Prod(yd, yd.size() - 4, yd.size());
-    auto& s = Stream();
+    int64_t ys = Prod(yd, yd.size() - 4, yd.size()), xi = xs / g.n, yi = ys / g.n;
+    float* parts = Scratch(3, (size_t)ch.chunks * ws * sizeof(float));
     for (int64_t r = 0; r < reps; ++r) {
-      float* g_ptr = dy.typed_data() + r * ys;
-      int64_t rows = ys / g.o;
-      std::vector<double> bsum(g.o);
-      if (g.relu) {  // dy * (y > 0), the ReLU post-op's gradient, and (bias) its channel sums
-        float* masked = Scratch(2, ys * sizeof(float));
-        loops::MaskSumsRun(g_ptr, y.typed_data() + r * ys, rows, g.o, true, masked, bsum.data());
-        g_ptr = masked;
-      } else if (g.bias) {  // (loops_ops.h: per instruction set, chunk-order double sums)
-        loops::MaskSumsRun(g_ptr, g_ptr, rows, g.o, false, nullptr, bsum.data());
-      }
-      for (int64_t k = 0; k < g.o; ++k) db[r * g.o + k] = g.bias ? (float)bsum[k] : 0.f;
-      memory dym(e->dst, Engine(), g_ptr), xm(e->src, Engine(), x.typed_data() + r * xs);
+      const float* g_ptr = MaskedBiasGrad(dy.typed_data() + r * ys, y.typed_data() + r * ys, g, ys / g.o, db + r * g.o);
+      memory wm[2];
       if (dx != nullptr) {
-        memory wm = WeightsFor(e->bwd_data_w, e->user_w, w.typed_data() + r * ws, 0);
-        memory dxm(e->src, Engine(), dx + r * xs);
-        e->bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_SRC, dxm},
-                                {DNNL_ARG_SCRATCHPAD, ScratchMem(e->bwd_data_scratch, 1)}});
+        wm[0] = WeightsFor(e[0]->bwd_data_w, e[0]->user_w, w.typed_data() + r * ws, 0);
+        wm[1] = e[1]->bwd_data_w == e[0]->bwd_data_w ? wm[0] : memory(e[1]->bwd_data_w, Engine());
+        if (!(e[1]->bwd_data_w == e[0]->bwd_data_w)) {
+          memory wu(e[1]->user_w, Engine(), w.typed_data() + r * ws);
+          dnnl::reorder(wu, wm[1]).execute(Stream(), wu, wm[1]);
+        }
       }
-      memory dwu(e->user_w, Engine(), dw + r * ws);
-      memory dwm = dwu;
-      bool reorder = !(e->bwd_weights_w == e->user_w);
-      if (reorder) dwm = memory(e->bwd_weights_w, Engine(), Scratch(0, e->bwd_weights_w.get_size()));
-      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
-                                           {DNNL_ARG_DIFF_WEIGHTS, dwm},
-                                           {DNNL_ARG_SCRATCHPAD, ScratchMem(e->bwd_weights_scratch, 1)}};
-      e->bwd_weights.execute(s, args);
-      if (reorder) dnnl::reorder(dwm, dwu).execute(s, dwm, dwu);
+      ParallelChunks(ch.chunks, [&](int64_t k, int) {
+        errors.Run([&] {
+          const bool last = k + 1 == ch.chunks;
+          const ConvEntry& ek = *e[last];
+          const int64_t off = k * ch.b;
+          memory dym(ek.dst, Engine(), const_cast<float*>(g_ptr) + off * yi);
+          memory xm(ek.src, Engine(), x.typed_data() + r * xs + off * xi);
+          if (dx != nullptr) {
+            memory dxm(ek.src, Engine(), dx + r * xs + off * xi);
+            ek.bwd_data.execute(Stream(), {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm[last]},
+                                           {DNNL_ARG_DIFF_SRC, dxm},
+                                           {DNNL_ARG_SCRATCHPAD, ScratchMem(ek.bwd_data_scratch, 1)}});
+          }
+          BwdWeightsChunk(ek, xm, dym, parts + k * ws);
+        });
+      });
+      AddPartials(parts, ch.chunks, ws, dw + r * ws);
     }
-    s.wait();
   } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("lightflax conv backward (oneDNN): ") + err.what());
+    errors.what = err.what();
   }
-  return ffi::Error::Success();
+  if (errors.what.empty()) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("lightflax conv backward (oneDNN): ") + errors.what);
 }
-
-// Handlers: dense (counter 1) and depthwise (counter 8), with dx (BwdImpl) or without (BwdWImpl:
 
 }  // namespace
 
@@ -281,6 +384,7 @@ ffi::Error ConvFwdImpl(F32Buf x, F32Buf w, F32Buf b,
   return ConvFwdRun(x, w, b, y, sh, sw, pt, pb, pl, pr, bias, relu, kDepthwise);
 }
 
+// Handlers: dense (counter 1) and depthwise (counter 8), with dx (BwdImpl) or without (BwdWImpl:
 // the input needs no gradient, e.g. the image).
 template <bool kDepthwise>
 ffi::Error ConvBwdImpl(F32Buf dy, F32Buf x, F32Buf w,
