@@ -5,6 +5,8 @@ Everything else is declared in setup.cfg. The extension is OPTIONAL: without one
 prints one warning and lightflax installs without it (XLA's kernels; see docs/native.md).
 """
 
+import glob
+
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -30,7 +32,8 @@ setup(
     ext_modules=[
         Extension(
             "lightflax.native._lightflax_native",
-            sources=["lightflax/native/csrc/lightflax_native.cc"],
+            sources=sorted(glob.glob("lightflax/native/csrc/*.cc")),
+            depends=sorted(glob.glob("lightflax/native/csrc/*.h")),
             language="c++",
             extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-Wno-attributes", "-Wno-return-type"],
             extra_link_args=["-fopenmp"],

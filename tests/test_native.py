@@ -94,6 +94,20 @@ def test_call_times_count_the_time_inside_handlers():
     assert sum(native.call_times().values()) == 0
 
 
+def test_counter_names_come_from_the_library():
+    if not native.available():
+        pytest.skip(f"native library not loaded: {native.status()['reason']}")
+    names = native._LIB.counter_names
+    assert len(names) == len(set(names)) and {"conv_fwd", "conv_bwd", "bn_fwd", "pool_bwd", "dwconv_bwd"} <= set(names)
+    assert tuple(native.call_counts()) == names == tuple(native.call_times())
+    # index i of the library's counters is name i: one counted call lands under its own name only
+    x = jax.random.normal(jax.random.key(1), (1, 4, 4, 8))
+    native.reset_call_counts()
+    jax.block_until_ready(jax.jit(lambda x: native.max_pool_2x2(x, None))(x))
+    assert {k for k, n in native.call_counts().items() if n} == {"pool_fwd"}
+    assert native._LIB.lib.lightflax_native_calls(len(names)) == -1
+
+
 def _import_with_lib(path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{_loader.ENV_LIB: str(path)})
     code = "import lightflax.layers, lightflax.native as n; print(n.status()['kernels'])"

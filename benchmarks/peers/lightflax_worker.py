@@ -1,7 +1,8 @@
 """lightflax worker: the trainer's own compiled train step (same model, batch, Adam).
 
     python lightflax_worker.py --model=xray_light --k=5 --size=128 --batch=64 [--impl=einsum] [--kernels=xla]
-        [--threads=2]   (OpenMP threads per native call; default: the library's)
+        [--threads=2]   (threads per native call; default: the library's)
+        [--runtime=openmp]   (the native runtime: pool (default) or openmp, the previous one)
 """
 
 import os
@@ -14,6 +15,7 @@ def main():
     a = parse_args(("--impl", {"default": None}), ("--dtype", {"default": "float32"}),
                    ("--kernels", {"default": "native", "choices": ["native", "xla"]}),
                    ("--threads", {"type": int, "default": None}),
+                   ("--runtime", {"default": None, "choices": ["pool", "openmp"]}),
                    ("--huge_pages", {"type": int, "default": 0, "choices": [0, 1]}))
 
     def build():
@@ -27,6 +29,8 @@ def main():
         native.set_kernels(a.kernels)
         if a.threads:
             native.set_threads(a.threads)
+        if a.runtime:
+            native.set_runtime(a.runtime)
         used = native.status()["kernels"]
         v = speed.model_variant(a.model, kwargs, batch=a.batch, size=a.size, dtype=a.dtype)
         args = [v.args]
@@ -39,6 +43,7 @@ def main():
         counts = param_counts.variables_counts({"params": state.params, "batch_stats": state.batch_stats})
         return step, {"framework": f"lightflax {used} (jax {jax.__version__})" + (f" impl={a.impl}" if a.impl else "")
                                    + (f" threads={a.threads}" if a.threads else "")
+                                   + (f" runtime={a.runtime}" if a.runtime else "")
                                    + (" huge_pages=1" if a.huge_pages else ""),
                       "total_params": counts["total"], "trainable_params": counts["trainable"],
                       "compile_s": v.compiled.compile_s}

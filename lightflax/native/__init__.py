@@ -17,6 +17,7 @@ everything else silently takes XLA's kernels. See docs/native.md.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import threading
@@ -32,10 +33,11 @@ from lightflax.native import _loader
 KERNELS = ("native", "xla")
 ENV_KERNELS = "LIGHTFLAX_KERNELS"
 ENV_THREADS = "LIGHTFLAX_NATIVE_THREADS"
-# OpenMP threads per native call: by default every CPU this process may use, shared among the CPU
+# Threads per native call: by default every CPU this process may use, shared among the CPU
 # devices XLA runs concurrently (--xla_force_host_platform_device_count / jax_num_cpu_devices),
 # at least 1. Chosen by measurement (docs/native.md, "Thread policy"): on a quiet 2-core machine
-# 2 threads per call are 1.6-1.8x faster per step than 1; under load about the same.
+# 2 threads per call are 1.6-1.8x faster per step than 1 (OpenMP team); with the chunk runtime
+# ("pool", set_runtime) 1.2-1.5x at the median under load 16-28 as well.
 
 _LIB, _LOAD_REASON, _WARNING = _loader.load()
 if _WARNING:
@@ -103,7 +105,7 @@ def kernels(name: str) -> Iterator[None]:
 
 
 def set_threads(n: int) -> None:
-    """OpenMP threads per native call (>= 1); replaces the automatic choice."""
+    """Threads per native call (>= 1); replaces the automatic choice."""
     if not isinstance(n, int) or n < 1:
         raise UserError(f"native threads must be an integer >= 1, got {n!r}")
     _threads_policy["auto"] = False
@@ -117,6 +119,28 @@ def threads() -> Optional[int]:
 
 
 _threads_policy = {"auto": True}
+
+RUNTIMES = ("pool", "openmp")  # the library's lf::Runtime values, in order
+
+
+def set_runtime(name: str) -> None:
+    """How a native call spreads over its threads: "pool" (the default: the call cut into more
+    chunks than threads, single-threaded oneDNN per chunk, taken by the calling thread and a small
+    worker pool) or "openmp" (the previous runtime: an OpenMP team per call; kept for A/B runs)."""
+    if name not in RUNTIMES:
+        raise UserError(f"native runtime must be one of {', '.join(RUNTIMES)}, got {name!r}")
+    if _LIB is not None:
+        f = _LIB.lib.lightflax_native_set_runtime
+        f.argtypes, f.restype = [ctypes.c_int64], None
+        f(RUNTIMES.index(name))
+
+
+def runtime() -> Optional[str]:
+    if _LIB is None:
+        return None
+    f = _LIB.lib.lightflax_native_get_runtime
+    f.restype = ctypes.c_int64
+    return RUNTIMES[int(f())]
 
 
 def _configured_cpu_devices(num_cpu_devices: Optional[int] = None, xla_flags: Optional[str] = None) -> int:
@@ -184,11 +208,12 @@ def status() -> Dict[str, Any]:
         "library": _LIB.path if _LIB is not None else None,
         "onednn": _LIB.dnnl_version if _LIB is not None else None,
         "threads": threads(),
+        "runtime": runtime(),
     }
 
 
-_COUNTERS = ("conv_fwd", "conv_bwd", "bn_fwd", "bn_bwd", "bn_reduce", "pool_fwd", "pool_bwd", "dwconv_fwd",
-             "dwconv_bwd")
+# The counted handler kinds, named by the library itself (its Counter enum); none without it.
+_COUNTERS = _LIB.counter_names if _LIB is not None else ()
 
 
 def call_counts() -> Dict[str, int]:

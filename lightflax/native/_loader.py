@@ -20,7 +20,7 @@ import sys
 from typing import Optional
 
 ENV_LIB = "LIGHTFLAX_NATIVE_LIB"
-ABI_VERSION = 5
+ABI_VERSION = 6
 HINT = "apt-get install -y libdnnl-dev g++ && pip install -e ."
 
 # FFI target name -> exported handler symbol.
@@ -55,6 +55,12 @@ class NativeLibrary:
         lib.lightflax_native_set_threads.argtypes = [ctypes.c_int64]
         lib.lightflax_native_set_threads.restype = None
         lib.lightflax_native_reset_calls.restype = None
+        lib.lightflax_native_counter_names.restype = ctypes.c_char_p
+
+    @property
+    def counter_names(self) -> tuple:
+        """The handler kinds the library counts (calls, time), in its counter order."""
+        return tuple(self.lib.lightflax_native_counter_names().decode().split(","))
 
     @property
     def dnnl_version(self) -> str:
