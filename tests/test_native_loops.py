@@ -1,7 +1,7 @@
 """The hand-written native loops (lightflax/native/csrc/loops.h: BatchNorm, 2x2 max pooling, the
 convolution backward's ReLU mask and bias gradient) on EVERY instruction set the CPU has (baseline
 x86-64 and AVX2 + FMA, forced through ``lightflax_native_set_isa``), against float64 NumPy (values
-and gradients within 1e-5 relative) and lightflax.kernels (pooling: exactly, ties and NaN windows
+and gradients within 1e-5 relative) and lightflax.native.xla_pool (pooling: exactly, ties and NaN windows
 included), on random inputs: odd sizes, channel counts the loops are and are not compiled for, a
 mean large against the spread (the one-pass variance), a constant channel, leading (vmapped) dims.
 """
@@ -154,7 +154,7 @@ def _pool_ref(x, g):
 @needs_native
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_max_pool_loops_exact(isa, shape):
-    """Exact values and gradients. Without NaN: equal to lightflax.kernels (XLA); with NaN windows: to
+    """Exact values and gradients. Without NaN: equal to lightflax.native.xla_pool (XLA); with NaN windows: to
     NumPy (XLA:CPU's vectorised max drops a NaN in some shapes, jnp.max's documented result keeps it)."""
     rng = np.random.default_rng(sum(shape))
     x = np.round(2 * rng.standard_normal(shape)).astype(np.float32)  # many ties

@@ -78,13 +78,27 @@ def test_rows_pool_every_round_of_every_run_and_mark_stale(tmp_path, repo, capsy
     # Conv2D 128: wall ratios 0.5, 1, 1, 1.5, 2 -> median 1.0, p10 0.7, p90 1.8; CPU ratios twice those.
     # LightLayers: ratios 0.5, 0.8 -> median 0.65, p10 0.53, p90 0.77; its lightflax ms: median of 200, 320
     assert lines[2:] == [
-        "| Conv2D | 64² | 32 | 0 | 0.50 (0.50-0.50) | 1.00 (1.00-1.00) | faster / at par | 100 | 50 | 1 (1) "
+        "| Conv2D | 64² | 32 | 0 | not recorded | 0.50 (0.50-0.50) | 1.00 (1.00-1.00) | faster / at par | 100 | 50 | 1 (1) "
         "| 2026-12-02 08:00 | 0.5-2.2 | STALE |",
-        "| Conv2D | 128² | 32 | 0 | 1.00 (0.70-1.80) | 2.00 (1.40-3.60) | at par / slower | 100 | 100 | 2 (5) "
+        "| Conv2D | 128² | 32 | 0 | not recorded | 1.00 (0.70-1.80) | 2.00 (1.40-3.60) | at par / slower | 100 | 100 | 2 (5) "
         "| 2026-12-02 06:40, 2026-12-02 07:45 | 0.5-1.2 |  |",
-        "| LightLayers K=5 | 224² | 32 | 1 | 0.65 (0.53-0.77) | 1.30 (1.06-1.54) | faster / slower | 400 | 260 "
+        "| LightLayers K=5 | 224² | 32 | 1 | not recorded | 0.65 (0.53-0.77) | 1.30 (1.06-1.54) | faster / slower | 400 | 260 "
         "| 1 (2) | 2026-12-01 10:00 | 1.5-2.2 | STALE |",
     ]
+
+
+def test_tf_keras_with_and_without_onednn_are_separate_rows(tmp_path, repo, capsys):
+    """TensorFlow runs oneDNN by default only on some CPUs: a run whose tf.keras worker reported
+    'oneDNN on' is never pooled with one that reported 'oneDNN off' (or nothing)."""
+    r, (_, b, c) = repo
+    runs = [run(c, "2026-12-02T12:00:00Z", [0.2], [0.1]), run(c, "2026-12-02T12:30:00Z", [0.1], [0.1]),
+            run(c, "2026-12-02T13:00:00Z", [0.4], [0.1])]
+    runs[0]["cells"][0]["workers"][0]["detail"] = "tf.keras 2.21.0, oneDNN on"
+    runs[1]["cells"][0]["workers"][0]["detail"] = "tf.keras 2.21.0, oneDNN off"
+    assert table.main([*write(tmp_path, runs), f"--repo={r}"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split(" | ")[4] for row in rows] == ["Eigen", "not recorded", "oneDNN"]
+    assert [row.split(" | ")[5] for row in rows] == ["1.00 (1.00-1.00)", "0.25 (0.25-0.25)", "0.50 (0.50-0.50)"]
 
 
 def test_same_input_gives_identical_output(tmp_path, repo, capsys):
@@ -156,11 +170,12 @@ def test_the_docs_peer_table_is_table_py_on_the_committed_runs():
 
 def test_paste_rebuilds_every_marked_table_and_keeps_the_rest(tmp_path):
     """table.py --paste replaces only the block after each marker line (an old table, a hand edit)."""
-    marker = "<!-- PEER TABLE: python benchmarks/peers/table.py benchmarks/results/peers/*.json -->\n\n"
+    pattern = "benchmarks/results/peers/2026-12-02-onednn26-openmp/*.json"  # committed runs that do not change
+    marker = f"<!-- PEER TABLE: python benchmarks/peers/table.py {pattern} -->\n\n"
     doc = tmp_path / "doc.md"
     doc.write_text("# title\n\n" + marker + "| old | table |\n|---|---|\n| 1 | 2 |\n\ntext after\n")
     assert table.main(["--paste", str(doc)]) == 0
-    runs = sorted((REPO / "benchmarks" / "results" / "peers").glob("*.json"))
+    runs = sorted(REPO.glob(pattern))
     want = "# title\n\n" + marker + table.render([table.load(str(p)) for p in runs], str(REPO)) + "\ntext after\n"
     assert doc.read_text() == want
     doc.write_text("no marker here\n")

@@ -60,6 +60,14 @@ def xray_conv2d(size):
     return keras.Model(inp, out)
 
 
+def onednn_state():
+    """'oneDNN on' or 'oneDNN off': whether this TensorFlow runs its oneDNN kernels. TF enables them by
+    default only on some CPUs (e.g. with AVX-512 VNNI/BF16); TF_ENABLE_ONEDNN_OPTS=1/0 forces it."""
+    from tensorflow.python.util import _pywrap_util_port  # TF's own switch, as its startup log reads it
+
+    return "oneDNN on" if _pywrap_util_port.IsMklEnabled() else "oneDNN off"
+
+
 def main():
     a = parse_args()
 
@@ -76,7 +84,7 @@ def main():
 
         total = int(sum(np.prod(w.shape) for w in model.weights))
         trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-        return step, {"framework": "tf.keras " + tf.__version__, "total_params": total,
+        return step, {"framework": f"tf.keras {tf.__version__}, {onednn_state()}", "total_params": total,
                       "trainable_params": trainable}
 
     serve(build)

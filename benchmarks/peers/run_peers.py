@@ -44,6 +44,7 @@ import table  # noqa: E402
 from lightflax import timing  # noqa: E402
 
 EXPECTED = {"xray_light": 10_141, "xray_conv2d": 31_074}
+KERAS_ONEDNN = ["default"]  # --keras_onednn, set by main() before any worker starts
 SPIN = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
 
 
@@ -53,6 +54,8 @@ class Worker:
         env = dict(os.environ)
         if name.startswith("lightflax"):  # the lightflax of this checkout: the commit the run records
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+        if name == "tf.keras" and KERAS_ONEDNN[0] != "default":  # TF's own switch; the worker reports it
+            env["TF_ENABLE_ONEDNN_OPTS"] = "1" if KERAS_ONEDNN[0] == "on" else "0"
         self.proc = subprocess.Popen(cmd, cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      bufsize=1, env=env)
         self.info = None
@@ -123,7 +126,7 @@ def worker_specs(a, model, size):
     common = [f"--model={model}", f"--k={a.k}", f"--size={size}", f"--batch={a.batch}"]
     fw, specs = a.frameworks.split(","), []
     if "keras" in fw:
-        specs.append(("tf.keras", [a.peers_python, "keras_worker.py", *common]))
+        specs.append(("tf.keras", [a.peers_python, "keras_worker.py", *common]))  # env: Worker, --keras_onednn
     if "torch" in fw:
         specs.append(("torch", [a.peers_python, "torch_worker.py", *common]))
         if a.torch_compile:
@@ -175,6 +178,9 @@ def parse_args(argv):
     ap.add_argument("--frameworks", default="keras,torch,lightflax")
     ap.add_argument("--lightflax_variants", default="", help="extra lightflax workers, e.g. impl=einsum")
     ap.add_argument("--torch_compile", action="store_true")
+    ap.add_argument("--keras_onednn", choices=("default", "on", "off"), default="default",
+                    help="tf.keras's oneDNN kernels: TensorFlow's default for this CPU (off on CPUs without "
+                         "AVX-512 VNNI/BF16), or forced with TF_ENABLE_ONEDNN_OPTS; each worker reports its state")
     ap.add_argument("--contend", type=int, default=0, help="busy processes competing during the timed rounds")
     ap.add_argument("--contend_max_s", type=float, default=3600.0, help="each busy process ends by itself after")
     ap.add_argument("--json", default=None, help="output file (default: benchmarks/results/peers/<date>-...json)")
@@ -192,12 +198,13 @@ def parse_args(argv):
 
 def main(argv=None):
     a = parse_args(argv)
+    KERAS_ONEDNN[0] = a.keras_onednn
     commit, dirty = git_state()
     run = {"format": table.FORMAT, "commit": commit, "dirty": dirty,
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": shlex.join([os.path.relpath(sys.argv[0], REPO), *(sys.argv[1:] if argv is None else argv)]),
            "batch": a.batch, "k": a.k, "rounds": a.rounds, "steps": a.steps, "contend": a.contend,
-           "contend_mode": "busy processes running during each cell's whole timed phase",
+           "keras_onednn": a.keras_onednn, "contend_mode": "busy processes running during each cell's whole timed phase",
            "machine_before": timing.machine_state()}
     print(f"# {run['date_utc']} {commit[:10]}{' (dirty)' if dirty else ''} load {run['machine_before']['loadavg']} "
           f"batch={a.batch} rounds={a.rounds} steps/round={a.steps} contend={a.contend}", flush=True)

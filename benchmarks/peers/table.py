@@ -35,10 +35,10 @@ FORMAT = 2  # run_peers.py's JSON layout with raw per-round, per-step times
 STEP_FILES = ("lightflax/native", "lightflax/steps.py", "lightflax/layers", "lightflax/models.py",
               "lightflax/xla_defaults.py", "lightflax/huge_pages.py")
 MODEL_NAMES = {"xray_conv2d": "Conv2D", "xray_light": "LightLayers"}
-HEADER = ("| model | size | batch | competing processes | lightflax / tf.keras wall, median (10-90 %) "
+HEADER = ("| model | size | batch | competing processes | tf.keras's kernels | lightflax / tf.keras wall, median (10-90 %) "
           "| CPU, median (10-90 %) | verdict wall / CPU | tf.keras ms/step | lightflax ms/step "
           "| runs (rounds) | runs' dates (UTC) | 1-min load average (runs' range) | stale |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 class BadInput(Exception):
@@ -79,9 +79,16 @@ def collect(runs):
             workers = {w["name"]: w for w in cell["workers"]}
             if "tf.keras" in workers and "lightflax" in workers:
                 key = (cell["model"], run["k"] if cell["model"] == "xray_light" else None, cell["size"],
-                       run["batch"], run["contend"])
+                       run["batch"], run["contend"], keras_kernels(workers["tf.keras"]))
                 cells.setdefault(key, []).append((run, workers))
     return cells
+
+
+def keras_kernels(worker):
+    """tf.keras's convolution kernels as its worker reported them: 'oneDNN', 'Eigen' (TensorFlow's
+    oneDNN off) or 'not recorded' (workers before 2026-12-02 12:00 UTC did not report it)."""
+    detail = worker.get("detail", "")
+    return "oneDNN" if "oneDNN on" in detail else "Eigen" if "oneDNN off" in detail else "not recorded"
 
 
 def load_range(runs):
@@ -97,7 +104,7 @@ def _fmt(p):
 
 def row(key, entries, repo):
     """One markdown row of the table for one cell."""
-    model, k, size, batch, contend = key
+    model, k, size, batch, contend, peer_kernels = key
     pooled = {}
     for kind in ("wall", "cpu"):
         pooled[kind] = timing.pool([timing.round_ratios(_round_values(w["lightflax"], kind),
@@ -108,7 +115,7 @@ def row(key, entries, repo):
     stale = "STALE" if any(is_stale(run, repo) for run, _ in entries) else ""
     name = MODEL_NAMES.get(model, model) + (f" K={k}" if k is not None else "")
     verdicts = " / ".join(timing.verdict(pooled[kind]["p10"], pooled[kind]["p90"]) for kind in ("wall", "cpu"))
-    return (f"| {name} | {size}² | {batch} | {contend} | {_fmt(pooled['wall'])} | {_fmt(pooled['cpu'])} "
+    return (f"| {name} | {size}² | {batch} | {contend} | {peer_kernels} | {_fmt(pooled['wall'])} | {_fmt(pooled['cpu'])} "
             f"| {verdicts} | {ms['tf.keras']:.0f} | {ms['lightflax']:.0f} | {len(entries)} "
             f"({pooled['wall']['n_rounds']}) | {dates} | {load_range([run for run, _ in entries])} | {stale} |")
 
@@ -116,7 +123,7 @@ def row(key, entries, repo):
 def render(runs, repo=REPO):
     """The whole table (header and rows, sorted by model, size, batch, contention) as one string."""
     cells = collect(runs)
-    order = sorted(cells, key=lambda key: (key[0], key[1] or 0, key[2], key[3], key[4]))
+    order = sorted(cells, key=lambda key: (key[0], key[1] or 0, key[2], key[3], key[4], key[5]))
     return "\n".join([HEADER] + [row(key, cells[key], repo) for key in order]) + "\n"
 
 
