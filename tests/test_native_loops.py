@@ -13,7 +13,8 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from lightflax import kernels, layers, native
+from lightflax import layers, native
+from lightflax.native import xla_pool
 from lightflax.native import ops
 
 needs_native = pytest.mark.skipif(not native.available(),
@@ -159,14 +160,14 @@ def test_max_pool_loops_exact(isa, shape):
     rng = np.random.default_rng(sum(shape))
     x = np.round(2 * rng.standard_normal(shape)).astype(np.float32)  # many ties
     g = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
-    nat = lambda x: native.max_pool_2x2(x, kernels.max_pool_2x2)  # noqa: E731
+    nat = lambda x: native.max_pool_2x2(x, xla_pool.max_pool_2x2)  # noqa: E731
     y, vjp = jax.vjp(jax.jit(nat), x)
-    want_y, want_vjp = jax.vjp(kernels.max_pool_2x2, x)
+    want_y, want_vjp = jax.vjp(xla_pool.max_pool_2x2, x)
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(vjp(g)[0], want_vjp(g)[0])
     xs, gs = np.stack([x, -x]), np.stack([g, 2 * g])  # leading (vmapped) dims
     ys, vjps = jax.vjp(jax.jit(jax.vmap(nat)), xs)
-    wys, wvjps = jax.vjp(jax.vmap(kernels.max_pool_2x2), xs)
+    wys, wvjps = jax.vjp(jax.vmap(xla_pool.max_pool_2x2), xs)
     np.testing.assert_array_equal(ys, wys)
     np.testing.assert_array_equal(vjps(gs)[0], wvjps(gs)[0])
     if x.size > 8:
