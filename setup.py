@@ -33,7 +33,7 @@ setup(
         Extension(
             "lightflax.native._lightflax_native",
             sources=sorted(glob.glob("lightflax/native/csrc/*.cc")),
-            depends=sorted(glob.glob("lightflax/native/csrc/*.h")),
+            depends=sorted(glob.glob("lightflax/native/csrc/*.h") + glob.glob("lightflax/native/csrc/*.inc")),
             language="c++",
             extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-Wno-attributes", "-Wno-return-type"],
             extra_link_args=["-fopenmp"],

@@ -143,6 +143,40 @@ def test_kernels_give_the_same_bits_at_1_2_3_threads(n, stride, relu, threads_an
 
 
 @needs_native
+def test_batchnorm_and_pool_loops_are_spread_over_threads(threads_and_runtime):
+    """At the study's first-block shape (batch 32, 28x28, 8 channels: 13 chunks of rows) the
+    BatchNorm and pooling loops are handed to more than one thread at 2 threads (none at 1), and
+    give the same bits either way. (A grain meant for single rows once ran these chunk loops on one
+    thread: this test would have failed.)"""
+    bn = layers.BatchNorm(True, relu=True)
+    ks = jax.random.split(jax.random.key(7), 2)
+    x = jax.random.normal(ks[0], (32, 28, 28, 8))
+    g = jax.random.normal(ks[1], (32, 14, 14, 8))
+    v = {"params": {"scale": jnp.ones(8), "bias": jnp.zeros(8)},
+         "batch_stats": {"mean": jnp.zeros(8), "var": jnp.ones(8)}}
+
+    def loss(x):  # BatchNorm (train, ReLU) then 2x2 max pool, forward and backward: loops only
+        y, _ = bn.apply(v, x, mutable=["batch_stats"])
+        return jnp.sum(native.max_pool_2x2(y, None) * g)
+
+    native.set_runtime("pool")
+    with native.kernels("native"):
+        f = jax.jit(jax.value_and_grad(loss))
+        out, jobs = {}, {}
+        for threads in (1, 2):
+            native.set_threads(threads)
+            jax.block_until_ready(f(x))  # compiled and warm
+            native.reset_call_counts()
+            out[threads] = [np.asarray(a) for a in jax.block_until_ready(f(x))]
+            counts, jobs[threads] = native.call_counts(), native.parallel_jobs()
+            assert counts["bn_fwd"] == 1 and counts["bn_bwd"] == 1 and counts["pool_fwd"] == 1, counts
+    assert jobs[1] == 0
+    assert jobs[2] >= 4, jobs  # BatchNorm statistics and apply, its backward's two passes, pooling
+    for a, e in zip(out[2], out[1]):
+        np.testing.assert_array_equal(a, e)
+
+
+@needs_native
 def test_concurrent_calls_from_several_threads(threads_and_runtime):
     """Two host threads run native convolutions at once (the pool serves one call; the other runs
     its chunks on its own thread): every result equals the one-thread result."""

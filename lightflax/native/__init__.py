@@ -231,8 +231,14 @@ def call_times() -> Dict[str, float]:
     return {k: 1e-9 * int(_LIB.lib.lightflax_native_time_ns(i)) for i, k in enumerate(_COUNTERS)}
 
 
+def parallel_jobs() -> int:
+    """Calls of the native parallel runtime that handed chunks to more than one thread so far
+    (reset with the call counts): 0 at one thread, or when every loop was too small to split."""
+    return int(_LIB.lib.lightflax_native_parallel_jobs()) if _LIB is not None else 0
+
+
 def reset_call_counts() -> None:
-    """Zero the call counts and times."""
+    """Zero the call counts and times (and the parallel job count)."""
     if _LIB is not None:
         _LIB.lib.lightflax_native_reset_calls()
 

@@ -20,7 +20,7 @@ import sys
 from typing import Optional
 
 ENV_LIB = "LIGHTFLAX_NATIVE_LIB"
-ABI_VERSION = 6
+ABI_VERSION = 7
 HINT = "apt-get install -y libdnnl-dev g++ && pip install -e ."
 
 # FFI target name -> exported handler symbol.
@@ -42,7 +42,7 @@ TARGETS = {
 }
 _INT_FUNCS = ("lightflax_native_abi", "lightflax_native_dnnl_built", "lightflax_native_dnnl_runtime",
               "lightflax_native_get_threads", "lightflax_native_primitives", "lightflax_native_calls",
-              "lightflax_native_time_ns")
+              "lightflax_native_time_ns", "lightflax_native_get_runtime", "lightflax_native_parallel_jobs")
 
 
 class NativeLibrary:

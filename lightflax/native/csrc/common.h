@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "channels.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -35,8 +36,9 @@ using F32Ret = ffi::ResultBuffer<ffi::F32>;
 
 // 2: lightflax_bn_reduce returns local means; 3: depthwise forward; 4: per-kind handler time
 // (lightflax_native_time_ns); 5: depthwise backward; 6: counter names from the library
-// (lightflax_native_counter_names).
-constexpr int64_t kAbiVersion = 6;
+// (lightflax_native_counter_names); 7: the parallel runtime's switch (lightflax_native_set_runtime /
+// get_runtime) and its job count (lightflax_native_parallel_jobs).
+constexpr int64_t kAbiVersion = 7;
 
 // The handler kinds counted (calls and wall time). Python reads the names from the library
 // (lightflax_native_counter_names): add a kind here and in kCounterNames, nowhere else.
@@ -47,6 +49,9 @@ inline const char* const kCounterNames[kNumCounters] = {"conv_fwd", "conv_bwd", 
                                                         "pool_bwd", "dwconv_fwd", "dwconv_bwd"};
 
 inline std::atomic<int64_t> g_primitives{0};
+// Calls of the parallel runtime that handed chunks to more than one thread (parallel.h): tests check
+// that a loop is spread, benchmarks report it; reset with the handler counts.
+inline std::atomic<int64_t> g_parallel_jobs{0};
 inline std::atomic<int64_t> g_calls[kNumCounters];
 inline std::atomic<int64_t> g_ns[kNumCounters];  // wall ns inside those handlers (summed over XLA's threads)
 
@@ -89,18 +94,5 @@ inline int64_t Prod(ffi::Span<const int64_t> d, size_t lo, size_t hi) {
 // data-dependent branch: ~50 % mispredicted on ReLU masks).
 inline float Mask(float dy, float y) { return y > 0.f ? dy : 0.f; }
 
-// Channel counts the loops are compiled for (the study's models: 8, 16, 32; 64 for wider ones):
-// a compile-time count lets the per-row channel loop unroll into vector code. Others (0) run the
-// same loop with the count read at run time. Results do not depend on which version runs.
-template <typename F>
-void WithChannels(int64_t c, F f) {
-  switch (c) {
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    default: f(std::integral_constant<int, 0>{});
-  }
-}
 
 }  // namespace lf

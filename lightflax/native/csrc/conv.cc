@@ -258,7 +258,7 @@ ffi::Error ConvFwdRun(F32Buf x, F32Buf w, F32Buf b, F32Ret y, int64_t sh, int64_
         });
       });
     }
-  } catch (const dnnl::error& err) {
+  } catch (const std::exception& err) {  // dnnl::error, std::bad_alloc
     errors.what = err.what();
   }
   if (errors.what.empty()) return ffi::Error::Success();
@@ -365,7 +365,7 @@ ffi::Error ConvBwd(F32Buf dy, F32Buf x, F32Buf w, F32Buf y, float* dx, float* dw
       });
       AddPartials(parts, ch.chunks, ws, dw + r * ws);
     }
-  } catch (const dnnl::error& err) {
+  } catch (const std::exception& err) {  // dnnl::error, std::bad_alloc
     errors.what = err.what();
   }
   if (errors.what.empty()) return ffi::Error::Success();

@@ -33,22 +33,22 @@ using lf::F32Buf;
 #define LF_R3(b) LF_RET(LF_RET(LF_RET(b)))
 #define LF_NONE
 
-LF_CONV_HANDLER(LfConvFwd, lf::ConvFwdImpl<false>, LF_ARGS3, LF_R1);
-LF_CONV_HANDLER(LfDwConvFwd, lf::ConvFwdImpl<true>, LF_ARGS3, LF_R1);
-LF_CONV_HANDLER(LfConvBwd, lf::ConvBwdImpl<false>, LF_ARGS4, LF_R3);
-LF_CONV_HANDLER(LfConvBwdW, lf::ConvBwdWImpl<false>, LF_ARGS4, LF_R2);
-LF_CONV_HANDLER(LfDwConvBwd, lf::ConvBwdImpl<true>, LF_ARGS4, LF_R3);
-LF_CONV_HANDLER(LfDwConvBwdW, lf::ConvBwdWImpl<true>, LF_ARGS4, LF_R2);
+LF_CONV_HANDLER(LfConvFwd, lf::Guarded<lf::ConvFwdImpl<false>>::Run, LF_ARGS3, LF_R1);
+LF_CONV_HANDLER(LfDwConvFwd, lf::Guarded<lf::ConvFwdImpl<true>>::Run, LF_ARGS3, LF_R1);
+LF_CONV_HANDLER(LfConvBwd, lf::Guarded<lf::ConvBwdImpl<false>>::Run, LF_ARGS4, LF_R3);
+LF_CONV_HANDLER(LfConvBwdW, lf::Guarded<lf::ConvBwdWImpl<false>>::Run, LF_ARGS4, LF_R2);
+LF_CONV_HANDLER(LfDwConvBwd, lf::Guarded<lf::ConvBwdImpl<true>>::Run, LF_ARGS4, LF_R3);
+LF_CONV_HANDLER(LfDwConvBwdW, lf::Guarded<lf::ConvBwdWImpl<true>>::Run, LF_ARGS4, LF_R2);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnReduce, lf::BnReduceImpl, LF_R1(LF_ARGS2).Attr<int64_t>("mode"));
-LF_BN_HANDLER(LfBnTrain, lf::BnTrainImpl, LF_R3(LF_ARGS3), LF_NONE);
-LF_BN_HANDLER(LfBnApply, lf::BnApplyImpl, LF_R1(LF_ARGS5), LF_NONE);
-LF_BN_HANDLER(LfBnBwdReduce, lf::BnBwdReduceImpl, LF_R2(LF_ARGS5), LF_NONE);
-LF_BN_HANDLER(LfBnBwdApply, lf::BnBwdApplyImpl, LF_R1(LF_ARGS8), .Attr<int64_t>("train").Attr<double>("count"));
-LF_BN_HANDLER(LfBnBwd, lf::BnBwdImpl, LF_R3(LF_ARGS6), .Attr<int64_t>("train"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfBnReduce, lf::Guarded<lf::BnReduceImpl>::Run, LF_R1(LF_ARGS2).Attr<int64_t>("mode"));
+LF_BN_HANDLER(LfBnTrain, lf::Guarded<lf::BnTrainImpl>::Run, LF_R3(LF_ARGS3), LF_NONE);
+LF_BN_HANDLER(LfBnApply, lf::Guarded<lf::BnApplyImpl>::Run, LF_R1(LF_ARGS5), LF_NONE);
+LF_BN_HANDLER(LfBnBwdReduce, lf::Guarded<lf::BnBwdReduceImpl>::Run, LF_R2(LF_ARGS5), LF_NONE);
+LF_BN_HANDLER(LfBnBwdApply, lf::Guarded<lf::BnBwdApplyImpl>::Run, LF_R1(LF_ARGS8), .Attr<int64_t>("train").Attr<double>("count"));
+LF_BN_HANDLER(LfBnBwd, lf::Guarded<lf::BnBwdImpl>::Run, LF_R3(LF_ARGS6), .Attr<int64_t>("train"));
 
-LF_POOL_HANDLER(LfPoolFwd, lf::PoolFwdImpl, LF_R1(LF_ARGS1));
-LF_POOL_HANDLER(LfPoolBwd, lf::PoolBwdImpl, LF_R1(LF_ARGS2));
+LF_POOL_HANDLER(LfPoolFwd, lf::Guarded<lf::PoolFwdImpl>::Run, LF_R1(LF_ARGS1));
+LF_POOL_HANDLER(LfPoolBwd, lf::Guarded<lf::PoolBwdImpl>::Run, LF_R1(LF_ARGS2));
 
 LF_EXPORT int64_t lightflax_native_abi() { return lf::kAbiVersion; }
 // The oneDNN major.minor this library was compiled against, and the one it runs with.
@@ -75,7 +75,9 @@ LF_EXPORT int64_t lightflax_native_calls(int64_t i) {
 LF_EXPORT int64_t lightflax_native_time_ns(int64_t i) {
   return (i >= 0 && i < lf::kNumCounters) ? lf::g_ns[i].load() : -1;
 }
+LF_EXPORT int64_t lightflax_native_parallel_jobs() { return lf::g_parallel_jobs.load(); }
 LF_EXPORT void lightflax_native_reset_calls() {
+  lf::g_parallel_jobs = 0;
   for (auto& c : lf::g_calls) c = 0;
   for (auto& t : lf::g_ns) t = 0;
 }

@@ -1,6 +1,9 @@
 // The FFI handler bodies each source file defines; ffi.cc binds them (XLA_FFI_DEFINE_HANDLER_SYMBOL).
 #pragma once
 
+#include <exception>
+#include <string>
+
 #include "common.h"
 
 namespace lf {
@@ -33,5 +36,23 @@ ffi::Error BnBwdImpl(F32Buf dy, F32Buf x, F32Buf y, F32Buf mean, F32Buf var, F32
 // pool.cc: 2x2 max pooling, stride 2, VALID.
 ffi::Error PoolFwdImpl(F32Buf x, F32Ret y);
 ffi::Error PoolBwdImpl(F32Buf x, F32Buf dy, F32Ret dx);
+
+// Handler bodies run inside Guarded<Impl>::Run (ffi.cc binds that): an exception (std::bad_alloc from
+// a scratch buffer, a dnnl::error a body did not catch) becomes an FFI error that XLA raises in
+// Python, never an exception crossing the C boundary (std::terminate).
+template <auto Impl>
+struct Guarded;
+template <class... A, ffi::Error (*Impl)(A...)>
+struct Guarded<Impl> {
+  static ffi::Error Run(A... a) {
+    try {
+      return Impl(a...);
+    } catch (const std::exception& e) {
+      return ffi::Error::Internal(std::string("lightflax native kernel: ") + e.what());
+    } catch (...) {
+      return ffi::Error::Internal("lightflax native kernel: unknown C++ exception");
+    }
+  }
+};
 
 }  // namespace lf

@@ -4,7 +4,7 @@
 // (AVX2 + FMA, via #pragma GCC target: same source, no separate translation unit or compiler flag).
 // Isa() picks one once per process (__builtin_cpu_supports); lightflax_native_set_isa (tests,
 // benchmarks) forces one. The versions differ only in FMA contraction (a * b + c rounded once), i.e.
-// in the last bits; tests/test_native.py checks both against float64.
+// in the last bits; tests/test_native_loops.py checks both against float64.
 //
 // Callers use the LF_LOOP(fn<...>)(args...) macro: the same template in the selected namespace.
 #pragma once

@@ -1,6 +1,6 @@
 // BatchNorm, 2x2 max pooling and the convolution backward's ReLU mask on raw float32 arrays (one
 // replica: x viewed as (m, c) rows of channels, or (n, h, w, c) images): the kernels of loops.h
-// spread over lf::ParallelFor in fixed chunks of rows. Sums are taken per chunk (float partials per
+// spread over lf::ParallelFor (ForEachChunk) in fixed chunks of rows. Sums are taken per chunk (float partials per
 // block of 64 rows, then double) and added in chunk order, so results depend neither on the thread
 // count nor on the scheduling. batchnorm.cc / pool.cc / conv.cc wrap them in FFI handlers;
 // benchmarks/native_loops/ runs them standalone.
@@ -9,8 +9,10 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "channels.h"
 #include "loops.h"
 #ifndef LF_LOOPS_STANDALONE  // benchmarks/native_loops: its own serial lf::ParallelFor
 #include "parallel.h"
@@ -26,23 +28,17 @@ inline float* LoopScratch(int64_t n) {
   return buf.data();
 }
 
+// f(ch, tid) for each of nch chunks of rows. Every chunk (about 64 KiB) is worth handing out on its
+// own: grain 1 (ParallelFor's default grain of 256 iterations would run the study's loops serially).
+template <class F>
+void ForEachChunk(int64_t nch, F&& f) {
+  ParallelFor(nch, std::forward<F>(f), 1);
+}
+
 // Rows per chunk: a multiple of the 64-row sum blocks, about 64 KiB of float32 per chunk.
 inline int64_t ChunkRows(int64_t c) {
   int64_t r = (16384 / (c > 0 ? c : 1)) / 64 * 64;
   return r < 64 ? 64 : r;
-}
-
-// Calls f(ct) with std::integral_constant<int, C> for the channel counts the loops are compiled
-// for (the study's 8, 16, 32; 64 for wider models), else with 0 (the count read at run time).
-template <typename F>
-void WithCt(int64_t c, F&& f) {
-  switch (c) {
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    default: f(std::integral_constant<int, 0>{});
-  }
 }
 
 // The shift of the one-pass sums: per channel, the mean of up to 256 rows spread over the
@@ -63,9 +59,9 @@ inline void SampleShift(const float* x, int64_t m, int64_t c, float* shift) {
 inline void ShiftedSumsRun(const float* x, int64_t m, int64_t c, const float* shift, double* s1, double* s2) {
   const int64_t rows = ChunkRows(c), nch = (m + rows - 1) / rows;
   std::vector<double> part((size_t)nch * 2 * c, 0.0);
-  WithCt(c, [&](auto ct) {
+  WithChannels(c, [&](auto ct) {
     constexpr int CT = decltype(ct)::value;
-    ParallelFor(nch, [&](int64_t ch, int) {
+    ForEachChunk(nch, [&](int64_t ch, int) {
       int64_t i0 = ch * rows, n = (i0 + rows < m ? rows : m - i0);
       double* p = part.data() + (size_t)ch * 2 * c;
       LF_LOOP(ShiftedSums<CT>)(x + i0 * c, n, c, shift, p, p + c, CT ? nullptr : LoopScratch(3 * c));
@@ -105,9 +101,9 @@ inline void BnApplyRun(const float* x, int64_t m, int64_t c, const float* mean, 
   std::vector<float> mul(c);
   for (int64_t k = 0; k < c; ++k) mul[k] = (1.f / std::sqrt(var[k] + eps)) * scale[k];
   const int64_t rows = ChunkRows(c), nch = (m + rows - 1) / rows;
-  WithCt(c, [&](auto ct) {
+  WithChannels(c, [&](auto ct) {
     constexpr int CT = decltype(ct)::value;
-    ParallelFor(nch, [&](int64_t ch, int) {
+    ForEachChunk(nch, [&](int64_t ch, int) {
       int64_t i0 = ch * rows, n = (i0 + rows < m ? rows : m - i0);
       if (relu)
         LF_LOOP(Apply<CT, true>)(x + i0 * c, n, c, mean, mul.data(), bias, y + i0 * c);
@@ -124,9 +120,9 @@ inline void BnBwdSumsRun(const float* dy, const float* x, const float* y, int64_
   for (int64_t k = 0; k < c; ++k) inv[k] = 1.f / std::sqrt(var[k] + eps);
   const int64_t rows = ChunkRows(c), nch = (m + rows - 1) / rows;
   std::vector<double> part((size_t)nch * 2 * c, 0.0);
-  WithCt(c, [&](auto ct) {
+  WithChannels(c, [&](auto ct) {
     constexpr int CT = decltype(ct)::value;
-    ParallelFor(nch, [&](int64_t ch, int) {
+    ForEachChunk(nch, [&](int64_t ch, int) {
       int64_t i0 = ch * rows, n = (i0 + rows < m ? rows : m - i0), o = i0 * c;
       double* p = part.data() + (size_t)ch * 2 * c;
       float* t = CT ? nullptr : LoopScratch(4 * c);
@@ -166,9 +162,9 @@ inline void BnBwdApplyRun(const float* dy, const float* x, const float* y, int64
   }
   const BwdConsts q{mu, inv, a, mg, mgl, mgx, mgxl};
   const int64_t rows = ChunkRows(c), nch = (m + rows - 1) / rows;
-  WithCt(c, [&](auto ct) {
+  WithChannels(c, [&](auto ct) {
     constexpr int CT = decltype(ct)::value;
-    ParallelFor(nch, [&](int64_t ch, int) {
+    ForEachChunk(nch, [&](int64_t ch, int) {
       int64_t i0 = ch * rows, n = (i0 + rows < m ? rows : m - i0), o = i0 * c;
       if (relu)
         LF_LOOP(BwdApply<CT, true>)(dy + o, x + o, y + o, n, c, q, dx + o);
@@ -183,9 +179,9 @@ inline void BnBwdApplyRun(const float* dy, const float* x, const float* y, int64
 inline void MaskSumsRun(const float* dy, const float* y, int64_t m, int64_t c, bool mask, float* out, double* sums) {
   const int64_t rows = ChunkRows(c), nch = (m + rows - 1) / rows;
   std::vector<double> part((size_t)nch * c, 0.0);
-  WithCt(c, [&](auto ct) {
+  WithChannels(c, [&](auto ct) {
     constexpr int CT = decltype(ct)::value;
-    ParallelFor(nch, [&](int64_t ch, int) {
+    ForEachChunk(nch, [&](int64_t ch, int) {
       int64_t i0 = ch * rows, n = (i0 + rows < m ? rows : m - i0), o = i0 * c;
       double* p = part.data() + (size_t)ch * c;
       float* t = CT ? nullptr : LoopScratch(c);
@@ -210,9 +206,9 @@ inline int64_t PoolChunk(int64_t w, int64_t c) {
 // y (n, h/2, w/2, c) = 2x2 max pooling, stride 2, VALID, of x (n, h, w, c).
 inline void PoolFwdRun(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, float* y) {
   const int64_t ho = h / 2, wo = w / 2, total = n * ho, per = PoolChunk(w, c), nch = (total + per - 1) / per;
-  WithCt(c, [&](auto ct) {
+  WithChannels(c, [&](auto ct) {
     constexpr int CT = decltype(ct)::value;
-    ParallelFor(nch, [&](int64_t ch, int) {
+    ForEachChunk(nch, [&](int64_t ch, int) {
       for (int64_t row = ch * per; row < total && row < (ch + 1) * per; ++row) {
         int64_t b = row / ho, i = row % ho;
         const float* r0 = x + ((b * h + 2 * i) * w) * c;
@@ -227,9 +223,9 @@ inline void PoolFwdRun(const float* x, int64_t n, int64_t h, int64_t w, int64_t 
 inline void PoolBwdRun(const float* x, const float* dy, int64_t n, int64_t h, int64_t w, int64_t c, float* dx) {
   const int64_t ho = h / 2, wo = w / 2, total = n * ho, per = PoolChunk(w, c), nch = (total + per - 1) / per;
   const int64_t tail = (w - 2 * wo) * c;
-  WithCt(c, [&](auto ct) {
+  WithChannels(c, [&](auto ct) {
     constexpr int CT = decltype(ct)::value;
-    ParallelFor(nch, [&](int64_t ch, int) {
+    ForEachChunk(nch, [&](int64_t ch, int) {
       for (int64_t row = ch * per; row < total && row < (ch + 1) * per; ++row) {
         int64_t b = row / ho, i = row % ho, off = ((b * h + 2 * i) * w) * c;
         LF_LOOP(PoolBwdRow<CT>)(x + off, x + off + w * c, dy + row * wo * c, wo, c, tail, dx + off,

@@ -182,6 +182,7 @@ void RunChunks(int64_t chunks, ChunkFn fn, void* ctx) {
     --t_depth;
     return;
   }
+  g_parallel_jobs.fetch_add(1, std::memory_order_relaxed);
   auto job = std::make_shared<Job>();
   job->chunks = chunks;
   job->threads = threads;

@@ -1,5 +1,6 @@
 // THE ONLY place that knows how work is spread over threads. Everything else writes its loops as
-// lf::ParallelFor (and reductions as lf::ChannelSumsN); oneDNN primitives run on the same runtime.
+// lf::ParallelFor / lf::ParallelChunks (reductions: per-chunk partials added in chunk order, as loops_ops.h does);
+// oneDNN primitives run on the same runtime.
 //
 // Runtime (default, kPool): every call is cut into MORE chunks than threads; the chunks are handed
 // out one at a time (an atomic counter) to the calling thread (XLA's, which takes chunks itself and
@@ -10,7 +11,7 @@
 // measurement: an OpenMP team of NumThreads() per loop, oneDNN primitives multi-threaded.
 //
 // Chunk boundaries depend on the problem size only, never on the thread count, so every result
-// (sums included: ChannelSumsN adds per-chunk partials in chunk order) is the same at 1, 2 or 3 threads.
+// (sums included: per-chunk partials are added in chunk order) is the same at 1, 2 or 3 threads.
 #pragma once
 
 #include <omp.h>
@@ -58,6 +59,7 @@ void ParallelChunks(int64_t chunks, F&& f) {
     return;
   }
   if (g_runtime.load(std::memory_order_relaxed) == kOpenMP) {
+    if (NumThreads() > 1) g_parallel_jobs.fetch_add(1, std::memory_order_relaxed);
 #pragma omp parallel for num_threads(NumThreads()) schedule(static)
     for (int64_t c = 0; c < chunks; ++c) f(c, omp_get_thread_num());
     return;
