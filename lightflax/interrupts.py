@@ -19,21 +19,29 @@ import contextlib
 import gc
 import signal
 import sys
+import threading
 from typing import Iterator, Optional
 
+# The signal recorded (written only by the handler, in the main thread) and, apart from it, a stop
+# that the program requested of its own threads: a stop can never overwrite or clear a signal.
 _pending: Optional[int] = None
+_stop_requested = False
 _previous_unraisablehook = None
-_deferring = 0
+_deferring = 0  # threads inside a deferred() section (changed under _lock; the handler only reads it)
+_lock = threading.Lock()  # never taken by the handler: it runs on the main thread, which may hold it
 
 
 def pending() -> Optional[int]:
-    """The number of the signal recorded and not yet cleared, or None."""
-    return _pending
+    """The number of the signal recorded and not yet cleared, :data:`STOP` when only a stop was
+    requested, or None."""
+    if _pending is not None:
+        return _pending
+    return STOP if _stop_requested else None
 
 
 def check() -> None:
-    """A safe point: raise KeyboardInterrupt if a signal was recorded."""
-    if _pending is not None:
+    """A safe point: raise KeyboardInterrupt if a signal was recorded or a stop requested."""
+    if _pending is not None or _stop_requested:
         raise KeyboardInterrupt
 
 
@@ -43,25 +51,22 @@ STOP = -1  # not a signal: the program asked its other threads to stop (request_
 def request_stop() -> bool:
     """Makes every thread's next :func:`check` raise KeyboardInterrupt, as a signal would (a study's
     other rows, when one row failed); returns False when a real signal is already pending."""
-    global _pending
-    if _pending is not None:
-        return False
-    _pending = STOP
-    return True
+    global _stop_requested
+    _stop_requested = True
+    return _pending is None
 
 
 def clear_stop() -> None:
-    """Forgets a :func:`request_stop` (a real signal recorded since stays)."""
-    global _pending
-    if _pending == STOP:
-        _pending = None
+    """Forgets a :func:`request_stop` (a real signal recorded before or since stays)."""
+    global _stop_requested
+    _stop_requested = False
 
 
 def reset() -> None:
     """Forget a recorded signal (tests)."""
-    global _pending, _deferring
-    _pending = None
-    _deferring = 0
+    global _pending, _deferring, _stop_requested
+    with _lock:
+        _pending, _stop_requested, _deferring = None, False, 0
 
 
 def _unsafe_codes() -> set:
@@ -86,11 +91,13 @@ def deferred() -> Iterator[None]:
     mid-write left its writer threads scheduling work on a shutting-down interpreter: tracebacks
     after the one-line message, and a half-written step."""
     global _deferring
-    _deferring += 1
+    with _lock:
+        _deferring += 1
     try:
         yield
     finally:
-        _deferring -= 1
+        with _lock:
+            _deferring -= 1
     if not _deferring:
         check()
 

@@ -53,15 +53,16 @@ def test_a_row_error_stops_the_others_at_their_next_check_and_is_raised(capsys):
             raise
         return i
 
-    t0 = time.monotonic()
     with pytest.raises(UserError, match="row 0 is wrong"):
         concurrent_rows.run(row, 3, workers=2, labels=["a", "b", "c"])
-    assert stopped == [1] and time.monotonic() - t0 < 20  # row 1 stopped early; row 2 never started
+    assert stopped == [1]  # row 1 stopped inside its loop (not after it); row 2 never started
     assert interrupts.pending() is None  # the stop request is not mistaken for a signal afterwards
 
 
 def test_a_signal_stops_every_row_and_ends_as_an_interrupt():
     import signal
+
+    finished = []
 
     def row(i):
         if i == 1:
@@ -71,10 +72,10 @@ def test_a_signal_stops_every_row_and_ends_as_an_interrupt():
         for _ in range(3000):
             interrupts.check()
             time.sleep(0.01)
+        finished.append(i)
         return i
 
-    t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         concurrent_rows.run(row, 2, workers=2, labels=["a", "b"])
-    assert time.monotonic() - t0 < 20
+    assert finished == []  # both rows stopped inside their loops
     assert interrupts.pending() == signal.SIGINT  # the real signal stays recorded: launch.py ends 130
