@@ -99,7 +99,8 @@ def run(checkout: str, extra: list, python: str) -> dict:
             "cpu_system_s": round(after.ru_stime - before.ru_stime, 2),
             "peak_rss_mb": round(after.ru_maxrss / 1024, 1),
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
-            "kernels": sorted({ln for ln in lines if ln.startswith("kernels:")}),
+            # "kernels: ..." lines, also as concurrent rows print them ("[light_k5] kernels: ...")
+            "kernels": sorted({ln[ln.index("kernels: "):] for ln in lines if "kernels: " in ln}),
             "rows": _rows(workdir), "study_line": next((ln for ln in lines if "study wall time" in ln), None),
             "stderr_tail": proc.stderr.splitlines()[-5:] if proc.returncode else [],
             "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "XLA_FLAGS") if os.environ.get(k)},
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--note", default="", help="free text recorded with the run (e.g. what else ran beside it)")
     p.add_argument("--out", default=OUT)
+    p.add_argument("--allow_xla", action="store_true",
+                   help="accept a run on XLA's kernels (default: exit 2 unless every row ran the native ones)")
     ns, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     checkout = os.path.abspath(ns.checkout)
@@ -135,6 +138,11 @@ def main(argv=None) -> int:
     print(f"{path}: exit {record['returncode']}, {record['wall_s']:.0f} s wall, "
           f"{record['cpu_user_s'] + record['cpu_system_s']:.0f} s CPU, load {record['load_before'][0]:.1f} -> "
           f"{record['load_after'][0]:.1f}; rows: {rows}")
+    if record["returncode"] == 0 and not ns.allow_xla and (
+            not record["kernels"] or any(not k.startswith("kernels: native") for k in record["kernels"])):
+        print(f"error: the study did not run on the native kernels ({record['kernels'] or 'no kernels line'}); "
+              "build them (README) or pass --allow_xla", file=sys.stderr)
+        return 2
     return record["returncode"]
 
 
