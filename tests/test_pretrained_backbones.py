@@ -14,6 +14,7 @@ original's, minimum input sizes, trunk/tail split, and the one-line errors.
 
 from collections import OrderedDict
 
+import jax
 import numpy as np
 import pytest
 
@@ -83,9 +84,9 @@ def test_keras_backbone_matches_keras_on_its_own_file(keras_pair):
     both = keras.Model(model.inputs, [model.get_layer(pool_layer).output, model.output])
     want_feats, want_logits = (np.asarray(a) for a in both.predict(x, verbose=0))
     top = pretrained.build(name, include_top=True)
-    logits = top.apply(pretrained.load_variables(name, path, True, top), x)
+    logits = jax.jit(top.apply)(pretrained.load_variables(name, path, True, top), x)
     notop = pretrained.build(name)
-    feats = notop.apply(pretrained.load_variables(name, path, False, notop), x)
+    feats = jax.jit(notop.apply)(pretrained.load_variables(name, path, False, notop), x)
     assert feats.shape == want_feats.shape == (2, 2048) and logits.shape == (2, 1000)
     assert np.std(want_feats) > 1e-2 and np.std(want_logits) > 1e-2  # a meaningful comparison
     assert _rel_err(feats, want_feats) < TOL
@@ -242,9 +243,9 @@ def test_se_resnet50_matches_torch_definition(torch_senet):
         want_logits = model(xt).numpy()
         want_feats = model.features(xt).mean(dim=(2, 3)).numpy()
     top = pretrained.build("se_resnet50", include_top=True)
-    logits = top.apply(pretrained.load_variables("se_resnet50", path, True, top), x)
+    logits = jax.jit(top.apply)(pretrained.load_variables("se_resnet50", path, True, top), x)
     notop = pretrained.build("se_resnet50")
-    feats = notop.apply(pretrained.load_variables("se_resnet50", path, False, notop), x)
+    feats = jax.jit(notop.apply)(pretrained.load_variables("se_resnet50", path, False, notop), x)
     assert np.std(want_feats) > 1e-2 and np.std(want_logits) > 1e-2
     assert _rel_err(feats, want_feats) < TOL
     assert _rel_err(logits, want_logits) < TOL

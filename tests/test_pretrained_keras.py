@@ -8,6 +8,7 @@ weights). The 88 MB random-weight file is generated once per session in a tmp di
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -86,9 +87,9 @@ def test_flax_inception_matches_keras_on_same_file(keras_inception):
     want_map = np.asarray(keras.Model(model.inputs, model.get_layer("mixed10").output).predict(x, verbose=0))
 
     m_top = inception_v3.InceptionV3(include_top=True)
-    logits = m_top.apply(pretrained.load_variables("inception_v3", top, True, m_top), x)
+    logits = jax.jit(m_top.apply)(pretrained.load_variables("inception_v3", top, True, m_top), x)
     m_map = inception_v3.InceptionV3(pooling=None)
-    fmap = m_map.apply(pretrained.load_variables("inception_v3", notop, False, m_map), x)
+    fmap = jax.jit(m_map.apply)(pretrained.load_variables("inception_v3", notop, False, m_map), x)
 
     assert fmap.shape == want_map.shape == (2, 3, 3, 2048)
     assert np.std(want_map) > 1e-2 and np.std(want_logits) > 1e-2  # a meaningful comparison

@@ -52,21 +52,21 @@ def test_trunk_then_tail_equals_whole_backbone(name, res, cut):
     backbone itself (random weights, BatchNorm statistics perturbed so they matter)."""
     full = pretrained.build(name)
     x = jax.random.uniform(jax.random.key(1), (2, res, res, 3), minval=-1.0, maxval=1.0)
-    variables = full.init(jax.random.key(0), x)
+    variables = jax.jit(full.init)(jax.random.key(0), x)  # jitted: op-by-op, a backbone took minutes
     leaves, tree = jax.tree_util.tree_flatten(variables["batch_stats"])
     keys = jax.random.split(jax.random.key(2), len(leaves))
     variables = {"params": variables["params"], "batch_stats": jax.tree_util.tree_unflatten(
         tree, [leaf + 0.1 * jnp.abs(jax.random.normal(k, leaf.shape)) for leaf, k in zip(leaves, keys)])}
-    assert bool(jnp.isfinite(full.apply(variables, x)).all())
-    want = full.apply(variables, x)
-    act = full.clone(stop_block=cut).apply(variables, x)
+    want = jax.jit(full.apply)(variables, x)
+    assert bool(jnp.isfinite(want).all())
+    act = jax.jit(full.clone(stop_block=cut).apply)(variables, x)
     assert act.ndim == 4
     tail = models.create("backbone_tail", backbone=name, first_block=cut, num_classes=3)
     names = type(full).BLOCKS[cut:]
     head = {"kernel": jnp.eye(want.shape[-1], 3), "bias": jnp.zeros(3)}
     tv = {"params": {"backbone": {n: variables["params"][n] for n in names}, "head": head},
           "batch_stats": {"backbone": {n: variables["batch_stats"][n] for n in names}}}
-    got = tail.apply(tv, act)
+    got = jax.jit(tail.apply)(tv, act)
     assert jnp.allclose(got, want[:, :3], rtol=1e-4, atol=1e-5), float(jnp.max(jnp.abs(got - want[:, :3])))
 
 
