@@ -189,9 +189,9 @@ def live_run(tmp_path_factory):
 
 def test_deletion_test_on_a_live_model(live_run):
     """Occlusion: deleting the 20 % of pixels it ranks highest lowers the predicted class's probability
-    more than every random 20 % draw. Grad-CAM (a 3x3 map at 28 px) does not pass that test on these
-    models (docs/explain.md has the figures); what it does pass is ranking: its top 20 % matter more
-    than its bottom 20 %."""
+    more than every random 20 % draw, and more than deleting its lowest 20 %. Grad-CAM (a 3x3 map at
+    28 px) passes neither reliably: its top-vs-bottom margin ranged from -0.017 to +0.124 over seven
+    trained models (docs/explain.md), so only its figures' form is checked here."""
     from lightflax import metrics
 
     wd, held, labels = live_run
@@ -207,7 +207,7 @@ def test_deletion_test_on_a_live_model(live_run):
         assert out[method]["images"] == 48 and len(out[method]["random_draws"]) == 3
     assert out["occlusion"]["map_drop"] > max(out["occlusion"]["random_draws"]), out
     assert out["occlusion"]["map_drop"] > out["occlusion"]["lowest_drop"] + 0.05, out
-    assert out["gradcam"]["map_drop"] > out["gradcam"]["lowest_drop"] + 0.02, out
+    assert all(np.isfinite(out["gradcam"][k]) for k in ("map_drop", "lowest_drop", "random_drop")), out
 
 
 def test_predict_writes_heatmaps_and_overlays(live_run, tmp_path):
