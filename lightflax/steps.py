@@ -129,6 +129,17 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
 MIXUP_STREAM = 0x6D6978  # fold_in constant of the mixup key ("mix")
 
 
+def batch_loss(logits: Array, labels: Array, weights: Optional[Array], mix=None) -> Array:
+    """The train step's loss: the mean cross-entropy, per-class weighted with ``weights``
+    (:func:`weighted_cross_entropy`); with ``mix`` = mixup's (lam, perm), on its soft labels."""
+    if mix is not None:
+        targets = mixup_lib.mix_labels(labels, *mix, logits.shape[-1])
+        return jnp.mean(mixup_lib.soft_cross_entropy(logits, targets, weights))
+    if weights is None:
+        return jnp.mean(cross_entropy(logits, labels))
+    return weighted_cross_entropy(logits, labels, weights)
+
+
 def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None) -> Callable:
     """Per-device, per-replica train step.
 
@@ -158,9 +169,10 @@ def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None)
         aug_key, drop_key = jax.random.split(key)
         if augment is not None:
             x = augment_lib.augment(aug_key, x, augment)
+        mix = None
         if cfg.mixup:  # its own key, so the other draws stay as without it
-            lam, mix_perm = mixup_lib.mixup_params(jax.random.fold_in(key, MIXUP_STREAM), x.shape[0], cfg.mixup)
-            x = mixup_lib.mix_inputs(x, lam, mix_perm)
+            mix = mixup_lib.mixup_params(jax.random.fold_in(key, MIXUP_STREAM), x.shape[0], cfg.mixup)
+            x = mixup_lib.mix_inputs(x, *mix)
 
         def loss_fn(params):
             logits, new_vars = state.apply_fn(
@@ -170,13 +182,7 @@ def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None)
                 mutable=["batch_stats"],
                 rngs={"dropout": drop_key},
             )
-            if cfg.mixup:
-                targets = mixup_lib.mix_labels(y, lam, mix_perm, logits.shape[-1])
-                loss = jnp.mean(mixup_lib.soft_cross_entropy(logits, targets, weights))
-            elif weights is None:
-                loss = jnp.mean(cross_entropy(logits, y))
-            else:
-                loss = weighted_cross_entropy(logits, y, weights)
+            loss = batch_loss(logits, y, weights, mix)
             total = loss + (layers.reference_l2_penalty(params, cfg.l2) if cfg.l2 else 0.0)
             return total, (loss, logits, new_vars["batch_stats"])
 
