@@ -26,6 +26,7 @@ def get_config(experiment: str, model: str) -> ml_collections.ConfigDict:
         image_size=placeholder(int),  # None: 299 on chest_xray; on PneumoniaMNIST the smallest size that fits
         eval_image_size=placeholder(int),
         augment="none",
+        mixup=0.0,  # mixup's alpha (lightflax.data.mixup); 0: off
         mean_subtraction=False,
         synthetic_size=128,
         on_corrupt="skip",

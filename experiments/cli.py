@@ -99,6 +99,8 @@ ALIASES: Tuple[Alias, ...] = (
     Alias("augment", "data.augment", "On-device augmentation: study (its ImageDataGenerator) or acquisition "
           "(gamma, contrast, blur, noise, resolution round trips; docs/robust.md).",
           run_config.AUGMENTS),
+    Alias("mixup", "data.mixup", "Mixup (Zhang et al. 2018): train on convex mixtures of batch pairs and their "
+          "labels, weight ~ Beta(ALPHA, ALPHA) per batch; 0 (default): off.", lower=0.0),
     Alias("mean_subtraction", "data.mean_subtraction", "Subtract the training split's per-channel mean on device."),
     Alias("synthetic_size", "data.synthetic_size", "Training examples of synthetic data (val/test get half).",
           lower=1),

@@ -79,6 +79,7 @@ class DataConfig:
     mean: Optional[Tuple[float, ...]] = None  # per-channel mean subtracted on device ([0, 1] units)
     augment: str = "none"  # "study": the study's ImageDataGenerator, on device
     shuffle: bool = True  # False: every epoch in the stored order (the LightLayers paper's protocol)
+    mixup: float = 0.0  # mixup's Beta(alpha, alpha) parameter (lightflax.data.mixup); 0: off
 
     def __post_init__(self):
         if self.mean is not None:
@@ -88,6 +89,8 @@ class DataConfig:
                 _check_int(name, getattr(self, name), 1)
         check_flag_values(image_size=self.image_size, eval_image_size=self.eval_image_size)
         _check_choice("augment", self.augment, AUGMENTS)
+        if not (isinstance(self.mixup, (int, float)) and math.isfinite(self.mixup) and self.mixup >= 0):
+            raise UserError(f"--mixup must be a finite number >= 0 (0: off), got {self.mixup!r}")
         if self.augment == "acquisition" and self.mean is not None:
             raise UserError("--augment=acquisition changes images in [0, 1] units; drop --mean_subtraction")
 

@@ -24,7 +24,7 @@ from jax import lax
 
 from lightflax import layers, parallel
 from lightflax.config import REPLICA_MODES, RunConfig
-from lightflax.data import augment as augment_lib, pipeline
+from lightflax.data import augment as augment_lib, mixup as mixup_lib, pipeline
 
 Array = jax.Array
 
@@ -126,6 +126,20 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+MIXUP_STREAM = 0x6D6978  # fold_in constant of the mixup key ("mix")
+
+
+def batch_loss(logits: Array, labels: Array, weights: Optional[Array], mix=None) -> Array:
+    """The train step's loss: the mean cross-entropy, per-class weighted with ``weights``
+    (:func:`weighted_cross_entropy`); with ``mix`` = mixup's (lam, perm), on its soft labels."""
+    if mix is not None:
+        targets = mixup_lib.mix_labels(labels, *mix, logits.shape[-1])
+        return jnp.mean(mixup_lib.soft_cross_entropy(logits, targets, weights))
+    if weights is None:
+        return jnp.mean(cross_entropy(logits, labels))
+    return weighted_cross_entropy(logits, labels, weights)
+
+
 def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None) -> Callable:
     """Per-device, per-replica train step.
 
@@ -138,6 +152,8 @@ def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None)
     Returns (state, metrics) with metrics {'loss', 'accuracy'} averaged over devices.
     ``class_weights``: (classes,) per-class loss weights (:func:`weighted_cross_entropy`; the
     reported loss is then the weighted one); None = the plain mean cross-entropy.
+    ``cfg.mixup`` > 0: mixup (:mod:`lightflax.data.mixup`) of the device's batch after augmentation,
+    the loss on the soft labels (weighted per class as above); accuracy against the unmixed labels.
     The device's slice of global batch ``step`` is local batch ``step * n_devices + dev``
     of :func:`lightflax.data.pipeline.get_batch` (global batch = n_devices * local_batch).
     """
@@ -153,6 +169,10 @@ def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None)
         aug_key, drop_key = jax.random.split(key)
         if augment is not None:
             x = augment_lib.augment(aug_key, x, augment)
+        mix = None
+        if cfg.mixup:  # its own key, so the other draws stay as without it
+            mix = mixup_lib.mixup_params(jax.random.fold_in(key, MIXUP_STREAM), x.shape[0], cfg.mixup)
+            x = mixup_lib.mix_inputs(x, *mix)
 
         def loss_fn(params):
             logits, new_vars = state.apply_fn(
@@ -162,10 +182,7 @@ def make_train_step(model, cfg: RunConfig, local_batch: int, class_weights=None)
                 mutable=["batch_stats"],
                 rngs={"dropout": drop_key},
             )
-            if weights is None:
-                loss = jnp.mean(cross_entropy(logits, y))
-            else:
-                loss = weighted_cross_entropy(logits, y, weights)
+            loss = batch_loss(logits, y, weights, mix)
             total = loss + (layers.reference_l2_penalty(params, cfg.l2) if cfg.l2 else 0.0)
             return total, (loss, logits, new_vars["batch_stats"])
 
