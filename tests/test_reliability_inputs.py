@@ -1,21 +1,23 @@
 """Smaller input cases: predict warns on tiny images as training does; --data_dir naming a file names it;
 a missing val/ folder says what to do; a --k far beyond the study's warns with the parameter count."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
 from conftest import run_launch
 
 from test_data_folders import _tree
-from test_plan import _parsed
-
-TINY = ["--experiment=xray_light", "--k=1", "--dataset=synthetic", "--image_size=16", "--synthetic_size=32",
-        "--batch_size=8", "--epochs=1", "--steps_per_epoch=2"]
-
+from test_plan import RUN_V1, _parsed
 
 def test_predict_warns_on_images_smaller_than_the_run_and_32_pixels(tmp_path):
+    # a finished 16x16 xray_light run (tests/data/run_v1, 1 epoch of synthetic data): predict reads it as it
+    # reads a fresh one (test_plan), and training one here took a whole launch
     wd = tmp_path / "w"
-    run_launch([*TINY, f"--workdir={wd}"], check=0)
+    shutil.copytree(RUN_V1, wd)
+    assert json.loads((wd / "results.json").read_text())["config"]["image_size"] == 16
 
     def predict(side):
         np.savez(tmp_path / "in.npz", images=np.full((3, side, side), 100, np.uint8))

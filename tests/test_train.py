@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO, run_launch, run_python
 from lightflax._testing import FAULT_KILL_ENV
 
-# Runs a few steps of the real Trainer on tiny synthetic data and prints losses
-# and the parameters as JSON. SGD (momentum 0.9): Adam's first updates are
+# Runs a few steps of the real Trainer on tiny synthetic data, for each of a list
+# of settings, and prints each one's losses and parameters as a JSON line. SGD (momentum 0.9): Adam's first updates are
 # +-lr whatever the gradient's size, so float reassociation noise in a near-zero
 # gradient flips whole updates and the comparison would test Adam, not the step.
 STEPS_SCRIPT = textwrap.dedent(
@@ -23,35 +23,43 @@ STEPS_SCRIPT = textwrap.dedent(
     import json, sys, jax, numpy as np, jax.numpy as jnp
     from lightflax import data, train, parallel
     from lightflax.config import RunConfig
-    mode, num_seeds, model, replica_mode, seed = {mode!r}, {num_seeds}, {model!r}, {replica_mode!r}, {seed}
-    kwargs = {{"k": 2}} if "light" in model else {{}}
     d = data.load("synthetic", synthetic_shape=(20, 20, 1), synthetic_sizes={{"train": 256, "val": 16, "test": 16}},
                   num_classes=2, seed=0)
-    cfg = RunConfig.flat(workdir="unused", model=model, model_kwargs=kwargs, batch_size=64, image_size=24,
-                    channels=3, parallel=mode, num_seeds=num_seeds, l2=1e-4, optimizer="sgd",
-                    replica_mode=replica_mode, learning_rate=0.01, seed=seed)
-    tr = train.Trainer(cfg, d)
-    state = tr.init_state()
     flat = lambda s: [np.asarray(l, np.float64).ravel().tolist()
                       for l in jax.tree_util.tree_leaves((s.params, s.batch_stats))]
-    before = flat(state)
-    keys = tr.data_keys()
-    images, labels = tr.device_split("train")
-    losses = []
-    perm = tr.permutations(0)
-    for _ in range(3):
-        state, m = tr.train_step(state, images, labels, perm, keys, tr.dev_ids)
-        losses.append(np.asarray(m["loss"]).tolist())
-    print(json.dumps({{"losses": losses, "before": before, "after": flat(state),
-                      "devices": jax.device_count(), "step": np.asarray(state.step).tolist()}}))
+    for mode, num_seeds, model, replica_mode, seed in {specs!r}:
+        kwargs = {{"k": 2}} if "light" in model else {{}}
+        cfg = RunConfig.flat(workdir="unused", model=model, model_kwargs=kwargs, batch_size=64, image_size=24,
+                        channels=3, parallel=mode, num_seeds=num_seeds, l2=1e-4, optimizer="sgd",
+                        replica_mode=replica_mode, learning_rate=0.01, seed=seed)
+        tr = train.Trainer(cfg, d)
+        state = tr.init_state()
+        before = flat(state)
+        keys = tr.data_keys()
+        images, labels = tr.device_split("train")
+        losses = []
+        perm = tr.permutations(0)
+        for _ in range(3):
+            state, m = tr.train_step(state, images, labels, perm, keys, tr.dev_ids)
+            losses.append(np.asarray(m["loss"]).tolist())
+        print("RUN", json.dumps({{"losses": losses, "before": before, "after": flat(state),
+                                 "devices": jax.device_count(), "step": np.asarray(state.step).tolist()}}), flush=True)
     """
 )
 
 
-def _steps(mode, devices, num_seeds=1, model="xray_light", replica_mode="vmap", seed=0):
-    proc = run_python(STEPS_SCRIPT.format(mode=mode, num_seeds=num_seeds, model=model, replica_mode=replica_mode,
-                                          seed=seed), devices=devices)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _steps_many(devices, specs):
+    """Runs each (mode, num_seeds, model, replica_mode, seed) of ``specs`` in one process on ``devices``
+    devices (each run builds its own Trainer from the same data; one import and one set of eager
+    helper compilations instead of one per run). Returns {spec: run}."""
+    proc = run_python(STEPS_SCRIPT.format(specs=[tuple(s) for s in specs]), devices=devices)
+    lines = [line[4:] for line in proc.stdout.splitlines() if line.startswith("RUN ")]
+    assert len(lines) == len(specs), proc.stdout[-3000:]
+    return {tuple(s): json.loads(line) for s, line in zip(specs, lines)}
+
+
+def _spec(mode="shard_map", num_seeds=1, model="xray_light", replica_mode="vmap", seed=0):
+    return (mode, num_seeds, model, replica_mode, seed)
 
 
 def _updates(run):
@@ -74,15 +82,34 @@ def _assert_same_run(a, b, b_replica=None, rtol=1e-5, update_tol=1e-3):
         np.testing.assert_allclose(x, y, rtol=0, atol=update_tol * scale)
 
 
-@pytest.fixture(scope="module")
-def one_device():
-    return _steps("shard_map", 1)
+# Every step run of the tests below, one process per device count (module fixtures: built once).
+MODELS = ("xray_light", "cifar_conv2d", "cifar_separable")
 
 
 @pytest.fixture(scope="module")
-def three_vmapped():
-    """3 vmapped replicas on 2 devices (shared by the multi-seed tests)."""
-    return _steps("shard_map", 2, num_seeds=3)
+def on_one():
+    return _steps_many(1, [_spec(model=m) for m in MODELS] + [_spec(seed=2)])
+
+
+@pytest.fixture(scope="module")
+def on_eight():
+    return _steps_many(8, [_spec(model=m) for m in MODELS] + [_spec("pmap")])
+
+
+@pytest.fixture(scope="module")
+def on_two():
+    """3 replicas on 2 devices, vmapped and looped (shared by the multi-seed tests)."""
+    return _steps_many(2, [_spec(num_seeds=3), _spec(num_seeds=3, replica_mode="loop")])
+
+
+@pytest.fixture(scope="module")
+def one_device(on_one):
+    return on_one[_spec()]
+
+
+@pytest.fixture(scope="module")
+def three_vmapped(on_two):
+    return on_two[_spec(num_seeds=3)]
 
 
 # Tolerances: float32 reassociation (8 partial sums instead of 1) is ~1e-6 in
@@ -92,8 +119,8 @@ def three_vmapped():
 # chaotically through BatchNorm, so the comparison is kept to 3 steps.
 
 
-def test_eight_devices_equal_one_device_shard_map(one_device):
-    eight = _steps("shard_map", 8)
+def test_eight_devices_equal_one_device_shard_map(one_device, on_eight):
+    eight = on_eight[_spec()]
     assert one_device["devices"] == 1 and eight["devices"] == 8
     assert one_device["step"] == eight["step"] == [3]  # one replica: the replica axis has length 1
     _assert_same_run(one_device, eight)
@@ -101,20 +128,21 @@ def test_eight_devices_equal_one_device_shard_map(one_device):
     assert len(set(np.round(np.asarray(one_device["losses"])[:, 0], 6))) > 1
 
 
-def test_pmap_equals_shard_map_on_eight_devices(one_device):
-    pm = _steps("pmap", 8)
+def test_pmap_equals_shard_map_on_eight_devices(one_device, on_eight):
+    pm = on_eight[_spec("pmap")]
     _assert_same_run(one_device, pm)
 
 
-def test_conv2d_residual_model_eight_devices():
-    _assert_same_run(_steps("shard_map", 1, model="cifar_conv2d"), _steps("shard_map", 8, model="cifar_conv2d"))
+def test_conv2d_residual_model_eight_devices(on_one, on_eight):
+    spec = _spec(model="cifar_conv2d")
+    _assert_same_run(on_one[spec], on_eight[spec])
 
 
-def test_separable_residual_model_eight_devices():
+def test_separable_residual_model_eight_devices(on_one, on_eight):
     """SeparableConv2D's fused depthwise taps: 1 vs 8 devices agree to ~1e-6 of the largest
     update (the grouped lax.conv path, impl='conv', drifted to ~5e-4 on XLA:CPU)."""
-    _assert_same_run(_steps("shard_map", 1, model="cifar_separable"), _steps("shard_map", 8, model="cifar_separable"),
-                     update_tol=1e-4)
+    spec = _spec(model="cifar_separable")
+    _assert_same_run(on_one[spec], on_eight[spec], update_tol=1e-4)
 
 
 def test_multi_seed_replicas_differ_and_first_matches_plain_run(one_device, three_vmapped):
@@ -135,16 +163,16 @@ def test_multi_seed_replicas_differ_and_first_matches_plain_run(one_device, thre
     _assert_same_run(one_device, three, b_replica=0, rtol=2e-3, update_tol=2e-2)
 
 
-def test_multi_seed_loop_mode_is_the_plain_run_per_replica(one_device, three_vmapped):
+def test_multi_seed_loop_mode_is_the_plain_run_per_replica(one_device, on_one, on_two, three_vmapped):
     """--replica_mode=loop: the replicas run one after the other inside the same compiled
     step, with plain (ungrouped) convolutions, so replica r matches the plain run of
     --seed=r at the tight tolerance of the device-count tests, and all match the vmapped
     replicas at vmap's looser one."""
-    mapped = _steps("shard_map", 2, num_seeds=3, replica_mode="loop")
+    mapped = on_two[_spec(num_seeds=3, replica_mode="loop")]
     losses = np.array(mapped["losses"])
     assert losses.shape == (3, 3) and not np.allclose(losses[:, 0], losses[:, 1])
     _assert_same_run(one_device, mapped, b_replica=0)
-    _assert_same_run(_steps("shard_map", 1, seed=2), mapped, b_replica=2)
+    _assert_same_run(on_one[_spec(seed=2)], mapped, b_replica=2)
     vmapped = three_vmapped
     for a, b in zip(vmapped["before"], mapped["before"]):
         np.testing.assert_array_equal(a, b)  # the same initialisations
@@ -227,10 +255,20 @@ def assert_alive(workdir):
     assert spread > 1e-6, f"the model of {workdir} is dead (probability spread {spread:.1e}): pick a live K/seed"
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    args = [*ALIVE, *TINY, "--epochs=3", "--steps_per_epoch=3"]
-    full = tmp_path / "full"
-    run_launch(args + [f"--workdir={full}"], check=0)
+RESUMED = [*ALIVE, *TINY, "--epochs=3", "--steps_per_epoch=3"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted run the resume checks compare with (a finished run folder; do not modify it)."""
+    full = tmp_path_factory.mktemp("full") / "w"
+    run_launch(RESUMED + [f"--workdir={full}"], check=0)
+    assert_alive(full)
+    return full
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, full_run):
+    args, full = RESUMED, full_run
     killed = tmp_path / "killed"
     proc = run_launch(args + [f"--workdir={killed}"], env={FAULT_KILL_ENV: "5"})
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL mid epoch 2
@@ -260,15 +298,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     fb = (killed / "history.csv").read_text().splitlines()
     strip = lambda rows: [",".join(r.split(",")[:6]) for r in rows]  # drop the timing column
     assert strip(fa) == strip(fb)
-    assert_alive(full)
 
 
-def test_checkpoint_every_saves_less_often_and_resume_is_still_exact(tmp_path):
+def test_checkpoint_every_saves_less_often_and_resume_is_still_exact(tmp_path, full_run):
     """--checkpoint_every=2 over 3 epochs saves after epochs 2 and 3 only; a kill in epoch 3 resumes from
     epoch 2 and ends equal to an uninterrupted run with the default (every epoch)."""
-    args = [*ALIVE, *TINY, "--epochs=3", "--steps_per_epoch=3"]
-    full, sparse = tmp_path / "full", tmp_path / "sparse"
-    run_launch(args + [f"--workdir={full}"], check=0)
+    args, full, sparse = RESUMED, full_run, tmp_path / "sparse"
     proc = run_launch(args + [f"--workdir={sparse}", "--checkpoint_every=2"], env={FAULT_KILL_ENV: "8"})
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL after step 8, in epoch 3
     assert sorted(os.listdir(sparse / "checkpoints" / "latest")) == ["6"]  # epoch 2's, not epoch 1's
@@ -308,14 +343,14 @@ def test_eval_image_size_evaluates_at_another_resolution():
     assert run_python(code).stdout.strip().endswith("ok")
 
 
-def test_resume_notices_a_deleted_selected_checkpoint(tmp_path):
-    args = [*ALIVE, *TINY, "--steps_per_epoch=2", f"--workdir={tmp_path / 'w'}"]
-    run_launch(args + ["--epochs=1"], check=0)
+def test_resume_notices_a_deleted_selected_checkpoint(tmp_path, full_run):
+    shutil.copytree(full_run, tmp_path / "w", ignore=shutil.ignore_patterns(".lock"))  # a finished run
+    args = [*ALIVE, *TINY, "--steps_per_epoch=3", f"--workdir={tmp_path / 'w'}"]
     # written as a run before the slot rename would have it (checkpoints/best): that folder is the one named
     os.rename(tmp_path / "w" / "checkpoints" / "selected", tmp_path / "w" / "checkpoints" / "best")
     for step in (tmp_path / "w" / "checkpoints" / "best").iterdir():
         shutil.rmtree(step)
-    proc = run_launch(args + ["--epochs=2", "--resume"], check=2)
+    proc = run_launch(args + ["--epochs=4", "--resume"], check=2)
     assert "selected checkpoint" in proc.stderr and "checkpoints/best is empty" in proc.stderr
     assert "Traceback" not in proc.stderr
 
