@@ -682,7 +682,7 @@ def _assert_case(results, name):
 # xdist worker). "Whole train steps close" runs 3 steps: the state after them is compared within
 # max(1e-2, 3 x XLA's own optimised-vs-unoptimised discrepancy). After 20 steps that discrepancy was 0.15 for
 # xray_light k=5 (a bound of 0.46); after 3 steps it is 6e-8 (bound 1e-2; native 1.2e-7) and 0.032 for
-# xray_conv2d (bound 0.095; native 0.033) (2026-12-02, one run each): fewer steps, a bound no looser.
+# xray_conv2d (bound 0.095; native 0.033) (2026-12-02, one run each).
 ONE_DEVICE_CASES = {
     "xray_conv2d": _case("xray_conv2d", {}, 3),
     "xray_light-k5": _case("xray_light", {"k": 5}, 3),
