@@ -1,5 +1,6 @@
 """Every layer implementation against a float64 NumPy reference, plus gradients and errors."""
 
+import functools
 import itertools
 
 import chex
@@ -199,7 +200,7 @@ def test_light_conv2d_gradients(impl):
         params = jax.tree_util.tree_map(
             lambda a: jnp.asarray(a, jnp.float64), layer.init(jax.random.key(0), x)["params"]
         )
-        f = lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x)))
+        f = jax.jit(lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x))))  # jit: not op by op
         check_grads(f, (params, x), order=1, modes=("rev",), atol=1e-5, rtol=1e-5, eps=1e-6)
 
 
@@ -228,12 +229,12 @@ def test_other_layers_gradients():
             params = jax.tree_util.tree_map(
                 lambda a: jnp.asarray(a, jnp.float64), layer.init(jax.random.key(0), x)["params"]
             )
-            f = lambda p, x, layer=layer: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))
+            f = jax.jit(lambda p, x, layer=layer: jnp.sum(jnp.sin(layer.apply({"params": p}, x))))  # not op by op
             check_grads(f, (params, x), order=1, modes=("rev",), atol=1e-5, rtol=1e-5, eps=1e-6)
         dense = layers.LightDense(4, k=3)
         xd = x.reshape(2, -1)
         params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), dense.init(jax.random.key(0), xd)["params"])
-        check_grads(lambda p, x: jnp.sum(jnp.sin(dense.apply({"params": p}, x))), (params, xd), order=1,
+        check_grads(jax.jit(lambda p, x: jnp.sum(jnp.sin(dense.apply({"params": p}, x)))), (params, xd), order=1,
                     modes=("rev",), atol=1e-5, rtol=1e-5, eps=1e-6)
 
 
@@ -295,11 +296,17 @@ def test_depthwise_taps_equals_grouped_conv_with_gradients(padding, stride, kern
         g = jnp.asarray(rng.normal(size=layers.depthwise_conv2d(x, w, (stride, stride), padding).shape),
                         jnp.float32)
 
-        def loss(w, x, taps):
-            return jnp.sum(g * layers.depthwise_conv2d(x, w, (stride, stride), padding, taps=taps))
+        # under jit (op by op, a 5x5 kernel's 25 shifted slices and their gradients compiled one at a time
+        # took most of this test's time)
+        @functools.partial(jax.jit, static_argnums=2)
+        def value_and_grads(w, x, taps):
+            def f(w, x):
+                return layers.depthwise_conv2d(x, w, (stride, stride), padding, taps=taps)
 
-        y_t = layers.depthwise_conv2d(x, w, (stride, stride), padding, taps=True)
-        y_c = layers.depthwise_conv2d(x, w, (stride, stride), padding, taps=False)
+            y, vjp = jax.vjp(f, w, x)
+            return y, vjp(g)
+
+        (y_t, grads_t), (y_c, grads_c) = value_and_grads(w, x, True), value_and_grads(w, x, False)
         assert rel_err(y_t, y_c) < 1e-5
-        for a, b in zip(jax.grad(loss, argnums=(0, 1))(w, x, True), jax.grad(loss, argnums=(0, 1))(w, x, False)):
+        for a, b in zip(grads_t, grads_c):
             assert rel_err(a, b) < 1e-5

@@ -162,12 +162,12 @@ def test_max_pool_loops_exact(isa, shape):
     g = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
     nat = lambda x: native.max_pool_2x2(x, xla_pool.max_pool_2x2)  # noqa: E731
     y, vjp = jax.vjp(jax.jit(nat), x)
-    want_y, want_vjp = jax.vjp(xla_pool.max_pool_2x2, x)
+    want_y, want_vjp = jax.vjp(jax.jit(xla_pool.max_pool_2x2), x)  # jit: not op by op
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(vjp(g)[0], want_vjp(g)[0])
     xs, gs = np.stack([x, -x]), np.stack([g, 2 * g])  # leading (vmapped) dims
     ys, vjps = jax.vjp(jax.jit(jax.vmap(nat)), xs)
-    wys, wvjps = jax.vjp(jax.vmap(xla_pool.max_pool_2x2), xs)
+    wys, wvjps = jax.vjp(jax.jit(jax.vmap(xla_pool.max_pool_2x2)), xs)
     np.testing.assert_array_equal(ys, wys)
     np.testing.assert_array_equal(vjps(gs)[0], wvjps(gs)[0])
     if x.size > 8:
@@ -200,7 +200,7 @@ def test_conv_backward_mask_and_bias_gradient(isa, o, relu):
     y, vjp = jax.vjp(jax.jit(nat), x, w, b)
     g = rng.standard_normal(y.shape).astype(np.float32)
     got = vjp(g)
-    want = jax.vjp(ref, x, w, b)[1](g)
+    want = jax.vjp(jax.jit(ref), x, w, b)[1](g)
     for a, e in zip(got, want):
         assert rel_err(a, e) <= 1e-5
     yy = np.asarray(y, np.float64)

@@ -131,12 +131,16 @@ def test_kernels_give_the_same_bits_at_1_2_3_threads(n, stride, relu, threads_an
         nat = jax.jit(lambda x, w, b: native.conv2d(
             x, w, b, (stride, stride), layers.explicit_padding(x.shape, w.shape[:2], (stride, stride), "SAME"),
             nn.relu if relu else None, lambda x, w: layers.lax_conv2d(x, w, (stride, stride), "SAME")))
-        g = jax.random.normal(ks[4], nat(x, w, b).shape)
+        g = jax.random.normal(ks[4], jax.eval_shape(nat, x, w, b).shape)
+        # the reference once, under jit (op by op, every primitive was compiled on its own)
+        ref = jax.jit(lambda x, w, b: _ref_conv(x, w, b, stride, relu))
+        y_ref = ref(x, w, b)
+        want = jax.jit(jax.grad(lambda *a: jnp.sum(ref(*a) * g), argnums=(0, 1, 2)))(x, w, b)
+        nat_grad = jax.jit(jax.grad(lambda *a: jnp.sum(nat(*a) * g), argnums=(0, 1, 2)))
         for runtime in ("pool", "openmp"):
-            native.set_runtime(runtime)
-            got = jax.grad(lambda *a: jnp.sum(nat(*a) * g), argnums=(0, 1, 2))(x, w, b)
-            want = jax.grad(lambda *a: jnp.sum(_ref_conv(*a, stride, relu) * g), argnums=(0, 1, 2))(x, w, b)
-            np.testing.assert_allclose(nat(x, w, b), _ref_conv(x, w, b, stride, relu), rtol=1e-5, atol=1e-5)
+            native.set_runtime(runtime)  # read at call time: the same program, each runtime's chunking
+            got = nat_grad(x, w, b)
+            np.testing.assert_allclose(nat(x, w, b), y_ref, rtol=1e-5, atol=1e-5)
             for a, e in zip(got, want):
                 scale_ = float(np.max(np.abs(np.asarray(e))))
                 assert float(np.max(np.abs(np.asarray(a) - np.asarray(e)))) <= 1e-5 * scale_, runtime

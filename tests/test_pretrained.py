@@ -127,7 +127,8 @@ def test_lite0_chelsea_is_a_cat_without_torch(lite_top):
 
 
 def test_lite0_features_are_pooled_head(lite, lite_top):
-    x = lite.preprocess(np.random.default_rng(0).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8))
+    # one image: the batch size test_lite0_chelsea_is_a_cat_without_torch and the others compile too
+    x = lite.preprocess(np.random.default_rng(0).integers(0, 256, (1, 64, 48, 3), dtype=np.uint8))
     f = np.asarray(lite.apply(x))
     w = lite_top.variables["params"]["fc"]
     logits = f @ np.asarray(w["kernel"]) + np.asarray(w["bias"])
@@ -141,7 +142,7 @@ def test_lite0_equals_pytorch_reference(lite_top):
     model = elp.EfficientNet.from_name("efficientnet-lite0")
     model.load_state_dict(torch.load(_package_weights(), map_location="cpu", weights_only=True))
     model.eval()
-    x = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 224, 224, 3)).astype(np.float32)  # batch 1: one compilation
     with torch.no_grad():
         want = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     got = np.asarray(lite_top.apply(x))
@@ -304,7 +305,8 @@ def test_extract_cached_computes_once_and_keys_on_weights(lite, tmp_path, monkey
     key = {"dataset": "toy", "split": "train"}
     f1 = features.extract_cached(lite, images, cache_dir=str(tmp_path), key_parts=key, batch_size=2)
     assert f1.shape == (5, 1280) and f1.dtype == np.float32
-    direct = np.asarray(lite.apply(lite.preprocess(images)))
+    # one image at a time: the batch size the other tests compile for
+    direct = np.concatenate([np.asarray(lite.apply(lite.preprocess(images[i:i + 1]))) for i in range(len(images))])
     np.testing.assert_allclose(f1, direct, rtol=1e-4, atol=1e-5)
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".npy")

@@ -133,12 +133,12 @@ def test_gate_and_output_equal_the_numpy_reference(channels, width, seed):
     se = models.SqueezeExcite(width)
     assert jax.tree_util.tree_map(np.shape, se.init(jax.random.key(0), x)["params"]) == \
         {k: v.shape for k, v in p.items()}
-    gate = np.asarray(se.apply({"params": p}, x, method=models.SqueezeExcite.gate))
+    gate = np.asarray(jax.jit(lambda p, x: se.apply({"params": p}, x, method=models.SqueezeExcite.gate))(p, x))
     ref = _numpy_gate(p, x)
     assert gate.shape == (3, channels) and np.all((gate >= 0) & (gate <= 1))
     assert ref.min() < 0.3 and ref.max() > 0.7  # the random case spans the gate's range
     np.testing.assert_allclose(gate, ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(se.apply({"params": p}, x), x * ref[:, None, None, :], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(se.apply)({"params": p}, x), x * ref[:, None, None, :], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels,width,seed", [(8, 2, 7), (32, 8, 5)])
@@ -155,8 +155,9 @@ def test_gradients_equal_a_plain_jnp_implementation(channels, width, seed):
     def loss_plain(p, x):
         return jnp.sum(_jnp_se(p, x) * cot)
 
-    got = jax.grad(loss_module, argnums=(0, 1))(p, x)
-    want = jax.grad(loss_plain, argnums=(0, 1))(p, x)
+    # under jit (op by op, every primitive of both gradients was compiled on its own)
+    got = jax.jit(jax.grad(loss_module, argnums=(0, 1)))(p, x)
+    want = jax.jit(jax.grad(loss_plain, argnums=(0, 1)))(p, x)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert np.any(np.asarray(b) != 0)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
