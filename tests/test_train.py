@@ -88,7 +88,7 @@ MODELS = ("xray_light", "cifar_conv2d", "cifar_separable")
 
 @pytest.fixture(scope="module")
 def on_one():
-    return _steps_many(1, [_spec(model=m) for m in MODELS] + [_spec(seed=2)])
+    return _steps_many(1, [_spec(model=m) for m in MODELS])
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,9 @@ def on_eight():
 
 @pytest.fixture(scope="module")
 def on_two():
-    """3 replicas on 2 devices, vmapped and looped (shared by the multi-seed tests)."""
-    return _steps_many(2, [_spec(num_seeds=3), _spec(num_seeds=3, replica_mode="loop")])
+    """3 replicas on 2 devices, vmapped and looped, and the plain run of seed 2 there (shared by
+    the multi-seed tests)."""
+    return _steps_many(2, [_spec(num_seeds=3), _spec(num_seeds=3, replica_mode="loop"), _spec(seed=2)])
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +167,16 @@ def test_multi_seed_replicas_differ_and_first_matches_plain_run(one_device, thre
 def test_multi_seed_loop_mode_is_the_plain_run_per_replica(one_device, on_one, on_two, three_vmapped):
     """--replica_mode=loop: the replicas run one after the other inside the same compiled
     step, with plain (ungrouped) convolutions, so replica r matches the plain run of
-    --seed=r at the tight tolerance of the device-count tests, and all match the vmapped
-    replicas at vmap's looser one."""
+    --seed=r on the same devices at the tight tolerance of the device-count tests (replica 0
+    also against one device), and all match the vmapped replicas at vmap's looser one. (Seed 2's
+    plain run on ONE device differs from replica 2 on two by 2.2e-4 of the loss at step 2 with
+    the native kernels on an AVX2-only host: a device-count effect on an ill-conditioned seed,
+    not a replica effect; XLA's kernels stay within 1e-5 there.)"""
     mapped = on_two[_spec(num_seeds=3, replica_mode="loop")]
     losses = np.array(mapped["losses"])
     assert losses.shape == (3, 3) and not np.allclose(losses[:, 0], losses[:, 1])
     _assert_same_run(one_device, mapped, b_replica=0)
-    _assert_same_run(on_one[_spec(seed=2)], mapped, b_replica=2)
+    _assert_same_run(on_two[_spec(seed=2)], mapped, b_replica=2)
     vmapped = three_vmapped
     for a, b in zip(vmapped["before"], mapped["before"]):
         np.testing.assert_array_equal(a, b)  # the same initialisations
