@@ -5,8 +5,8 @@ Per training batch one weight ``lam ~ Beta(alpha, alpha)`` and one permutation `
 label ``lam * onehot(y) + (1 - lam) * onehot(y[perm])``. ``--mixup=ALPHA`` (``DataConfig.mixup``;
 0: off). It acts on what the step feeds the model (after preprocessing and any ``--augment``), so it
 mixes images, or feature vectors for a head on cached backbone outputs. :func:`mixup_params` draws
-``lam`` and ``perm`` from a key; :func:`apply_mixup` applies given ones (deterministic; tested
-against NumPy); :func:`soft_cross_entropy` is the loss on soft labels, with optional per-class weights.
+``lam`` and ``perm`` from a key; :func:`mix_inputs` and :func:`mix_labels` apply given ones
+(deterministic; tested against NumPy); :func:`soft_cross_entropy` is the loss on soft labels, with optional per-class weights.
 """
 
 from __future__ import annotations
@@ -38,17 +38,6 @@ def mix_labels(labels: Array, lam: Array, perm: Array, num_classes: int) -> Arra
     onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     lam = jnp.asarray(lam, jnp.float32)
     return lam * onehot + (1.0 - lam) * onehot[perm]
-
-
-def apply_mixup(x: Array, labels: Array, lam: Array, perm: Array, num_classes: int) -> Tuple[Array, Array]:
-    """(mixed inputs, soft labels) for integer ``labels``: :func:`mix_inputs`, :func:`mix_labels`."""
-    return mix_inputs(x, lam, perm), mix_labels(labels, lam, perm, num_classes)
-
-
-def mixup(rng: Array, x: Array, labels: Array, alpha: float, num_classes: int) -> Tuple[Array, Array]:
-    """:func:`apply_mixup` with :func:`mixup_params` drawn from ``rng``."""
-    lam, perm = mixup_params(rng, x.shape[0], alpha)
-    return apply_mixup(x, labels, lam, perm, num_classes)
 
 
 def soft_cross_entropy(logits: Array, targets: Array, weights: Optional[Array] = None) -> Array:
