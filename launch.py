@@ -170,14 +170,14 @@ def _guarded(argv) -> None:
 
 
 if __name__ == "__main__":
-    # First, before JAX starts: with LIGHTFLAX_HUGE_PAGES=1, large allocations on transparent huge
-    # pages (lightflax/huge_pages.py; glibc reads that only at process start: the same command is
-    # re-executed once).
+    # First, before JAX starts: the large-block reuse layer under malloc (lightflax/reuse_alloc.py)
+    # and, with LIGHTFLAX_HUGE_PAGES=1, huge pages: both only at process start, so the same command
+    # is re-executed once (lightflax/startup.py).
     sys.path.insert(0, HERE)
     from lightflax import interrupts
 
     interrupts.install()  # first: Ctrl-C and SIGTERM end 130 from here on
-    from lightflax import huge_pages
+    from lightflax import startup
 
-    huge_pages.reexec_if_useful()
+    startup.reexec_if_useful()
     _guarded(sys.argv)

@@ -1,4 +1,5 @@
-"""Build: the optional native kernel library (lightflax/native/csrc, XLA FFI over oneDNN).
+"""Build: the optional native kernel library (lightflax/native/csrc, XLA FFI over oneDNN), and the
+optional large-block reuse layer (lightflax/native/csrc/alloc, plain C, no dependencies).
 
 Everything else is declared in setup.cfg. The extension is OPTIONAL: without oneDNN
 (``apt-get install -y libdnnl-dev``), a C++17 compiler or jax's FFI headers the build
@@ -13,6 +14,13 @@ from setuptools.command.build_ext import build_ext
 
 class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
+        if ext.name.endswith("_reuse_alloc"):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001
+                self.warn(f"lightflax: large-block reuse layer not built ({type(e).__name__}: {e}); "
+                          "XLA's buffers will use plain malloc")
+            return
         try:
             import jax.ffi
 
@@ -30,6 +38,16 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[
+        # Not a Python module: a plain C library that the entry points preload (LD_PRELOAD) so that
+        # XLA:CPU's large per-step buffers are reused instead of faulted in again (lightflax/reuse_alloc.py).
+        Extension(
+            "lightflax.native._lightflax_reuse_alloc",
+            sources=["lightflax/native/csrc/alloc/reuse.c"],
+            language="c",
+            extra_compile_args=["-O2", "-Wall"],
+            libraries=["dl", "pthread"],
+            optional=True,
+        ),
         Extension(
             "lightflax.native._lightflax_native",
             sources=sorted(glob.glob("lightflax/native/csrc/*.cc")),

@@ -210,9 +210,9 @@ def memory():
 
 
 if __name__ == "__main__":
-    from lightflax import huge_pages
+    from lightflax import startup
 
-    huge_pages.reexec_if_useful()  # as launch.py (opt-in: LIGHTFLAX_HUGE_PAGES=1)
+    startup.reexec_if_useful()  # as launch.py (the reuse layer; huge pages opt-in: LIGHTFLAX_HUGE_PAGES=1)
     what = sys.argv[1] if len(sys.argv) > 1 else "step"
     if what == "memory1":
         memory_one(*sys.argv[2:5])

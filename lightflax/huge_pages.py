@@ -11,18 +11,19 @@ one process at a time. In interleaved runs of several processes on the same (vir
 the result went both ways (1.26x faster at 224², and slower at every size in another run), so
 it is not the default: docs/native.md, attempt 8.
 
-glibc reads tunables only when a process starts, so :func:`reexec_if_useful` re-executes the
-running program (same pid, arguments, interpreter options and open files) with the tunable
-added, before anything else has run, when ``LIGHTFLAX_HUGE_PAGES=1``. It does nothing (and never
-loops) otherwise, when the tunable is already set, or when the system cannot use it (not Linux,
-glibc < 2.35, transparent huge pages ``never`` or already ``always``).
+glibc reads tunables only when a process starts, so :func:`lightflax.startup.reexec_if_useful`
+re-executes the running program with the tunable added, before anything else has run, when
+``LIGHTFLAX_HUGE_PAGES=1``. :func:`tunables_to_use` says nothing to do (and never loops)
+otherwise, when the tunable is already set, or when the system cannot use it (glibc < 2.35,
+transparent huge pages ``never`` or already ``always``). Since the large-block reuse layer
+(lightflax/reuse_alloc.py, on by default) the steps fault almost no pages in: this switch
+matters only with that layer off.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 ENV_SWITCH = "LIGHTFLAX_HUGE_PAGES"
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -57,28 +58,3 @@ def tunables_to_use(environ: Mapping[str, str], glibc: Optional[tuple], thp_mode
     if glibc is None or glibc < (2, 35) or thp_mode != "madvise":
         return None  # the tunable is unknown, or huge pages are off ("never") or on anyway ("always")
     return f"{current}:{TUNABLE}" if current else TUNABLE
-
-
-def reexec_if_useful(argv: Optional[Sequence[str]] = None) -> None:
-    """Re-executes this program with ``glibc.malloc.hugetlb=1`` when asked to and possible (above).
-
-    Call it first in an entry point, before threads or large allocations exist. ``argv``:
-    the full command line to re-run (default ``sys.orig_argv``: interpreter options included).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    value = tunables_to_use(os.environ, _glibc_version(), _thp_mode())
-    if value is None:
-        return
-    args = list(argv if argv is not None else getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    previous = os.environ.get("GLIBC_TUNABLES")
-    os.environ["GLIBC_TUNABLES"] = value
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execv(sys.executable, args)
-    except OSError:  # could not re-execute: carry on as we are, without huge pages
-        if previous is None:
-            del os.environ["GLIBC_TUNABLES"]
-        else:
-            os.environ["GLIBC_TUNABLES"] = previous

@@ -34,7 +34,7 @@ from absl import logging
 
 from lightflax import (_testing, averaging, checkpoints, decision as decision_lib, files, interrupts, memory,
                        metrics as metrics_lib, models, native, param_counts, parallel, plateau, progress, report,
-                       steps, tensorboard, timing)
+                       reuse_alloc, steps, tensorboard, timing)
 from lightflax.config import RunConfig
 from lightflax.data import pipeline
 from lightflax.errors import CheckpointError, NonFiniteLossError, UserError
@@ -425,7 +425,8 @@ def train_and_evaluate(cfg: RunConfig, data, init_variables=None,
             from None
     lock = files.workdir_lock(cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock, native.kernels(cfg.kernels):  # read when the steps are traced, inside _train
-        return _train(cfg, data, init_variables, dict(extra or {}, kernels=native.status()))
+        return _train(cfg, data, init_variables, dict(extra or {}, kernels=native.status(),
+                                                         allocator=reuse_alloc.status()))
 
 
 def _train(cfg: RunConfig, data, init_variables, extra) -> Dict[str, Any]:

@@ -35,8 +35,8 @@ def test_tunables_to_use(environ, glibc, thp, expected):
 
 
 CHILD = (
-    "import json, os, sys; sys.path.insert(0, {repo!r}); from lightflax import huge_pages; "
-    "huge_pages.reexec_if_useful(); "
+    "import json, os, sys; sys.path.insert(0, {repo!r}); from lightflax import startup; "
+    "startup.reexec_if_useful(); "
     "print(json.dumps([os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:]]))"
 )
 

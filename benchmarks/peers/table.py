@@ -33,7 +33,8 @@ from lightflax import timing  # noqa: E402
 FORMAT = 2  # run_peers.py's JSON layout with raw per-round, per-step times
 # Files whose change makes an earlier measurement of the train step stale.
 STEP_FILES = ("lightflax/native", "lightflax/steps.py", "lightflax/layers", "lightflax/models.py",
-              "lightflax/xla_defaults.py", "lightflax/huge_pages.py")
+              "lightflax/xla_defaults.py", "lightflax/huge_pages.py", "lightflax/reuse_alloc.py",
+              "lightflax/startup.py")
 MODEL_NAMES = {"xray_conv2d": "Conv2D", "xray_light": "LightLayers"}
 HEADER = ("| model | size | batch | competing processes | tf.keras's kernels | lightflax / tf.keras wall, median (10-90 %) "
           "| CPU, median (10-90 %) | verdict wall / CPU | tf.keras ms/step | lightflax ms/step "
