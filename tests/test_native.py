@@ -1,7 +1,7 @@
 """lightflax.native: the oneDNN / C++ kernels through XLA FFI against lax and flax references.
 
 Native-only tests are skipped (with the reason) when the library is not built; CI builds it
-(apt-get install libdnnl-dev before pip install). The fallback tests run everywhere.
+(pip install builds it against the oneDNN wheels). The fallback tests run everywhere.
 """
 
 import os
@@ -141,7 +141,7 @@ def test_not_built_is_silent(monkeypatch):
     monkeypatch.delenv(_loader.ENV_LIB, raising=False)
     monkeypatch.setattr(_loader, "default_path", lambda: None)
     lib, reason, warning = _loader.load()
-    assert lib is None and warning is None and "not built" in reason and "libdnnl-dev" in reason
+    assert lib is None and warning is None and "not built" in reason and "onednn-devel-cpu-gomp" in reason
 
 
 # ---------------------------------------------------------------------------
