@@ -164,8 +164,9 @@ def onednn_breakdown(step, n=2):
     import ctypes
 
     from lightflax import native
+    from lightflax.native import _loader
 
-    lib, libc = ctypes.CDLL("libdnnl.so.2"), ctypes.CDLL(None)
+    lib, libc = ctypes.CDLL(_loader.onednn_path() or _loader.ONEDNN_SONAME), ctypes.CDLL(None)
     ms, impl, t0 = {}, {}, native.call_times()
     with tempfile.TemporaryFile(mode="w+") as f:
         saved = os.dup(1)
@@ -183,6 +184,8 @@ def onednn_breakdown(step, n=2):
         f.seek(0)
         for line in f:
             p = line.strip().split(",")
+            if len(p) > 2 and p[1] == "primitive":  # oneDNN 3.x: onednn_verbose,primitive,exec,cpu,...
+                p = p[:1] + p[2:]
             if len(p) > 6 and p[1] == "exec":
                 for key, into in ((f"{p[3]}/{p[5]}", ms), (f"{p[3]}/{p[5]}/{p[4]}/{p[-2]}", impl)):
                     into[key] = into.get(key, 0.0) + float(p[-1]) / n

@@ -5,9 +5,15 @@ The library is the optional setuptools extension ``lightflax/native/_lightflax_n
 handlers, loaded with ctypes. Outcomes:
 
   * found, ABI and oneDNN version match -> handlers registered with ``jax.ffi`` for CPU;
-  * not built (no oneDNN or no compiler at install) -> XLA kernels, silently (status says why);
-  * present but broken (cannot be loaded, missing symbol, oneDNN version mismatch) ->
+  * not built (no oneDNN wheel or no compiler at install) -> XLA kernels, silently (status says why);
+  * present but broken (cannot be loaded, missing symbol, oneDNN version mismatch, the oneDNN
+    runtime wheel missing) ->
     XLA kernels and ONE line on stderr naming the problem and the fallback.
+
+oneDNN is the PyPI wheel ``onednn-cpu-gomp`` (libdnnl.so.3 in the environment's lib/, not on the
+loader's search path): ``preload_onednn`` opens it by its full path first, so the extension's
+dependency on "libdnnl.so.3" (its soname) resolves to that already-loaded copy. It is opened
+RTLD_LOCAL: its symbols stay out of the global namespace (jaxlib, another oneDNN).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from typing import Optional
 
 ENV_LIB = "LIGHTFLAX_NATIVE_LIB"
 ABI_VERSION = 7
-HINT = "apt-get install -y libdnnl-dev g++ && pip install -e ."
+ONEDNN_WHEEL = "onednn-cpu-gomp"
+ONEDNN_SONAME = "libdnnl.so.3"
+HINT = "pip install onednn-devel-cpu-gomp==2023.2.0 with a C++17 compiler (g++), then reinstall lightflax"
 
 # FFI target name -> exported handler symbol.
 TARGETS = {
@@ -77,15 +85,45 @@ def default_path() -> Optional[str]:
     return None
 
 
+def onednn_path() -> Optional[str]:
+    """The installed onednn-cpu-gomp wheel's libdnnl.so.3, or None when that wheel is not installed."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(ONEDNN_WHEEL)
+    except metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():  # RECORD paths are relative to site-packages ("../../libdnnl.so.3")
+        if os.path.basename(str(f)) == ONEDNN_SONAME:
+            path = os.path.normpath(os.path.abspath(dist.locate_file(f)))
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def preload_onednn() -> Optional[str]:
+    """Loads the wheel's libdnnl.so.3 (RTLD_LOCAL); -> None, or the problem (one line)."""
+    path = onednn_path()
+    if path is None:
+        return f"the oneDNN runtime wheel {ONEDNN_WHEEL} (its {ONEDNN_SONAME}) is not installed"
+    try:
+        ctypes.CDLL(path)
+    except OSError as e:
+        return f"cannot load {ONEDNN_SONAME} from {ONEDNN_WHEEL}: {str(e).splitlines()[0]}"
+    return None
+
+
 def load():
     """-> (NativeLibrary or None, reason, warn_line or None)."""
     path = os.environ.get(ENV_LIB) or default_path()
     if path is None:
         return None, "native library not built (oneDNN or a C++ compiler was missing at install; " + HINT + ")", None
+    missing = preload_onednn()
     try:
         lib = ctypes.CDLL(path)
     except OSError as e:
-        return _broken(f"cannot load {os.path.basename(path)}: {str(e).splitlines()[0]}")
+        why = f" ({missing})" if missing else ""
+        return _broken(f"cannot load {os.path.basename(path)}: {str(e).splitlines()[0]}{why}")
     try:
         handle = NativeLibrary(lib, path)
         abi = int(lib.lightflax_native_abi())

@@ -74,17 +74,14 @@ dnnl::convolution_forward::primitive_desc FwdPd(const ConvGeom& g, const ConvEnt
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   if (post_ops && g.relu) {
     dnnl::post_ops po;
-    po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    po.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
     attr.set_post_ops(po);
   }
-  if (g.bias) {
-    dnnl::convolution_forward::desc d(prop, dnnl::algorithm::convolution_direct, e.src, w_any, e.bias, e.dst,
-                                      strides, padl, padr);
-    return dnnl::convolution_forward::primitive_desc(d, attr, Engine());
-  }
-  dnnl::convolution_forward::desc d(prop, dnnl::algorithm::convolution_direct, e.src, w_any, e.dst, strides, padl,
-                                    padr);
-  return dnnl::convolution_forward::primitive_desc(d, attr, Engine());
+  if (g.bias)
+    return dnnl::convolution_forward::primitive_desc(Engine(), prop, dnnl::algorithm::convolution_direct, e.src,
+                                                     w_any, e.bias, e.dst, strides, padl, padr, attr);
+  return dnnl::convolution_forward::primitive_desc(Engine(), prop, dnnl::algorithm::convolution_direct, e.src, w_any,
+                                                   e.dst, strides, padl, padr, attr);
 }
 
 std::shared_ptr<ConvEntry> GetFwd(const ConvGeom& g) {
@@ -119,9 +116,8 @@ std::shared_ptr<ConvEntry> GetBwd(const ConvGeom& g) {
   memory::dims strides{g.sh, g.sw}, padl{g.pt, g.pl}, padr{g.pb, g.pr};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  dnnl::convolution_backward_data::desc bd(dnnl::algorithm::convolution_direct, e->src, w_any, e->dst, strides,
-                                           padl, padr);
-  dnnl::convolution_backward_data::primitive_desc bdp(bd, attr, Engine(), hint);
+  dnnl::convolution_backward_data::primitive_desc bdp(Engine(), dnnl::algorithm::convolution_direct, e->src, w_any,
+                                                      e->dst, strides, padl, padr, hint, attr);
   e->bwd_data = dnnl::convolution_backward_data(bdp);
   e->bwd_data_w = bdp.weights_desc();
   e->bwd_data_scratch = bdp.scratchpad_desc().get_size();
@@ -129,9 +125,8 @@ std::shared_ptr<ConvEntry> GetBwd(const ConvGeom& g) {
   // which loses the cancellation of a bias in front of a BatchNorm (exact gradient 0) to ~1e-4 of
   // the model's gradient scale; ConvBwd sums it in double instead, in the pass that applies the
   // ReLU mask.
-  dnnl::convolution_backward_weights::desc wd(dnnl::algorithm::convolution_direct, e->src, w_any, e->dst,
-                                              strides, padl, padr);
-  dnnl::convolution_backward_weights::primitive_desc wdp(wd, attr, Engine(), hint);
+  dnnl::convolution_backward_weights::primitive_desc wdp(Engine(), dnnl::algorithm::convolution_direct, e->src,
+                                                         w_any, e->dst, strides, padl, padr, hint, attr);
   e->bwd_weights = dnnl::convolution_backward_weights(wdp);
   e->bwd_weights_w = wdp.diff_weights_desc();
   e->bwd_weights_scratch = wdp.scratchpad_desc().get_size();
