@@ -140,6 +140,13 @@ static void* TakeCached(size_t bytes) {
   return NULL;
 }
 
+// Whether a freed block of `bytes` is in the cache. Under the lock.
+static int HasCached(size_t bytes) {
+  for (int i = 0; i < g_ncache; ++i)
+    if (g_cache[i].bytes == bytes) return 1;
+  return 0;
+}
+
 // Whether a block of ours of exactly `bytes` is live. Under the lock.
 static int LiveOfSize(size_t bytes) {
   for (size_t i = 0; i < kSlots; ++i)
@@ -165,13 +172,8 @@ static int WaitForFree(size_t bytes) {
   until.tv_sec += ns / 1000000000L;
   until.tv_nsec = ns % 1000000000L;
   for (;;) {
-    for (int i = 0; i < g_ncache; ++i)
-      if (g_cache[i].bytes == bytes) return 1;
-    if (pthread_cond_timedwait(&g_freed, &g_mu, &until) != 0) {  // timed out
-      for (int i = 0; i < g_ncache; ++i)
-        if (g_cache[i].bytes == bytes) return 1;
-      return 0;
-    }
+    if (HasCached(bytes)) return 1;
+    if (pthread_cond_timedwait(&g_freed, &g_mu, &until) != 0) return HasCached(bytes);  // timed out
   }
 }
 
@@ -285,6 +287,13 @@ void* calloc(size_t a, size_t b) {
   return __libc_calloc(a, b);
 }
 
+// glibc's own malloc_usable_size for one of its blocks (looked up once).
+static size_t GlibcUsable(void* p) {
+  static size_t (*usable)(void*);
+  if (usable == NULL) usable = (size_t(*)(void*))dlsym(RTLD_NEXT, "malloc_usable_size");
+  return usable != NULL ? usable(p) : 0;
+}
+
 void* realloc(void* p, size_t n) {
   if (p == NULL) return malloc(n);
   size_t old = OurSize(p);
@@ -292,8 +301,7 @@ void* realloc(void* p, size_t n) {
     if (!Ours(n, 0)) return __libc_realloc(p, n);
     void* q = malloc(n);  // a glibc block grows into one of ours
     if (q == NULL) return NULL;
-    size_t (*usable)(void*) = (size_t(*)(void*))dlsym(RTLD_NEXT, "malloc_usable_size");
-    size_t have = usable != NULL ? usable(p) : 0;
+    size_t have = GlibcUsable(p);
     memcpy(q, p, have < n ? have : n);
     __libc_free(p);
     return q;
@@ -334,9 +342,7 @@ size_t malloc_usable_size(void* p) {
   if (p == NULL) return 0;
   size_t bytes = OurSize(p);
   if (bytes != 0) return bytes;
-  static size_t (*usable)(void*);
-  if (usable == NULL) usable = (size_t(*)(void*))dlsym(RTLD_NEXT, "malloc_usable_size");
-  return usable != NULL ? usable(p) : 0;
+  return GlibcUsable(p);
 }
 
 // Counters for lightflax (read with ctypes): hits, misses, evictions, passed to glibc, then live,
