@@ -6,6 +6,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,10 +121,13 @@ def separable_npz(path: Path, sizes=(("train", 96), ("val", 48), ("test", 48)), 
     return out
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """With `-n 2` and --dist loadgroup (setup.cfg), the tests of a file that share one of its module- or
     session-scoped fixtures (a training run, a loaded network) run on one worker, so the fixture is
-    built once, not once per worker; every other test is handed out on its own."""
+    built once, not once per worker; every other test is handed out on its own. tryfirst: pytest-xdist's
+    worker reads the marks in its own hook of this name, which otherwise runs before this one
+    (tests/test_suite_grouping.py)."""
     import inspect
 
     import pytest
