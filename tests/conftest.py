@@ -130,8 +130,6 @@ def pytest_collection_modifyitems(config, items):
     (tests/test_suite_grouping.py)."""
     import inspect
 
-    import pytest
-
     here = Path(__file__).resolve().parent
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
