@@ -3,7 +3,7 @@
 Orbax logs every save at INFO, its writer threads log each failed write with a traceback, and
 TensorStore's C++ threads print to file descriptor 2; after a failed read or write, abandoned
 coroutines and tasks print more at garbage collection. These helpers quiet exactly that noise
-(:func:`quiet`, :class:`CapturedStderr`, the two ``silence_*`` filters) and turn the exception
+(:func:`quiet`, :class:`CapturedStderr`, the two ``silence_*`` filters, :func:`join_threads`) and turn the exception
 into one line (:func:`one_line`, :func:`read_reason`, :func:`write_reason`).
 """
 
@@ -15,7 +15,9 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Any, Iterator
+import threading
+import time
+from typing import Any, Iterable, Iterator
 
 from absl import logging as absl_logging
 
@@ -98,6 +100,15 @@ def silence_failed_write_leftovers() -> None:
     if not any(isinstance(f, _DropAbandonedTasks) for f in log.filters):
         log.addFilter(_DropAbandonedTasks())
     silence_failed_read_leftovers()
+
+
+def join_threads(threads: Iterable[threading.Thread], timeout: float) -> None:
+    """Waits (``timeout`` seconds at most, in all) for ``threads`` to end: the threads a failed Orbax
+    save left running, which report their own failures when they end."""
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        if t is not threading.current_thread() and t.is_alive():
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 class CapturedStderr:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import orbax.checkpoint as ocp
@@ -18,13 +19,16 @@ from absl import logging as absl_logging
 
 from lightflax.checkpoints.integrity import first_mismatch, leaf_specs, tree_crc32
 from lightflax.checkpoints.orbax_quiet import (CapturedStderr, one_line, quiet, read_reason,
-                                               silence_failed_read_leftovers, silence_failed_write_leftovers,
-                                               write_reason)
+                                               join_threads, silence_failed_read_leftovers,
+                                               silence_failed_write_leftovers, write_reason)
 from lightflax import interrupts
 from lightflax.errors import CheckpointError
 
 _FORMAT = 1
 _STATE, _META = "state", "meta"
+# How long a failed save waits for Orbax's threads to finish the abandoned writes (they stop at the
+# first error; a few ms on a full disk).
+_SETTLE_SECONDS = 5.0
 
 
 _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
@@ -111,25 +115,33 @@ class Checkpointer:
             return False
         directory = os.path.join(manager.directory, str(step))
         noise = CapturedStderr()
-        try:
-            # Orbax's writer threads log every failed write with a traceback (disk full: dozens),
-            # and tensorstore's C++ threads print "Event loop is closed" tracebacks straight to
-            # file descriptor 2; our CheckpointError below is the one line the user sees.
-            with interrupts.deferred(), quiet(absl_logging.FATAL), noise:
+        reason: Optional[str] = None
+        before = set(threading.enumerate())
+        # Orbax's writer threads log every failed write with a traceback (disk full: dozens), and
+        # tensorstore's C++ threads print "Event loop is closed" tracebacks straight to file
+        # descriptor 2; our CheckpointError below is the one line the user sees. A failed save is
+        # settled inside the same capture and the same raised log level: Orbax's threads, finishing
+        # the abandoned writes, are waited for, and the exception (whose traceback holds the abandoned
+        # coroutines) is dropped before they are collected, so none of their reports comes later.
+        with interrupts.deferred(), quiet(absl_logging.FATAL), noise:
+            try:
                 saved = manager.save(step, args=ocp.args.Composite(
                     **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta_blob)}))
                 manager.wait_until_finished()
-        except Exception as e:
-            noise.drop()
-            with noise:
+            except Exception as e:
+                reason = write_reason(e)
+            if reason is not None:
+                noise.drop()
+                join_threads(set(threading.enumerate()) - before, _SETTLE_SECONDS)
                 silence_failed_write_leftovers()
+        if reason is not None:
             with contextlib.suppress(OSError):
                 remove_tmp_dirs(str(manager.directory))
             kept = "the previous one is kept" if existing is not None else "there is no earlier one"
             raise CheckpointError(
-                f"could not write the {which} checkpoint {directory} ({write_reason(e)}); {kept}; "
+                f"could not write the {which} checkpoint {directory} ({reason}); {kept}; "
                 f"check free disk space and permissions"
-            ) from None
+            )
         return bool(saved)
 
     def save_latest(self, step: int, state: Any, meta: Dict[str, Any]) -> bool:
