@@ -127,8 +127,15 @@ class Trainer:
         shape = (1, *self.input_shape)
         create = functools.partial(steps.create_state, self.model, self.tx, input_shape=shape,
                                    init_variables=self.init_variables)
-        states = [create(jax.random.key(int(s))) for s in self.seeds]
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+        def stacked():
+            states = [create(jax.random.key(int(s))) for s in self.seeds]
+            return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+        # A random init is one jitted program (bit-identical to op by op: tests/test_train.py): one
+        # compilation, which a persistent compilation cache serves to later runs, instead of hundreds
+        # of tiny op-by-op ones. Given variables stay op by op: under jit they would become constants.
+        return stacked() if self.init_variables is not None else jax.jit(stacked)()
 
     def init_state(self):
         """The replica-stacked initial state (replica r from seed + r), on every device."""

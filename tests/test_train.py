@@ -418,3 +418,31 @@ def test_initial_replicas_equal_plain_init_of_their_seeds():
             a, b = np.asarray(a)[r], np.asarray(b)
             assert a.shape == b.shape
             np.testing.assert_array_equal(a, b)
+
+
+def test_trainer_init_is_the_op_by_op_init_bit_for_bit():
+    """The trainer initialises every replica in one jitted program (one compilation, which the
+    persistent cache serves to later runs, instead of hundreds of op-by-op ones); its values must be
+    exactly those of the op-by-op initialisation that the documented runs used. xray_light K=5: LightConv2D,
+    LightDense, BatchNorm (every model was bit-identical when the change was made: BUILD_NOTES)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from lightflax import data, steps, train
+    from lightflax.config import RunConfig
+
+    size = 32
+    d = data.load("synthetic", synthetic_shape=(size, size, 1), synthetic_sizes={"train": 16, "val": 8, "test": 8},
+                  num_classes=2, seed=0)
+    cfg = RunConfig.flat(workdir="unused", model="xray_light", model_kwargs={"k": 5}, batch_size=8, image_size=size,
+                         num_seeds=2, seed=4)
+    tr = train.Trainer(cfg, d)
+    got = tr._stacked_state()
+    create = functools.partial(steps.create_state, tr.model, tr.tx, input_shape=(1, *tr.input_shape))
+    states = [create(jax.random.key(s)) for s in (4, 5)]  # op by op, as before the trainer jitted it
+    want = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))

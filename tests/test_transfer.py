@@ -57,10 +57,20 @@ def test_xray_transfer_runs_on_cached_features(finetuned_run, tmp_path):
     assert r2["select_metrics"] == r["select_metrics"]
 
 
+@pytest.fixture
+def unoptimised_xla():
+    """XLA without most optimisation passes (compiles faster): both sides of a comparison below are
+    compiled alike, and what is compared is the network's composition, not XLA's passes."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.mark.parametrize("name,res,cut", [("efficientnet_lite0", 64, 16), ("efficientnet_lite0", 64, 1),
                                           ("inception_v3", 75, 10), ("resnet50", 32, 15), ("xception", 71, 12),
                                           ("se_resnet50", 195, 16)])
-def test_trunk_then_tail_equals_whole_backbone(name, res, cut):
+def test_trunk_then_tail_equals_whole_backbone(name, res, cut, unoptimised_xla):
     """Fine-tuning feeds cached trunk activations to the tail: the composition must be the
     backbone itself (random weights, BatchNorm statistics perturbed so they matter)."""
     full = pretrained.build(name)
