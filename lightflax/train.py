@@ -132,9 +132,8 @@ class Trainer:
             states = [create(jax.random.key(int(s))) for s in self.seeds]
             return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
 
-        # A random init is one jitted program (bit-identical to op by op: tests/test_train.py): one
-        # compilation, which a persistent compilation cache serves to later runs, instead of hundreds
-        # of tiny op-by-op ones. Given variables stay op by op: under jit they would become constants.
+        # A random init is one jitted program (bit-identical to op by op: tests/test_train.py), which a
+        # persistent compilation cache can serve; given variables would become constants under jit.
         return stacked() if self.init_variables is not None else jax.jit(stacked)()
 
     def init_state(self):
