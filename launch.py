@@ -113,6 +113,9 @@ def main(argv) -> None:
     except flags.Error as e:  # a bad --config.PATH=VALUE is parsed while the config flag is defined
         _die(str(e).splitlines()[0])
     module = importlib.import_module(f"experiments.{name}")
+    from lightflax import interrupts
+
+    interrupts.check()  # a signal during the imports was only recorded (lightflax/interrupts.py)
 
     def parse(args):
         try:
@@ -173,11 +176,18 @@ if __name__ == "__main__":
     # First, before JAX starts: the large-block reuse layer under malloc (lightflax/reuse_alloc.py)
     # and, with LIGHTFLAX_HUGE_PAGES=1, huge pages: both only at process start, so the same command
     # is re-executed once (lightflax/startup.py).
+    import signal
+
+    # Held until interrupts.install() unblocks them: a signal during the first imports is not lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.path.insert(0, HERE)
-    from lightflax import interrupts
+    try:
+        from lightflax import interrupts
 
-    interrupts.install()  # first: Ctrl-C and SIGTERM end 130 from here on
-    from lightflax import startup
+        interrupts.install()  # Ctrl-C and SIGTERM end 130 from here on
+        from lightflax import startup
 
-    startup.reexec_if_useful()
+        startup.reexec_if_useful()
+    except KeyboardInterrupt:
+        _die(INTERRUPTED, code=130)
     _guarded(sys.argv)

@@ -9,6 +9,11 @@ training loop's step and epoch boundaries, data preparation, feature extraction,
 and by launch.py after the experiment returns). A KeyboardInterrupt that still ends up as
 "unraisable" is kept quiet (it is recorded; the next check raises it).
 
+The handler also only records while a module is being imported: an exception raised inside an
+extension module's initialisation (jaxlib's nanobind modules run Python code there) ended the
+process with SIGSEGV or SIGABRT instead of 130 (a SIGTERM half a second after launch, 3 of 20
+runs on 2026-12-03). launch.py calls :func:`check` after its imports.
+
 Only the entry point calls :func:`install`; the library only calls :func:`check`, which costs a
 global read when no signal came.
 """
@@ -75,10 +80,12 @@ def _unsafe_codes() -> set:
 
 def in_callback(frame) -> bool:
     """True when ``frame`` or a caller is a gc callback or a ``__del__`` (an exception raised there
-    would be printed as "Exception ignored" and dropped)."""
+    would be printed as "Exception ignored" and dropped), or the import machinery (an exception
+    raised through an extension module's initialisation can crash the process)."""
     codes = _unsafe_codes()
     while frame is not None:
-        if frame.f_code in codes or frame.f_code.co_name == "__del__":
+        code = frame.f_code
+        if code in codes or code.co_name == "__del__" or code.co_filename.startswith("<frozen importlib."):
             return True
         frame = frame.f_back
     return False
@@ -125,6 +132,8 @@ def install() -> None:
     global _previous_unraisablehook
     signal.signal(signal.SIGINT, record)
     signal.signal(signal.SIGTERM, record)
+    # Held across lightflax/startup.py's re-execution: a signal that came meanwhile arrives now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if sys.unraisablehook is not _unraisable:
         _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _unraisable

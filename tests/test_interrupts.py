@@ -89,6 +89,54 @@ def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends(handlers):
     assert finished == ["inner", "outer"] and interrupts.pending() == signal.SIGTERM
 
 
+def test_a_signal_during_an_import_is_recorded_and_raised_after_it(handlers, tmp_path, monkeypatch):
+    """Raised inside an extension module's initialisation (jaxlib's nanobind modules run Python code
+    there) a KeyboardInterrupt crashed the process (SIGSEGV/SIGABRT, not 130): inside the import
+    machinery the handler only records; launch.py checks after its imports."""
+    (tmp_path / "signals_itself.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nfor _ in range(1000):\n    pass\n"
+        "FINISHED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import signals_itself
+    except KeyboardInterrupt:
+        pytest.fail("the handler raised inside the import")
+    assert signals_itself.FINISHED and interrupts.pending() == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.check()
+
+
+HELD_ACROSS_EXEC = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from lightflax import interrupts, startup
+if os.environ.get("SECOND"):
+    try:
+        interrupts.install()  # unblocks: the signal sent before the exec arrives now
+        for _ in range(1000):
+            pass
+    except KeyboardInterrupt:
+        print("interrupted in the new process", interrupts.pending())
+        sys.exit(0)
+    print("lost")
+    sys.exit(0)
+interrupts.install()
+held = startup._hold_signals()
+os.kill(os.getpid(), signal.SIGTERM)  # comes during the exec: blocked, so pending across it
+os.environ["SECOND"] = "1"
+os.execv(sys.executable, [sys.executable, "-c", sys.argv[1], sys.argv[1]])
+"""
+
+
+def test_a_signal_during_the_reexec_reaches_the_new_process():
+    """startup.reexec_if_useful holds SIGINT/SIGTERM across the exec (a handled signal would be
+    lost with the old process); the new process's install() receives it."""
+    code = HELD_ACROSS_EXEC.format(repo=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code, code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["interrupted", "in", "the", "new", "process", str(int(signal.SIGTERM))], out
+
+
 def test_no_signal_no_raise():
     interrupts.reset()
     interrupts.check()

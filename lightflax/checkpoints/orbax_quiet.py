@@ -3,8 +3,8 @@
 Orbax logs every save at INFO, its writer threads log each failed write with a traceback, and
 TensorStore's C++ threads print to file descriptor 2; after a failed read or write, abandoned
 coroutines and tasks print more at garbage collection. These helpers quiet exactly that noise
-(:func:`quiet`, :class:`CapturedStderr`, the two ``silence_*`` filters, :func:`join_threads`) and turn the exception
-into one line (:func:`one_line`, :func:`read_reason`, :func:`write_reason`).
+(:func:`quiet`, :class:`CapturedStderr`, the two ``silence_*`` filters, :func:`join_threads`) and
+turn the exception into one line (:func:`one_line`, :func:`read_reason`, :func:`write_reason`).
 """
 
 from __future__ import annotations
