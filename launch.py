@@ -172,22 +172,28 @@ def _guarded(argv) -> None:
         raise
 
 
-if __name__ == "__main__":
-    # First, before JAX starts: the large-block reuse layer under malloc (lightflax/reuse_alloc.py)
-    # and, with LIGHTFLAX_HUGE_PAGES=1, huge pages: both only at process start, so the same command
-    # is re-executed once (lightflax/startup.py).
+def _start() -> None:
+    """The first steps, before JAX starts: the handler, then the one re-execution (the large-block
+    reuse layer under malloc, lightflax/reuse_alloc.py, and with LIGHTFLAX_HUGE_PAGES=1 huge pages:
+    both only at process start; lightflax/startup.py). SIGINT/SIGTERM stay blocked until both are
+    done: a signal during the first imports waits for the handler, and one during the re-execution
+    stays pending across the exec (a handled one would be lost with the old process), so it reaches
+    the new process's handler when that unblocks them."""
     import signal
 
-    # Held until interrupts.install() unblocks them: a signal during the first imports is not lost.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    from lightflax import interrupts, startup
+
+    interrupts.install()  # Ctrl-C and SIGTERM end 130 from here on
+    startup.reexec_if_useful()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # a pending signal is handled here
+
+
+if __name__ == "__main__":
     sys.path.insert(0, HERE)
     try:
-        from lightflax import interrupts
-
-        interrupts.install()  # Ctrl-C and SIGTERM end 130 from here on
-        from lightflax import startup
-
-        startup.reexec_if_useful()
+        _start()
     except KeyboardInterrupt:
         _die(INTERRUPTED, code=130)
     _guarded(sys.argv)

@@ -132,8 +132,6 @@ def install() -> None:
     global _previous_unraisablehook
     signal.signal(signal.SIGINT, record)
     signal.signal(signal.SIGTERM, record)
-    # Held across lightflax/startup.py's re-execution: a signal that came meanwhile arrives now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if sys.unraisablehook is not _unraisable:
         _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _unraisable

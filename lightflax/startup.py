@@ -15,7 +15,6 @@ interpreter options and open files) with whichever of them applies, and does not
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -32,20 +31,6 @@ def changes(environ: Mapping[str, str]) -> Dict[str, str]:
     if preload is not None:
         out["LD_PRELOAD"] = preload
     return out
-
-
-def _hold_signals() -> set:
-    """When lightflax/interrupts.py handles SIGINT/SIGTERM, blocks them for the exec: one that comes
-    meanwhile stays pending across it (a handled one would be lost with the old process) and reaches
-    the new process's handler when its :func:`interrupts.install` unblocks them. Returns what it
-    blocked (nothing when another handler is in place: that program would never unblock them)."""
-    from lightflax import interrupts
-
-    held = {s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is interrupts.record}
-    if held:
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        interrupts.check()  # one handled just before the block: end here, never re-executed
-    return held
 
 
 def reexec_if_useful(argv: Optional[Sequence[str]] = None) -> None:
@@ -65,12 +50,9 @@ def reexec_if_useful(argv: Optional[Sequence[str]] = None) -> None:
     os.environ.update(todo)
     sys.stdout.flush()
     sys.stderr.flush()
-    held = _hold_signals()
     try:
         os.execv(sys.executable, args)
     except OSError:  # could not re-execute: carry on as we are
-        if held:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         for k, v in previous.items():
             if v is None:
                 del os.environ[k]
