@@ -431,7 +431,9 @@ def main():
             for fw in ("lightflax", "keras"):  # alternating: both see the same machine conditions
                 runs.append(run_worker(a, fw, model) | {"repeat": rep})
                 print(f"# repeat {rep} {model} {fw}: {statistics.median(runs[-1]['cpu_ms']):.0f} CPU-ms/step, "
-                      f"load {runs[-1]['machine_after']['loadavg'][0]:.1f}", file=sys.stderr, flush=True)
+                      f"load {runs[-1]['machine_after']['loadavg'][0]:.1f}"
+                      + (f", allocator {runs[-1]['info']['allocator']}" if "allocator" in runs[-1]["info"] else ""),
+                      file=sys.stderr, flush=True)
     out = {"command": " ".join(sys.argv), "args": vars(a), "git": git_state(), "machine_start": start,
            "machine_end": machine_state(), "runs": runs}
     os.makedirs(a.out, exist_ok=True)
@@ -453,6 +455,11 @@ def report(out, path):
 
 
 if __name__ == "__main__":
+    if "--worker=lightflax" in sys.argv:  # as launch.py and the peer worker start: the large-block reuse layer
+        sys.path.insert(0, ROOT)
+        from lightflax import startup
+
+        startup.reexec_if_useful()
     try:
         main()
     except KeyboardInterrupt:
