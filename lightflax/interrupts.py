@@ -11,8 +11,8 @@ and by launch.py after the experiment returns). A KeyboardInterrupt that still e
 
 The handler also only records while a module is being imported: an exception raised inside an
 extension module's initialisation (jaxlib's nanobind modules run Python code there) ended the
-process with SIGSEGV or SIGABRT instead of 130 (a SIGTERM half a second after launch, 3 of 20
-runs on 2026-12-03). launch.py calls :func:`check` after its imports.
+process with SIGSEGV or SIGABRT instead of 130 (SIGTERM 0.3-0.9 s after launch: 3 of 30 runs of
+benchmarks/signal_at_random.py, 2026-12-03). launch.py calls :func:`check` after its imports.
 
 Only the entry point calls :func:`install`; the library only calls :func:`check`, which costs a
 global read when no signal came.
