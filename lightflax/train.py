@@ -55,6 +55,13 @@ def _per_seed(tree: Any, n: int) -> List[Any]:
 
 
 @jax.jit
+def _copy_tree(tree):
+    """A copy of every leaf, in new buffers (the state is donated to the train step; the selected copy
+    must survive it): one compiled program (op by op it was one copy per leaf shape)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+@jax.jit
 def _select(mask: Array, new, old):
     """Per-replica choice between two replica-stacked states: one compiled program (op by op it was one
     ``where`` per leaf shape, about a second and a half of compiling at the first improvement)."""
@@ -323,7 +330,7 @@ def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer) -> Loop:
     if latest is None:
         if cfg.resume:
             print(f"--resume: {cfg.workdir} holds no checkpoint yet; starting a fresh run there", flush=True)
-        return Loop(trainer, ckpt, state, jax.tree_util.tree_map(jnp.copy, state), 0, [],
+        return Loop(trainer, ckpt, state, _copy_tree(state), 0, [],
                     plateau.from_config(cfg), RunTimes())
     check_resume_settings(cfg, (ckpt.latest_meta() or {}).get("progress", {}).get("config"))
     restored, meta = ckpt.restore_latest(_state_tree(state))
@@ -337,7 +344,7 @@ def start_or_resume(trainer: Trainer, ckpt: checkpoints.Checkpointer) -> Loop:
             f"{max(tracker.best_epoch)} was the best so far); restore it, or start again in another --workdir"
         )
     selected = (parallel.replicate(_from_tree(state, selected[0]), trainer.mesh) if selected
-                else jax.tree_util.tree_map(jnp.copy, state))
+                else _copy_tree(state))
     logging.info("resumed from step %d (epoch %d)", latest, progress["epoch"])
     print(f"resumed {cfg.workdir} at epoch {progress['epoch']} (step {latest})", flush=True)
     return Loop(trainer, ckpt, state, selected, progress["epoch"], progress["history"], tracker,
