@@ -42,33 +42,17 @@ from lightflax.errors import CheckpointError, NonFiniteLossError, UserError
 Array = jax.Array
 
 
-def _first_seed_shapes(tree: Any) -> Any:
-    """One replica's shapes of a replica-stacked tree (no device work)."""
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree)
-
-
-def _per_seed(tree: Any, n: int) -> List[Any]:
-    """Each replica's values of a replica-stacked tree, on the host: one copy, then NumPy views (indexing
-    the device arrays leaf by leaf compiled one small program per leaf shape, about a second a run)."""
-    host = jax.device_get(tree)
-    return [jax.tree_util.tree_map(lambda a, i=i: a[i], host) for i in range(n)]
-
-
+# Whole-tree copies and choices: ONE jitted program each (leaf by leaf, each shape compiled its own).
 @jax.jit
 def _copy_tree(tree):
-    """A copy of every leaf, in new buffers (the state is donated to the train step; the selected copy
-    must survive it): one compiled program (op by op it was one copy per leaf shape)."""
+    """New buffers for every leaf (the state is donated to the train step; its copy must survive)."""
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 @jax.jit
 def _select(mask: Array, new, old):
-    """Per-replica choice between two replica-stacked states: one compiled program (op by op it was one
-    ``where`` per leaf shape, about a second and a half of compiling at the first improvement)."""
-    def pick(a, b):
-        return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-
-    return jax.tree_util.tree_map(pick, new, old)
+    """Per-replica choice between two replica-stacked states."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
 def _check_model_input(model, cfg: RunConfig, stored_shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -385,7 +369,8 @@ def export_models(trainer: Trainer, selected) -> List[int]:
     """Writes each replica's selected variables (model.msgpack, or model_seed<r>.msgpack); returns their sizes."""
     n, primary = trainer.num_seeds, jax.process_index() == 0
     paths = [os.path.join(trainer.cfg.workdir, f"model{f'_seed{r}' if n > 1 else ''}.msgpack") for r in range(n)]
-    for path, tree in zip(paths, _per_seed(_state_tree(selected), n)):
+    host = jax.device_get(_state_tree(selected))  # one copy, then NumPy views per replica (no device ops)
+    for path, tree in zip(paths, [jax.tree_util.tree_map(lambda a, i=i: a[i], host) for i in range(n)]):
         if primary:  # one writer; every process holds the same replicated values
             checkpoints.export_variables(path, {"params": tree["params"], "batch_stats": tree["batch_stats"]})
     if jax.process_count() > 1:
@@ -473,8 +458,9 @@ def prepare(loop: Loop, compiled: Optional[timing.CompiledStep] = None) -> None:
     """Counts the variables, puts the splits on the devices, compiles (unless ``compiled`` is the train
     step already compiled by ``memory.check_train_step``), and starts the loop's clock."""
     trainer, cfg = loop.trainer, loop.cfg
-    loop.counts = param_counts.variables_counts({"params": _first_seed_shapes(loop.state.params),
-                                                 "batch_stats": _first_seed_shapes(loop.state.batch_stats)})
+    stacked = {"params": loop.state.params, "batch_stats": loop.state.batch_stats}
+    first = jax.eval_shape(lambda t: jax.tree_util.tree_map(lambda a: a[0], t), stacked)  # shapes; no device work
+    loop.counts = param_counts.variables_counts(first)
     loop.keys, loop.train_arrays = trainer.data_keys(), trainer.device_split("train")
     loop.select_arrays = trainer.device_split(cfg.select_split)
     loop.compiled, loop.eval_compile_s = _compile(trainer, loop.state, loop.train_arrays, loop.keys,
