@@ -369,10 +369,10 @@ def export_models(trainer: Trainer, selected) -> List[int]:
     """Writes each replica's selected variables (model.msgpack, or model_seed<r>.msgpack); returns their sizes."""
     n, primary = trainer.num_seeds, jax.process_index() == 0
     paths = [os.path.join(trainer.cfg.workdir, f"model{f'_seed{r}' if n > 1 else ''}.msgpack") for r in range(n)]
-    host = jax.device_get(_state_tree(selected))  # one copy, then NumPy views per replica (no device ops)
-    for path, tree in zip(paths, [jax.tree_util.tree_map(lambda a, i=i: a[i], host) for i in range(n)]):
-        if primary:  # one writer; every process holds the same replicated values
-            checkpoints.export_variables(path, {"params": tree["params"], "batch_stats": tree["batch_stats"]})
+    if primary:  # one writer; every process holds the same replicated values
+        host = jax.device_get({"params": selected.params, "batch_stats": selected.batch_stats})  # not opt_state
+        for r, path in enumerate(paths):  # NumPy views per replica: no device ops
+            checkpoints.export_variables(path, jax.tree_util.tree_map(lambda a: a[r], host))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -458,9 +458,9 @@ def prepare(loop: Loop, compiled: Optional[timing.CompiledStep] = None) -> None:
     """Counts the variables, puts the splits on the devices, compiles (unless ``compiled`` is the train
     step already compiled by ``memory.check_train_step``), and starts the loop's clock."""
     trainer, cfg = loop.trainer, loop.cfg
-    stacked = {"params": loop.state.params, "batch_stats": loop.state.batch_stats}
-    first = jax.eval_shape(lambda t: jax.tree_util.tree_map(lambda a: a[0], t), stacked)  # shapes; no device work
-    loop.counts = param_counts.variables_counts(first)
+    one_replica = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731  (shapes: no device work)
+    loop.counts = param_counts.variables_counts(jax.tree_util.tree_map(
+        one_replica, {"params": loop.state.params, "batch_stats": loop.state.batch_stats}))
     loop.keys, loop.train_arrays = trainer.data_keys(), trainer.device_split("train")
     loop.select_arrays = trainer.device_split(cfg.select_split)
     loop.compiled, loop.eval_compile_s = _compile(trainer, loop.state, loop.train_arrays, loop.keys,
